@@ -1,0 +1,53 @@
+"""The `pipeline` command. Thin: parse, hand over to the component that owns the work.
+
+Each area registers its own subcommands (``register(subparsers)``) so that this file stays
+a table of contents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (module, description): each module has ``register(subparsers)``.
+_COMMANDS = [
+    ("pipeline.data.cli", "write WebDataset shards from a source"),
+    ("pipeline.train.cli", "train, sample"),
+    ("pipeline.eval.cli", "evaluate a run"),
+    ("pipeline.track.cli", "render plots of a run"),
+    ("pipeline.bench.cli", "benchmarks"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline",
+        description="Distributed training of generative models (VDMs, GANs) for the physical sciences.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name, _ in _COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name == module_name:  # area not built yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"pipeline {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

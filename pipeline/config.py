@@ -1,0 +1,311 @@
+"""Typed configuration: one dataclass per component, YAML presets, dotted overrides.
+
+A preset is a YAML mapping whose sections mirror the dataclasses below
+(``run``, ``data``, ``train``, ``engine``, ``track``, ``vdm``/``gan``).
+Overrides on the command line are ``section.key=value``; values are parsed as YAML
+scalars, so ``train.num_steps=200`` is an int and ``run.dir=/tmp/r`` a string.
+
+Every user error (unknown key, wrong type, a value outside its allowed set, an
+impossible combination) raises :class:`ConfigError`, a ``ValueError`` naming the key and
+what is allowed. It is raised while parsing, before any process group starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.data.config import DataConfig
+from pipeline.objectives.gan import GANConfig
+from pipeline.objectives.vdm import VDMConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value the user gave is not allowed."""
+
+
+@dataclass
+class RunConfig:
+    dir: str  # where config, checkpoints, metrics, samples and W&B files of this run live
+    seed: int = 0
+    name: str | None = None  # display name (W&B); defaults to the run directory's name
+
+
+@dataclass
+class TrainConfig:
+    num_steps: int  # optimizer steps (of the first phase) in the whole run, across resumes
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 0  # linear warm-up, then cosine decay to lr * min_lr_ratio
+    min_lr_ratio: float = 1.0  # 1.0 = constant learning rate after warm-up
+    grad_accum_steps: int = 1
+    grad_clip_norm: float | None = 1.0
+    ema_decay: float = 0.999
+    log_every_steps: int = 10
+    checkpoint_every_steps: int = 100
+    keep_last_checkpoints: int = 3  # retention: newest K ...
+    keep_every_steps: int | None = None  # ... plus every M-th step, kept forever
+    sample_every_steps: int | None = None  # sample grids during training (None = only at the end)
+    num_sample_images: int = 64
+    max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops
+
+
+@dataclass
+class EngineConfig:
+    # accelerate: DDP when launched with several processes (FSDP through `fsdp`);
+    # deepspeed: ZeRO stage `zero_stage`.
+    backend: Literal["accelerate", "deepspeed"] = "accelerate"
+    fsdp: Literal["off", "full_shard", "shard_grad_op"] = "off"
+    zero_stage: Literal[1, 2, 3] = 2
+    offload_optimizer: bool = False
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    timeout_s: int = 120  # collective timeout: a dead rank stops the others within this
+
+
+@dataclass
+class TrackConfig:
+    # auto: online when WANDB_API_KEY is set, offline otherwise.
+    wandb: Literal["auto", "online", "offline", "off"] = "auto"
+    project: str = "pipeline"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    run_id: str | None = None  # fixed W&B run id (SLURM: derived from the job id)
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig
+    data: DataConfig
+    train: TrainConfig
+    objective: Literal["vdm", "gan"] = "vdm"
+    vdm: VDMConfig = field(default_factory=VDMConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+
+    def validate(self) -> None:
+        """Cross-field checks: combinations that each value alone does not rule out."""
+        t = self.train
+        _positive("train.num_steps", t.num_steps)
+        _positive("train.grad_accum_steps", t.grad_accum_steps)
+        _positive("train.log_every_steps", t.log_every_steps)
+        _positive("train.checkpoint_every_steps", t.checkpoint_every_steps)
+        _positive("train.keep_last_checkpoints", t.keep_last_checkpoints)
+        if t.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+        if not 0.0 <= t.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+        if not 0.0 < t.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio must be in (0, 1], got {t.min_lr_ratio}")
+        if t.warmup_steps < 0 or t.warmup_steps > t.num_steps:
+            raise ConfigError(
+                f"train.warmup_steps must be in [0, train.num_steps={t.num_steps}], got {t.warmup_steps}"
+            )
+        if self.engine.backend == "deepspeed" and self.engine.fsdp != "off":
+            raise ConfigError("engine.fsdp is an Accelerate option; with engine.backend=deepspeed it must be 'off'")
+        if self.engine.offload_optimizer and self.engine.backend != "deepspeed":
+            raise ConfigError("engine.offload_optimizer=true needs engine.backend=deepspeed")
+        self.data.validate()
+        if self.objective == "vdm":
+            self.vdm.validate()
+        else:
+            self.gan.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Hash of what determines the training trajectory (the run dir and tracking excluded)."""
+        d = self.to_dict()
+        for k in ("run", "track"):
+            d.pop(k)
+        d["seed"] = self.run.seed
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value}")
+
+
+# ---------------------------------------------------------------------------------------
+# Generic typed construction from nested dicts
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted where lossless."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping with keys {_field_names(tp)}, got {value!r}")
+        return build(tp, value, prefix=key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed and type(value) in {type(a) for a in allowed}:
+            return value
+        raise ConfigError(f"{key}={value!r} is not allowed; allowed: {', '.join(repr(a) for a in allowed)}")
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(key, arm, value)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key} must be null")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} has the wrong type; expected a list ({_type_name(tp)})")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key} must have {len(args)} entries, got {len(value)}")
+            return tuple(_coerce(f"{key}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
+        arg = args[0] if args else Any
+        out = [_coerce(f"{key}[{i}]", arg, v) for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} has the wrong type; expected a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} has the wrong type; expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} has the wrong type; expected true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} has the wrong type; expected a string")
+        return value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping")
+        return value
+    raise AssertionError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _field_names(cls: type) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Construct dataclass ``cls`` from a nested dict, checking every key and type."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}'; allowed keys here: {_field_names(cls)}")
+        kwargs[k] = _coerce(key, hints[k], v)
+    missing = [
+        n
+        for n, f in names.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        where = f" in section '{prefix}'" if prefix else ""
+        raise ConfigError(f"required config key(s) missing{where}: {', '.join(missing)}")
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}``; values parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+        node = tree
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: '{p}' is not a section")
+        node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML preset, apply dotted overrides, type-check and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+    raw = _merge(raw, parse_overrides(overrides or []))
+    cfg = build(Config, raw)
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    cfg = build(Config, d)
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x

@@ -1,0 +1,67 @@
+"""The export: EMA weights + resolved config, loadable without the training stack.
+
+``run_dir/export/weights.safetensors`` and ``run_dir/export/export.json`` (config, data
+meta, step). Replaced atomically: a new export is written beside the old one and swapped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from pipeline.data.meta import DataMeta
+
+
+def write_export(run_dir: Path, module: nn.Module, config: dict[str, Any], meta: DataMeta, step: int) -> Path:
+    final = Path(run_dir) / "export"
+    tmp = Path(run_dir) / ".export.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    save_file(tensors, str(tmp / "weights.safetensors"))
+    info = {"step": step, "config": config, "meta": dataclasses.asdict(meta)}
+    (tmp / "export.json").write_text(json.dumps(info, indent=1, default=str))
+    old = Path(run_dir) / ".export.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_export(run_dir: Path) -> tuple[nn.Module, DataMeta, dict[str, Any]]:
+    """Rebuild the sampled module (the phase with ``ema=True``) with the exported weights."""
+    from pipeline.config import ConfigError, config_from_dict
+    from pipeline.objectives import build_phases
+
+    d = Path(run_dir) / "export"
+    if not (d / "export.json").is_file():
+        raise ConfigError(f"{run_dir}: no export found (expected {d}/export.json; has the run saved a checkpoint?)")
+    info = json.loads((d / "export.json").read_text())
+    cfg = config_from_dict(info["config"])
+    m = info["meta"]
+    meta = DataMeta(**{k: tuple(v) if isinstance(v, list) else v for k, v in m.items()})
+    (phase,) = [p for p in build_phases(cfg, meta) if p.ema]
+    phase.module.load_state_dict(load_file(str(d / "weights.safetensors")))
+    phase.module.eval()
+    info["config_obj"] = cfg
+    return phase.module, meta, info
+
+
+@torch.no_grad()
+def sample_from(module: nn.Module, num_samples: int, labels: torch.Tensor | None, seed: int,
+                num_steps: int | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    kwargs: dict[str, Any] = {"labels": labels, "generator": g}
+    if num_steps is not None:
+        kwargs["num_steps"] = num_steps
+    return module.sample(num_samples, **kwargs)

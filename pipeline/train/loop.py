@@ -1,0 +1,197 @@
+"""The training loop: phases in order, every step, on any backend.
+
+A loop step runs each phase ``repeats`` times (GAN: D ``n_critic`` times, then G; VDM: one
+phase). Each optimizer step accumulates ``grad_accum_steps`` micro batches, checks the loss
+and gradient norm for NaN/Inf on every rank together, clips, steps. Then EMA, logging,
+checkpoints, and a collective check for a preemption signal.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config, TrainConfig, save_config
+from pipeline.data.stream import build_stream, read_meta
+from pipeline.objectives import build_phases
+from pipeline.objectives.base import StepContext
+from pipeline.train.checkpoint import Checkpointer
+from pipeline.train.ema import EMA
+from pipeline.train.engine import Engine, PreparedPhase, build_engine
+from pipeline.train.export import write_export
+from pipeline.train.state import RNGState, TrainState, seed_everything
+
+REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal, asks the launcher to requeue
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class PreemptionFlag:
+    """Set by SIGTERM / SIGUSR1; acted on at the next step boundary by every rank together."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+
+class Meter:
+    """Sums of metrics over a logging interval, averaged over steps and ranks when read."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def add(self, prefix: str, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.sums[f"{prefix}/{k}"] += float(v)
+            self.counts[f"{prefix}/{k}"] += 1
+
+    def reduce(self, engine: Engine) -> dict[str, float]:
+        keys = sorted(self.sums)  # identical on every rank: same phases, same metric names
+        t = torch.tensor([[self.sums[k], self.counts[k]] for k in keys], dtype=torch.float64).reshape(-1, 2)
+        t = engine.all_reduce_sum(t.to(engine.device)).cpu()
+        self.sums.clear()
+        self.counts.clear()
+        return {k: float(s / c) for k, (s, c) in zip(keys, t.tolist()) if c > 0}
+
+
+def optimizer_step(ph: PreparedPhase, batches, state: TrainState, engine: Engine, train: TrainConfig) -> dict:
+    """One optimizer step of one phase over ``grad_accum_steps`` micro batches."""
+    metrics: dict[str, float] = defaultdict(float)
+    losses = []
+    for micro in range(train.grad_accum_steps):
+        batch = {k: v.to(engine.device, non_blocking=True) for k, v in next(batches).items()}
+        ctx = StepContext(state.step, micro, train.grad_accum_steps, engine.rank, engine.world_size)
+        with ph.accumulating(is_last_micro_step=micro == train.grad_accum_steps - 1):
+            out = ph.forward(batch, ctx)
+            ph.backward(out.loss / train.grad_accum_steps)
+        losses.append(out.loss.detach())
+        for k, v in out.metrics().items():
+            metrics[k] += v / train.grad_accum_steps
+        if hasattr(ph.raw, "after_step"):  # e.g. a time-step sampler's loss history
+            ph.raw.after_step(out, engine.all_gather)
+    loss_ok = all(bool(torch.isfinite(x).all()) for x in losses)
+    grad_norm, skipped = ph.step(local_ok=loss_ok, max_norm=train.grad_clip_norm)
+    metrics["lr"] = ph.lr()
+    metrics["skipped"] = float(skipped)
+    if not skipped:
+        metrics["grad_norm"] = grad_norm
+        state.consecutive_bad_steps = 0
+        return dict(metrics)
+    state.bad_steps += 1
+    state.consecutive_bad_steps += 1
+    if state.consecutive_bad_steps >= train.max_bad_steps:
+        raise TrainingDiverged(
+            f"{state.consecutive_bad_steps} consecutive steps with NaN/Inf loss or gradients "
+            f"(train.max_bad_steps={train.max_bad_steps}) in phase {ph.name!r} at step {state.step}; "
+            "stopping. The last good checkpoint is intact."
+        )
+    return dict(metrics)
+
+
+def train(cfg: Config) -> int:
+    from pipeline.track.tracker import Tracker
+
+    engine = build_engine(cfg.engine)
+    run_dir = Path(cfg.run.dir)
+    tracker = stream = None
+    try:
+        if engine.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+        seed_everything(cfg.run.seed * 1000 + engine.rank)
+        meta = read_meta(cfg.data.train_urls)
+        phases = [engine.prepare(p, cfg.train) for p in build_phases(cfg, meta)]
+        sampled = next(p for p in phases if p.phase.ema)
+        ema = EMA(sampled.raw, cfg.train.ema_decay)
+        stream = build_stream(cfg.data, rank=engine.rank, world_size=engine.world_size, seed=cfg.run.seed)
+        state, rng = TrainState(), RNGState()
+        ckpt = Checkpointer(
+            run_dir / "checkpoints",
+            engine,
+            keep_last=cfg.train.keep_last_checkpoints,
+            keep_every=cfg.train.keep_every_steps,
+            config_hash=cfg.hash(),
+        )
+        shared, per_rank = {"trainer": state, "ema": ema}, {"stream": stream, "rng": rng}
+        manifest = ckpt.restore(phases, shared, per_rank)
+        if manifest is not None and engine.is_main:
+            print(f"resumed from step {state.step} ({manifest['step']})", flush=True)
+        tracker = Tracker(
+            cfg.track, run_dir, cfg.to_dict(), is_main=engine.is_main,
+            total_steps=cfg.train.num_steps, resume=manifest is not None,
+        )
+
+        def save() -> None:
+            t0 = time.perf_counter()
+            path = ckpt.save(state.step, phases, shared, per_rank)
+            if engine.is_main:
+                write_export(run_dir, ema.module, cfg.to_dict(), meta, state.step)
+                tracker.log_event("checkpoint", step=state.step, path=str(path), seconds=time.perf_counter() - t0)
+
+        preempt = PreemptionFlag()
+        batches = iter(stream)
+        meter = Meter()
+        global_batch = cfg.data.batch_per_rank * engine.world_size * cfg.train.grad_accum_steps
+        t_log = time.perf_counter()
+        steps_since_log = 0
+        while state.step < cfg.train.num_steps:
+            for ph in phases:
+                with ph.frozen():
+                    for _ in range(ph.phase.repeats):
+                        meter.add(ph.name, optimizer_step(ph, batches, state, engine, cfg.train))
+            ema.update(sampled.raw)
+            state.step += 1
+            state.samples_seen += global_batch
+            steps_since_log += 1
+            if state.step % cfg.train.log_every_steps == 0 or state.step == cfg.train.num_steps:
+                metrics = meter.reduce(engine)
+                elapsed = time.perf_counter() - t_log
+                metrics["perf/samples_per_s"] = global_batch * steps_since_log / elapsed
+                metrics["perf/step_time_s"] = elapsed / steps_since_log
+                metrics["data/corrupt_samples"] = float(getattr(stream, "corrupt_count", 0))
+                metrics["train/bad_steps"] = float(state.bad_steps)
+                metrics["train/samples_seen"] = float(state.samples_seen)
+                tracker.log(metrics, step=state.step)
+                t_log, steps_since_log = time.perf_counter(), 0
+            if state.step % cfg.train.checkpoint_every_steps == 0 or state.step == cfg.train.num_steps:
+                save()
+            if engine.any_rank(preempt.requested):
+                if state.step % cfg.train.checkpoint_every_steps != 0:
+                    save()
+                if engine.is_main:
+                    print(f"preempted: checkpoint at step {state.step}; exiting {REQUEUE_EXIT_CODE} to requeue",
+                          file=sys.stderr, flush=True)
+                return REQUEUE_EXIT_CODE
+        if engine.is_main:
+            _final_samples(ema.module, meta, cfg, tracker, run_dir, state.step)
+            print(f"run: {run_dir.resolve()}")
+            print(f"checkpoint: {ckpt.find_latest_valid()[0].resolve()}")
+        return 0
+    finally:
+        if tracker is not None:
+            tracker.close()
+        if stream is not None:
+            stream.close()
+        engine.close()
+
+
+def _final_samples(module, meta, cfg: Config, tracker, run_dir: Path, step: int) -> None:
+    from pipeline.train.export import sample_from
+    from pipeline.train.sampling import default_labels
+
+    n = cfg.train.num_sample_images
+    x = sample_from(module, n, default_labels(meta, n), seed=cfg.run.seed)
+    path = tracker.log_images("samples", x.cpu().numpy(), step=step)
+    print(f"samples: {Path(path).resolve()}")

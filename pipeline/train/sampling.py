@@ -1,0 +1,26 @@
+"""Labels to condition samples on, when the model is conditional."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.data.meta import DataMeta
+
+
+def default_labels(meta: DataMeta, n: int, values: list[float] | None = None) -> torch.Tensor | None:
+    """``n`` labels cycling over ``values`` (or every class / every temperature of the data)."""
+    if meta.label_kind == "none":
+        if values:
+            raise ValueError("this model is unconditional: it takes no labels")
+        return None
+    if meta.label_kind == "class":
+        assert meta.num_classes is not None
+        pool = [int(v) for v in values] if values else list(range(meta.num_classes))
+        bad = [v for v in pool if not 0 <= v < meta.num_classes]
+        if bad:
+            raise ValueError(f"labels {bad} out of range; allowed: 0..{meta.num_classes - 1}")
+        return torch.tensor([pool[i % len(pool)] for i in range(n)], dtype=torch.long)
+    pool = [float(v) for v in values] if values else list(meta.label_values or ())
+    if not pool:
+        raise ValueError("this model is conditional on a continuous label: give --label VALUE")
+    return torch.tensor([pool[i % len(pool)] for i in range(n)], dtype=torch.float32)

@@ -1,0 +1,66 @@
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.config import ConfigError, load_config, parse_overrides
+
+BASE = ["run.dir=/tmp/r", "data.train_urls=/tmp/d", "train.num_steps=10"]
+
+
+def test_overrides_are_typed_yaml_scalars():
+    tree = parse_overrides(["train.num_steps=200", "run.dir=/tmp/r", "train.grad_clip_norm=null", "track.tags=[a, b]"])
+    assert tree == {"train": {"num_steps": 200, "grad_clip_norm": None}, "run": {"dir": "/tmp/r"}, "track": {"tags": ["a", "b"]}}
+
+
+def test_preset_and_overrides_resolve():
+    cfg = load_config("configs/quickstart.yaml", ["train.num_steps=70", "run.dir=/tmp/x", "train.lr=1"])
+    assert cfg.train.num_steps == 70 and cfg.run.dir == "/tmp/x"
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == 1.0  # int widened to float
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.bogus=1", "unknown config key 'train.bogus'"),
+        ("bogus.key=1", "unknown config key 'bogus'"),
+        ("train.num_steps=abc", "train.num_steps='abc' has the wrong type; expected an integer"),
+        ("train.num_steps=1.5", "train.num_steps=1.5 has the wrong type; expected an integer"),
+        ("train.num_steps=true", "expected an integer"),
+        ("engine.backend=horovod", "allowed: 'accelerate', 'deepspeed'"),
+        ("train.num_steps=0", "train.num_steps must be a positive integer"),
+        ("train.warmup_steps=11", "train.warmup_steps must be in [0, train.num_steps=10]"),
+        ("train.ema_decay=1.0", "train.ema_decay must be in [0, 1)"),
+        ("engine.offload_optimizer=true", "needs engine.backend=deepspeed"),
+    ],
+)
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, BASE + [override])
+    assert needle in str(e.value)
+
+
+def test_missing_required_key():
+    with pytest.raises(ConfigError, match="required config key\\(s\\) missing in section 'train': num_steps"):
+        load_config(None, ["run.dir=/tmp/r", "data.train_urls=/tmp/d", "train.lr=0.1"])
+
+
+def test_hash_ignores_run_dir_but_not_hyperparameters():
+    a = load_config(None, BASE)
+    b = load_config(None, BASE + ["run.dir=/elsewhere"])
+    c = load_config(None, BASE + ["train.lr=0.1"])
+    assert a.hash() == b.hash() != c.hash()
+
+
+def test_cli_exits_nonzero_with_message_before_any_process_group(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--config", "configs/quickstart.yaml", "train.nope=1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 2
+    assert "unknown config key 'train.nope'" in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--config", "configs/quickstart.yaml", "train.num_steps=ten"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 2 and "train.num_steps='ten'" in r.stderr

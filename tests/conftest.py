@@ -1,0 +1,60 @@
+"""Shared fixtures: real shards written by the real CLI, free ports, subprocess helpers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_env(**extra: str) -> dict[str, str]:
+    """Environment for launched processes: offline W&B, no network, one thread each."""
+    env = dict(os.environ)
+    env.update(
+        WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DISABLE_GIT="true",
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+    )
+    env.pop("WANDB_API_KEY", None)
+    env.update(extra)
+    return env
+
+
+def run_pipeline(*args: str, timeout: float = 600, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True,
+                       timeout=timeout, env=env or test_env())
+    if check and r.returncode != 0:
+        raise AssertionError(f"pipeline {' '.join(args)} exited {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")
+    return r
+
+
+def accelerate_launch(num_processes: int, *args: str, timeout: float = 600, env: dict | None = None,
+                      check: bool = True) -> subprocess.CompletedProcess:
+    """Real `accelerate launch --multi_gpu` (on a CPU-only machine: gloo processes)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), "-m", "pipeline", *args]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env or test_env())
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}\nstdout:\n{r.stdout[-5000:]}\nstderr:\n{r.stderr[-8000:]}")
+    return r
+
+
+@pytest.fixture(scope="session")
+def ising_shards(tmp_path_factory) -> Path:
+    """A small real Ising shard set (8x8, T = 3.0), written once per test session by the CLI."""
+    out = tmp_path_factory.mktemp("data") / "ising-T3.0-L8"
+    run_pipeline("shards", "ising", "--temperature", "3.0", "--size", "8", "--num-samples", "512",
+                 "--out", str(out), "--seed", "0", "--samples-per-shard", "128")
+    return out

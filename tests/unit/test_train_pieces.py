@@ -1,0 +1,71 @@
+"""Small pieces of the training stack: LR schedule, EMA, RNG state, labels for sampling."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from pipeline.config import TrainConfig
+from pipeline.data.meta import DataMeta
+from pipeline.train.ema import EMA
+from pipeline.train.engine import lr_lambda
+from pipeline.train.sampling import default_labels
+from pipeline.train.state import RNGState
+
+
+def test_lr_warmup_then_cosine_to_floor():
+    f = lr_lambda(TrainConfig(num_steps=110, warmup_steps=10, min_lr_ratio=0.1))
+    assert [f(s) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    assert f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
+    # Half-way through the decay the cosine is at its midpoint between 1 and the floor.
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+
+
+def test_lr_constant_without_decay():
+    f = lr_lambda(TrainConfig(num_steps=10))
+    assert {f(s) for s in range(20)} == {1.0}
+
+
+def test_ema_matches_hand_computed_average():
+    torch.manual_seed(0)
+    net = nn.Linear(2, 1)
+    ema = EMA(net, decay=0.9)
+    w0 = net.weight.detach().clone()
+    expected = w0.clone()
+    for n in range(1, 6):
+        with torch.no_grad():
+            net.weight.add_(1.0)
+        ema.update(net)
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * net.weight.detach()
+    assert torch.allclose(ema.module.weight, expected, atol=1e-6)
+    assert not ema.module.weight.requires_grad
+    clone = EMA(nn.Linear(2, 1), decay=0.9)
+    clone.load_state_dict(ema.state_dict())
+    assert clone.num_updates == 5 and torch.equal(clone.module.weight, ema.module.weight)
+
+
+def test_rng_state_round_trip_all_generators():
+    s = RNGState()
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    saved = s.state_dict()
+    a = (random.random(), np.random.rand(), torch.rand(1).item(), np.random.randn())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    s.load_state_dict(saved)
+    assert (random.random(), np.random.rand(), torch.rand(1).item(), np.random.randn()) == a
+
+
+def test_default_labels():
+    cls = DataMeta((1, 8, 8), "levels", 17, "class", 10)
+    assert default_labels(cls, 12).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    with pytest.raises(ValueError, match="allowed: 0..9"):
+        default_labels(cls, 3, [12])
+    temp = DataMeta((1, 8, 8), "spins", label_kind="continuous", label_values=(2.0, 3.0))
+    assert default_labels(temp, 3).tolist() == [2.0, 3.0, 2.0]
+    assert default_labels(DataMeta((2,), "continuous"), 4) is None
+    with pytest.raises(ValueError, match="unconditional"):
+        default_labels(DataMeta((2,), "continuous"), 4, [1.0])

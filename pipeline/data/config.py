@@ -17,6 +17,10 @@ class DataConfig:
     # Sample field used as the conditioning label: None (unconditional), "cls" (class
     # index) or a key of the sample's .json metadata (e.g. "temperature").
     label_key: str | None = None
+    # Check of a manifest directory's shards when a stream opens it: "size" (cheap, always
+    # sensible), "sha256" (reads every shard once more) or "off". Mismatches are warned
+    # about and their damaged samples skipped; a missing shard is an error.
+    verify: str = "size"
 
     def validate(self) -> None:
         from pipeline.config import ConfigError
@@ -27,3 +31,9 @@ class DataConfig:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.shuffle_buffer < 1:
             raise ConfigError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.verify not in ("off", "size", "sha256"):
+            raise ConfigError(f"data.verify must be one of off, size, sha256, got {self.verify!r}")
+        if self.label_key is not None and (not self.label_key or self.label_key.startswith("_")):
+            raise ConfigError(
+                f"data.label_key must be null, 'cls' or a key of the samples' json metadata, got {self.label_key!r}"
+            )

@@ -1,0 +1,195 @@
+"""``pipeline bench data``: throughput of the data stream, side by side with a Hugging Face
+``datasets`` iterable loader over the same shards and with a training step's consumption.
+
+All three are measured in one run on the same machine, so the ratios are meaningful even
+where absolute figures are not (shared CPUs). Stream and HF loader both use 2 DataLoader
+workers, shuffling on, decoding on, batches of ``batch_size``. The first batch (worker
+start-up) is excluded from the timing. The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+TrainStep = Callable[[torch.Tensor], None]
+
+
+def conv_train_step(size: int = 16, *, channels: int = 32, seed: int = 0) -> TrainStep:
+    """A stand-in for the quickstart training step: a small conv net, forward + backward +
+    Adam update on a [B, 1, size, size] batch. Replace with the real step when measuring it."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, channels, 3, padding=1), torch.nn.SiLU(),
+        torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.SiLU(),
+        torch.nn.Conv2d(channels, 1, 3, padding=1),
+    )
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+
+    def step(x: torch.Tensor) -> None:
+        loss = (net(x) - x).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _rate(batches, num_batches: int, batch_size_of: Callable[[Any], int]) -> float:
+    it = iter(batches)
+    next(it)  # worker start-up is not throughput
+    t0 = time.perf_counter()
+    n = 0
+    for _ in range(num_batches):
+        n += batch_size_of(next(it))
+    return n / (time.perf_counter() - t0)
+
+
+def stream_rate(urls: str, *, batch_size: int, num_batches: int, num_workers: int, label_key: str | None,
+                shuffle_buffer: int) -> float:
+    from pipeline.data.config import DataConfig
+    from pipeline.data.stream import build_stream
+
+    cfg = DataConfig(train_urls=urls, batch_per_rank=batch_size, num_workers=num_workers,
+                     shuffle_buffer=shuffle_buffer, label_key=label_key)
+    s = build_stream(cfg, rank=0, world_size=1, seed=0)
+    try:
+        return _rate(s, num_batches, lambda b: len(b["x"]))
+    finally:
+        s.close()
+
+
+def hf_rate(files: list[str], *, batch_size: int, num_batches: int, num_workers: int, label_key: str | None,
+            shuffle_buffer: int, cache_dir: str) -> float:
+    """HF ``datasets`` streaming webdataset loader -> shuffle buffer -> torch DataLoader."""
+    import datasets
+
+    ds = datasets.load_dataset("webdataset", data_files={"train": files}, split="train", streaming=True,
+                               cache_dir=cache_dir)
+    ds = ds.shuffle(seed=0, buffer_size=shuffle_buffer).repeat(None)
+
+    def collate(rows):
+        out = {"x": torch.as_tensor(np.stack([np.asarray(r["npy"], dtype=np.float32) for r in rows]))}
+        if label_key == "cls":
+            out["label"] = torch.as_tensor([int(r["cls"]) for r in rows])
+        elif label_key is not None:
+            out["label"] = torch.as_tensor([float(r["json"][label_key]) for r in rows])
+        return out
+
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    return _rate(loader, num_batches, lambda b: len(b["x"]))
+
+
+def train_step_rate(step: TrainStep, *, size: int, batch_size: int, num_steps: int) -> float:
+    x = torch.randint(0, 2, (batch_size, 1, size, size)).float() * 2 - 1
+    step(x)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(num_steps):
+        step(x)
+    return batch_size * num_steps / (time.perf_counter() - t0)
+
+
+def _peak_rss_mb(who: int) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run(
+    *,
+    work_dir: str | None = None,
+    size: int = 16,
+    num_per_temperature: int = 10_000,
+    batch_size: int = 64,
+    num_batches: int = 300,
+    num_workers: int = 2,
+    shuffle_buffer: int = 1000,
+    samples_per_shard: int = 1000,
+    train_step: TrainStep | None = None,
+    num_train_steps: int = 30,
+) -> dict[str, Any]:
+    from pipeline.data import shards, sources
+
+    tmp = None
+    if work_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-data-")
+        work_dir = tmp.name
+    root = Path(work_dir)
+    try:
+        # Ising (two temperatures, label = temperature) and digits (label = class).
+        sets = {
+            "ising": (lambda: sources.ising([2.0, 3.0], size, num_per_temperature, seed=0), "temperature"),
+            "digits": (sources.digits, "cls"),
+        }
+        results: dict[str, Any] = {}
+        for name, (make, label_key) in sets.items():
+            d = root / name
+            params = {"bench": name, "size": size, "n": num_per_temperature, "per_shard": samples_per_shard}
+            if not shards.params_match(d, params):
+                shards.write_shards(make(), d, source=name, params=params, samples_per_shard=samples_per_shard,
+                                    val_fraction=0.0, seed=0)
+            files = [str(d / s["name"]) for s in shards.read_manifest(d)["shards"]]
+            kw = dict(batch_size=batch_size, num_batches=num_batches, num_workers=num_workers,
+                      label_key=label_key, shuffle_buffer=shuffle_buffer)
+            ours = stream_rate(str(d), **kw)
+            hf = hf_rate(files, cache_dir=str(root / "hf-cache"), **kw)
+            results[name] = {"samples_per_s": ours, "hf_samples_per_s": hf, "ratio_vs_hf": ours / hf,
+                             "num_samples": shards.read_manifest(d)["total_samples"]}
+            print(f"{name:7s} stream {ours:10.0f} samples/s   hf datasets {hf:9.0f} samples/s   "
+                  f"ratio {ours / hf:6.1f}", flush=True)
+        step = train_step or conv_train_step(size)
+        train_rate = train_step_rate(step, size=size, batch_size=batch_size, num_steps=num_train_steps)
+        print(f"train step ({batch_size} x 1 x {size} x {size}) consumes {train_rate:.0f} samples/s", flush=True)
+        ising = results["ising"]
+        return {
+            "samples_per_s": ising["samples_per_s"],
+            "hf_samples_per_s": ising["hf_samples_per_s"],
+            "ratio_vs_hf": ising["ratio_vs_hf"],
+            "train_step_samples_per_s": train_rate,
+            "ratio_vs_train_step": ising["samples_per_s"] / train_rate,
+            "peak_rss_mb": _peak_rss_mb(resource.RUSAGE_SELF),
+            "peak_rss_children_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN),
+            "datasets": results,
+            "config": {"size": size, "batch_size": batch_size, "num_batches": num_batches,
+                       "num_workers": num_workers, "shuffle_buffer": shuffle_buffer,
+                       "samples_per_shard": samples_per_shard},
+        }
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def register(bench_subparsers) -> None:
+    p = bench_subparsers.add_parser(
+        "data", help="data stream samples/s vs HF datasets and vs a training step",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--work-dir", help="keep shards here (reused when parameters match); default: a temp dir")
+    p.add_argument("--size", type=int, default=16, help="Ising lattice side (default 16)")
+    p.add_argument("--num-samples", type=int, default=10_000, help="Ising samples per temperature (2 temperatures)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-batches", type=int, default=300, help="timed batches per loader")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of both loaders")
+    p.add_argument("--train-steps", type=int, default=30, help="timed training steps")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    from pipeline.config import ConfigError
+
+    for name in ("size", "num_samples", "batch_size", "num_batches", "train_steps"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
+    out = run(work_dir=args.work_dir, size=args.size, num_per_temperature=args.num_samples,
+              batch_size=args.batch_size, num_batches=args.num_batches, num_workers=args.workers,
+              num_train_steps=args.train_steps)
+    print(json.dumps(out))
+    return 0

@@ -1,0 +1,297 @@
+"""Writing WebDataset shards and their manifest.
+
+Layout of an output directory::
+
+    train-000000.tar  train-000001.tar ...  validation-000000.tar ...  manifest.json
+
+Each sample has ``__key__``, ``npy`` (the array, e.g. int8 [1, L, L] spins), ``json``
+(per-sample metadata: ``index`` in the source plus source columns such as ``temperature``)
+and, when the data has classes, ``cls``. Shards are written by ``webdataset.ShardWriter``
+into a staging directory and renamed into place, the manifest last, so a reader that goes by
+the manifest (or by shard names) never sees a half-written shard. Writing is deterministic
+(fixed tar mtime/owner, seeded split), so the same command gives byte-identical shards, and
+a second run with the same parameters finds the manifest and does nothing.
+
+Samples are assigned to shards in groups of ``samples_per_shard``; each group is written by
+its own ShardWriter (splitting further if ``max_shard_bytes`` is reached), which lets
+``workers`` processes write groups in parallel while the result does not depend on
+``workers``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.data.meta import DataMeta
+from pipeline.data.sources import SourceData
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "pipeline-webdataset-shards/1"
+SPLITS = ("train", "validation")
+_SHARD_NAME = re.compile(r"^(train|validation)-\d{6}\.tar$")
+
+
+# ------------------------------------------------------------------------ meta <-> json
+
+
+def meta_to_dict(meta: DataMeta) -> dict[str, Any]:
+    d = asdict(meta)
+    d["sample_shape"] = list(meta.sample_shape)
+    if meta.label_values is not None:
+        d["label_values"] = list(meta.label_values)
+    return d
+
+
+def meta_from_dict(d: dict[str, Any]) -> DataMeta:
+    d = dict(d)
+    d["sample_shape"] = tuple(d["sample_shape"])
+    if d.get("label_values") is not None:
+        d["label_values"] = tuple(float(v) for v in d["label_values"])
+    return DataMeta(**d)
+
+
+# ------------------------------------------------------------------------------ manifest
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a shard directory (or of a manifest.json path)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / MANIFEST_NAME
+    try:
+        m = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"no {MANIFEST_NAME} at {p}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} is not valid JSON: {e}") from None
+    if m.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{p}: unknown manifest format {m.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    return m
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(directory: str | os.PathLike, *, checksum: bool = False, split: str | None = None) -> list[str]:
+    """Problems with the shards a manifest lists: missing files, wrong sizes and, with
+    ``checksum``, wrong sha256. An empty list means the shards are as written."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    problems = []
+    for s in manifest["shards"]:
+        if split is not None and s["split"] != split:
+            continue
+        p = directory / s["name"]
+        if not p.is_file():
+            problems.append(f"shard {p} is missing")
+            continue
+        size = p.stat().st_size
+        if size != s["num_bytes"]:
+            problems.append(f"shard {p} has {size} bytes, the manifest says {s['num_bytes']}")
+        elif checksum and sha256_file(p) != s["sha256"]:
+            problems.append(f"shard {p} has a different sha256 than the manifest records (modified)")
+    return problems
+
+
+# -------------------------------------------------------------------------------- writing
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _sample(data: SourceData, i: int, key_width: int) -> dict[str, Any]:
+    meta = {"index": i}
+    for k, col in data.json_columns.items():
+        meta[k] = col[i].item()
+    s = {
+        "__key__": f"{i:0{key_width}d}",
+        "npy": _npy_bytes(data.x[i]),
+        "json": json.dumps(meta, sort_keys=True).encode(),
+    }
+    if data.cls is not None:
+        s["cls"] = str(int(data.cls[i])).encode()
+    return s
+
+
+# Set before forking the writer processes; children read the arrays copy-on-write.
+_WRITE_STATE: dict[str, Any] = {}
+
+
+def _write_group(task: tuple[str, int, np.ndarray]) -> list[dict[str, Any]]:
+    """Write one group of samples with a ShardWriter; return its shards in order."""
+    import webdataset as wds
+
+    split, group, indices = task
+    st = _WRITE_STATE
+    shards: list[dict[str, Any]] = []
+
+    def done(fname: str) -> None:
+        shards.append({"path": fname, "num_samples": writer.count})
+
+    pattern = os.path.join(st["staging"], f"{split}-{group:06d}-%04d.tar")
+    # Fixed mtime/owner: identical parameters give byte-identical shards (and sha256).
+    writer = wds.ShardWriter(
+        pattern, maxcount=st["samples_per_shard"], maxsize=st["max_shard_bytes"], post=done,
+        verbose=0, mtime=0, user="pipeline", group="pipeline",
+    )
+    with writer:
+        for i in indices:
+            writer.write(_sample(st["data"], int(i), st["key_width"]))
+    for s in shards:
+        s["num_bytes"] = os.path.getsize(s["path"])
+        s["sha256"] = sha256_file(s["path"])
+    return shards
+
+
+def split_indices(num_samples: int, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """Seeded permutation of 0..N-1 cut into validation (first) and train. Shards hold samples
+    in this shuffled order, so a shard mixes e.g. all temperatures."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    n_val = int(round(num_samples * val_fraction))
+    if val_fraction > 0 and n_val == 0:
+        n_val = 1
+    if n_val >= num_samples:
+        raise ValueError(
+            f"--val-fraction {val_fraction} leaves no training sample out of {num_samples}"
+        )
+    perm = np.random.default_rng(np.random.SeedSequence([seed, 0x5A11])).permutation(num_samples)
+    return {"validation": perm[:n_val], "train": perm[n_val:]}
+
+
+def params_match(out_dir: str | os.PathLike, params: dict[str, Any]) -> bool:
+    """Whether ``out_dir`` already holds a complete shard set written with ``params``."""
+    p = Path(out_dir) / MANIFEST_NAME
+    if not p.is_file():
+        return False
+    try:
+        m = read_manifest(out_dir)
+    except ValueError:
+        return False
+    return m.get("params") == json.loads(json.dumps(params)) and not verify(out_dir)
+
+
+def existing_params(out_dir: str | os.PathLike) -> dict[str, Any] | None:
+    try:
+        return read_manifest(out_dir).get("params")
+    except ValueError:
+        return None
+
+
+def write_shards(
+    data: SourceData,
+    out_dir: str | os.PathLike,
+    *,
+    source: str,
+    params: dict[str, Any],
+    samples_per_shard: int = 1000,
+    max_shard_bytes: int = 256 * 2**20,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    workers: int = 1,
+) -> dict[str, Any]:
+    """Write ``data`` as train/validation shards plus ``manifest.json``; return the manifest.
+
+    ``params`` are the creation parameters recorded in the manifest (what makes two runs the
+    same); ``workers`` parallel processes write shard groups and do not change the output.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    if max_shard_bytes < 1:
+        raise ValueError(f"--max-shard-bytes must be >= 1, got {max_shard_bytes}")
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    n = len(data.x)
+    splits = split_indices(n, val_fraction, seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".staging-*"):  # left by an interrupted run
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = tempfile.mkdtemp(prefix=".staging-", dir=out)
+    try:
+        _WRITE_STATE.update(
+            data=data, staging=staging, samples_per_shard=samples_per_shard,
+            max_shard_bytes=max_shard_bytes, key_width=max(8, len(str(n - 1))),
+        )
+        tasks = []
+        for split in SPLITS:
+            idx = splits[split]
+            for g, start in enumerate(range(0, len(idx), samples_per_shard)):
+                tasks.append((split, g, idx[start:start + samples_per_shard]))
+        if workers > 1 and len(tasks) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            ctx = multiprocessing.get_context("fork")  # children inherit _WRITE_STATE
+            with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as pool:
+                written = list(pool.map(_write_group, tasks))
+        else:
+            written = [_write_group(t) for t in tasks]
+
+        # Old shards of this naming scheme that the new set will not overwrite must go,
+        # or a glob over the directory would mix two data sets.
+        old_manifest = out / MANIFEST_NAME
+        if old_manifest.exists():
+            old_manifest.unlink()
+        shards = []
+        counters = {s: 0 for s in SPLITS}
+        for (split, _, _), group_shards in zip(tasks, written):
+            for s in group_shards:
+                name = f"{split}-{counters[split]:06d}.tar"
+                counters[split] += 1
+                os.replace(s["path"], out / name)  # atomic: a reader sees all of it or nothing
+                shards.append({"name": name, "split": split, "num_samples": s["num_samples"],
+                               "num_bytes": s["num_bytes"], "sha256": s["sha256"]})
+        names = {s["name"] for s in shards}
+        for f in out.iterdir():
+            if _SHARD_NAME.match(f.name) and f.name not in names:
+                f.unlink()
+    finally:
+        _WRITE_STATE.clear()
+        shutil.rmtree(staging, ignore_errors=True)
+
+    sample0 = data.x[0]
+    schema: dict[str, Any] = {
+        "__key__": "str: source index, zero-padded",
+        "npy": {"dtype": str(sample0.dtype), "shape": list(sample0.shape)},
+        "json": {"keys": sorted(["index", *data.json_columns])},
+    }
+    if data.cls is not None:
+        schema["cls"] = "int: class index"
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "source": source,
+        "params": params,
+        "meta": meta_to_dict(data.meta),
+        "schema": schema,
+        "total_samples": n,
+        "splits": {
+            s: {"num_samples": int(len(splits[s])), "num_shards": counters[s]} for s in SPLITS
+        },
+        "shards": shards,
+        "info": data.info,
+    }
+    assert sum(s["num_samples"] for s in shards) == n
+    tmp = out / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, out / MANIFEST_NAME)
+    return manifest

@@ -1,0 +1,364 @@
+"""Data sources: each turns its options into arrays held in memory, ready to be sharded.
+
+A source returns :class:`SourceData`: the samples ``x`` [N, *sample_shape], optional class
+indices, per-sample JSON metadata columns and the :class:`DataMeta` a model needs. The data
+sets this project shards (Ising lattices, digits, mixtures, user arrays) fit in memory, so a
+source is a plain function rather than a streaming reader.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.data.meta import DataMeta
+
+
+@dataclass
+class SourceData:
+    x: np.ndarray  # [N, *sample_shape]
+    meta: DataMeta
+    cls: np.ndarray | None = None  # [N] integer class indices, stored as the sample's "cls"
+    # Per-sample metadata written to the sample's "json": column name -> array [N].
+    json_columns: dict[str, np.ndarray] = field(default_factory=dict)
+    # Extra, source-specific facts recorded in the manifest (e.g. mixture parameters).
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.x)
+        assert tuple(self.x.shape[1:]) == tuple(self.meta.sample_shape), (self.x.shape, self.meta)
+        assert self.cls is None or self.cls.shape == (n,)
+        assert all(len(v) == n for v in self.json_columns.values())
+
+
+def _derived_seed(seed: int, *path: int) -> int:
+    """A 32-bit seed derived from ``seed`` and a path, independent across paths (SeedSequence)."""
+    return int(np.random.SeedSequence([seed, *path]).generate_state(1)[0])
+
+
+# --------------------------------------------------------------------------------- Ising
+
+
+def _ising_one(args: tuple[float, int, int, int]) -> np.ndarray:
+    # Imported lazily: the physics module is heavy-ish and only this source needs it.
+    from pipeline.physics.ising import sample_ising
+
+    temperature, size, num_samples, seed = args
+    return sample_ising(temperature, size, num_samples, seed=seed)
+
+
+def ising(
+    temperatures: list[float], size: int, num_samples: int, *, seed: int, workers: int = 1
+) -> SourceData:
+    """``num_samples`` equilibrium L x L lattices per temperature, stored channel-first int8
+    [1, L, L] with values +1/-1. Temperature ``t_i`` uses seed ``SeedSequence([seed, i])``."""
+    if not temperatures:
+        raise ValueError("ising: give at least one --temperature")
+    if any(not (math.isfinite(t) and t > 0) for t in temperatures):
+        raise ValueError(f"ising: temperatures must be finite and > 0, got {temperatures}")
+    if len(set(temperatures)) != len(temperatures):
+        raise ValueError(f"ising: temperatures must be distinct, got {temperatures}")
+    if size < 2:
+        raise ValueError(f"ising: --size must be >= 2, got {size}")
+    if num_samples < 1:
+        raise ValueError(f"ising: --num-samples must be >= 1, got {num_samples}")
+    seeds = [_derived_seed(seed, i) for i in range(len(temperatures))]
+    jobs = [(float(t), size, num_samples, s) for t, s in zip(temperatures, seeds)]
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+            lattices = list(pool.map(_ising_one, jobs))
+    else:
+        lattices = [_ising_one(j) for j in jobs]
+    for t, lat in zip(temperatures, lattices):
+        if lat.shape != (num_samples, size, size) or not np.isin(lat, (-1, 1)).all():
+            raise RuntimeError(f"sample_ising({t}, {size}, {num_samples}) returned a wrong array")
+    x = np.concatenate(lattices).astype(np.int8)[:, None]  # [N, 1, L, L], channel-first
+    n_t = len(temperatures)
+    several = n_t > 1
+    meta = DataMeta(
+        sample_shape=(1, size, size),
+        data_kind="spins",
+        label_kind="continuous" if several else "none",
+        label_values=tuple(sorted(float(t) for t in temperatures)) if several else None,
+    )
+    return SourceData(
+        x=x,
+        meta=meta,
+        json_columns={
+            "temperature": np.repeat(np.asarray(temperatures, dtype=np.float64), num_samples),
+            "size": np.full(n_t * num_samples, size, dtype=np.int64),
+            "seed": np.repeat(np.asarray(seeds, dtype=np.int64), num_samples),
+        },
+        info={"temperatures": [float(t) for t in temperatures], "seeds": seeds},
+    )
+
+
+# -------------------------------------------------------------------------------- digits
+
+
+def digits() -> SourceData:
+    """scikit-learn's bundled 8x8 handwritten digits (1797 images, values 0..16), [1, 8, 8]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.asarray(d.images)
+    assert images.min() >= 0 and images.max() <= 16 and np.all(images == np.round(images))
+    return SourceData(
+        x=images.astype(np.uint8)[:, None],
+        meta=DataMeta(
+            sample_shape=(1, 8, 8),
+            data_kind="levels",
+            num_levels=17,
+            label_kind="class",
+            num_classes=10,
+        ),
+        cls=np.asarray(d.target, dtype=np.int64),
+    )
+
+
+# --------------------------------------------------------------------------- GMM
+
+
+def gmm_params(dim: int, num_components: int, *, seed: int) -> dict[str, np.ndarray]:
+    """Mixture weights, means [K, D] and full covariances [K, D, D] drawn from ``seed``."""
+    rng = np.random.default_rng(_derived_seed(seed, 1))
+    weights = rng.dirichlet(np.full(num_components, 5.0))
+    means = rng.normal(0.0, 3.0, size=(num_components, dim))
+    a = rng.normal(0.0, 1.0, size=(num_components, dim, dim)) / math.sqrt(dim)
+    # A A^T is positive semi-definite; + 0.1 I keeps it well conditioned.
+    covs = a @ np.swapaxes(a, 1, 2) * 0.5 + 0.1 * np.eye(dim)
+    return {"weights": weights, "means": means, "covariances": covs}
+
+
+def gmm_log_prob(x: np.ndarray, weights, means, covariances) -> np.ndarray:
+    """Exact log-density of a Gaussian mixture at x [N, D]:
+    log sum_k w_k N(x; mu_k, Sigma_k), through a Cholesky factor and log-sum-exp."""
+    x = np.asarray(x, dtype=np.float64)
+    weights, means, covariances = (np.asarray(a, dtype=np.float64) for a in (weights, means, covariances))
+    d = x.shape[1]
+    comps = []
+    for w, mu, cov in zip(weights, means, covariances):
+        chol = np.linalg.cholesky(cov)
+        z = np.linalg.solve(chol, (x - mu).T)  # [D, N]; |z|^2 = Mahalanobis distance
+        log_det = 2.0 * np.log(np.diag(chol)).sum()
+        comps.append(math.log(w) - 0.5 * (d * math.log(2 * math.pi) + log_det + (z**2).sum(0)))
+    c = np.stack(comps)  # [K, N]
+    m = c.max(0)
+    return m + np.log(np.exp(c - m).sum(0))
+
+
+def gmm(dim: int, num_components: int, num_samples: int, *, seed: int) -> SourceData:
+    """Samples of a D-dimensional Gaussian mixture whose density is known exactly; the
+    manifest records the parameters and the exact mean log-likelihood of the stored samples."""
+    if dim < 1 or num_components < 1 or num_samples < 1:
+        raise ValueError(
+            f"gmm: --dim, --num-components and --num-samples must be >= 1, got "
+            f"{dim}, {num_components}, {num_samples}"
+        )
+    p = gmm_params(dim, num_components, seed=seed)
+    rng = np.random.default_rng(_derived_seed(seed, 2))
+    comp = rng.choice(num_components, size=num_samples, p=p["weights"])
+    chols = np.linalg.cholesky(p["covariances"])
+    eps = rng.normal(size=(num_samples, dim))
+    x = p["means"][comp] + np.einsum("nij,nj->ni", chols[comp], eps)
+    x = x.astype(np.float32)
+    # Log-likelihood of the float32 values actually stored, not of the float64 draws.
+    log_lik = gmm_log_prob(x, **p)
+    return SourceData(
+        x=x,
+        meta=DataMeta(sample_shape=(dim,), data_kind="continuous"),
+        json_columns={"component": comp.astype(np.int64), "log_likelihood": log_lik},
+        info={
+            "gmm": {k: v.tolist() for k, v in p.items()},
+            "mean_log_likelihood": float(log_lik.mean()),
+        },
+    )
+
+
+# ------------------------------------------------------------- user arrays (npy, hf)
+
+
+def _infer_meta(
+    x: np.ndarray,
+    labels: np.ndarray | None,
+    *,
+    data_kind: str | None,
+    num_levels: int | None,
+    label_kind: str | None,
+) -> DataMeta:
+    """DataMeta for user arrays: explicit options win; otherwise inferred from the values
+    (only {-1, +1} -> spins; non-negative integers -> levels 0..max; else continuous)."""
+    allowed = ("spins", "levels", "continuous")
+    if data_kind is not None and data_kind not in allowed:
+        raise ValueError(f"--data-kind must be one of {allowed}, got {data_kind!r}")
+    is_int = np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.bool_)
+    if data_kind is None:
+        if np.isin(x, (-1, 1)).all():
+            data_kind = "spins"
+        elif is_int and x.min() >= 0:
+            data_kind = "levels"
+        else:
+            data_kind = "continuous"
+    if data_kind == "spins" and not np.isin(x, (-1, 1)).all():
+        raise ValueError("--data-kind spins needs every value in {-1, +1}")
+    if data_kind == "levels":
+        if not np.all(x == np.round(x)) or x.min() < 0:
+            raise ValueError("--data-kind levels needs non-negative integer values")
+        top = int(x.max()) + 1
+        if num_levels is None:
+            num_levels = top
+        elif num_levels < top:
+            raise ValueError(f"--num-levels {num_levels} is below the largest value + 1 ({top})")
+    elif num_levels is not None:
+        raise ValueError("--num-levels only applies to --data-kind levels")
+
+    num_classes = label_values = None
+    if labels is None:
+        if label_kind not in (None, "none"):
+            raise ValueError(f"--label-kind {label_kind} needs labels")
+        label_kind = "none"
+    else:
+        if label_kind is None:
+            label_is_int = np.issubdtype(labels.dtype, np.integer) or np.all(labels == np.round(labels))
+            label_kind = "class" if label_is_int and labels.min() >= 0 else "continuous"
+        if label_kind == "class":
+            if labels.min() < 0 or not np.all(labels == np.round(labels)):
+                raise ValueError("--label-kind class needs non-negative integer labels")
+            num_classes = int(labels.max()) + 1
+        elif label_kind == "continuous":
+            distinct = np.unique(labels.astype(np.float64))
+            # A handful of distinct values (temperatures, couplings) is a conditioning grid.
+            label_values = tuple(float(v) for v in distinct) if len(distinct) <= 256 else None
+        else:
+            raise ValueError(f"--label-kind must be class or continuous, got {label_kind!r}")
+    return DataMeta(
+        sample_shape=tuple(int(s) for s in x.shape[1:]),
+        data_kind=data_kind,
+        num_levels=num_levels,
+        label_kind=label_kind,
+        num_classes=num_classes,
+        label_values=label_values,
+    )
+
+
+def _from_arrays(
+    x: np.ndarray,
+    labels: np.ndarray | None,
+    *,
+    add_channel_dim: bool,
+    data_kind: str | None,
+    num_levels: int | None,
+    label_kind: str | None,
+    what: str,
+) -> SourceData:
+    if x.dtype.hasobject or x.ndim < 2:
+        raise ValueError(f"{what}: x must be a numeric array [N, ...] with N samples, got {x.dtype} {x.shape}")
+    if add_channel_dim:
+        x = x[:, None]
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (len(x),):
+            raise ValueError(f"{what}: labels must have shape [{len(x)}], got {labels.shape}")
+    meta = _infer_meta(x, labels, data_kind=data_kind, num_levels=num_levels, label_kind=label_kind)
+    if meta.data_kind == "spins":
+        x = x.astype(np.int8)
+    if meta.label_kind == "class":
+        return SourceData(x=x, meta=meta, cls=labels.astype(np.int64))
+    if meta.label_kind == "continuous":
+        return SourceData(x=x, meta=meta, json_columns={"label": labels.astype(np.float64)})
+    return SourceData(x=x, meta=meta)
+
+
+def _load_array(path: str, key: str | None, what: str) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{what}: no such file {path}")
+    try:
+        loaded = np.load(p, allow_pickle=False)  # never unpickle user files
+    except ValueError as e:
+        raise ValueError(f"{what}: cannot read {path} without unpickling ({e})") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            names = list(loaded.keys())
+            if key is None:
+                if len(names) != 1:
+                    raise ValueError(f"{what}: {path} holds arrays {names}; choose one with --{what}-key")
+                key = names[0]
+            if key not in names:
+                raise ValueError(f"{what}: {path} has no array {key!r}; it holds {names}")
+            return loaded[key]
+    if key is not None:
+        raise ValueError(f"{what}: --{what}-key only applies to .npz files, {path} is a single array")
+    return loaded
+
+
+def npy(
+    x_path: str,
+    *,
+    x_key: str | None = None,
+    labels_path: str | None = None,
+    labels_key: str | None = None,
+    add_channel_dim: bool = False,
+    data_kind: str | None = None,
+    num_levels: int | None = None,
+    label_kind: str | None = None,
+) -> SourceData:
+    """Arrays from a .npy or .npz file [N, ...], with optional labels [N]."""
+    x = _load_array(x_path, x_key, "x")
+    labels = _load_array(labels_path, labels_key, "labels") if labels_path else None
+    return _from_arrays(
+        x, labels, add_channel_dim=add_channel_dim, data_kind=data_kind,
+        num_levels=num_levels, label_kind=label_kind, what="npy",
+    )
+
+
+def hf(
+    path: str,
+    *,
+    x_column: str,
+    label_column: str | None = None,
+    split: str = "train",
+    add_channel_dim: bool = False,
+    data_kind: str | None = None,
+    num_levels: int | None = None,
+    label_kind: str | None = None,
+) -> SourceData:
+    """A Hugging Face ``datasets`` dataset: a directory written by ``save_to_disk``, local
+    parquet/arrow files (a path or glob), or, when a hub is reachable, a hub name."""
+    import datasets
+
+    p = Path(path)
+    if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()):
+        ds = datasets.load_from_disk(str(p))
+    elif path.endswith((".parquet", ".arrow")) or (p.is_dir() and any(p.glob("*.parquet"))):
+        builder = "arrow" if path.endswith(".arrow") else "parquet"
+        files = str(p / "*.parquet") if p.is_dir() else path
+        ds = datasets.load_dataset(builder, data_files={split: files})
+    elif p.exists():
+        raise ValueError(
+            f"hf: {path} is neither a save_to_disk directory nor .parquet/.arrow files"
+        )
+    else:
+        ds = datasets.load_dataset(path)  # a hub name; fails clearly when offline
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"hf: {path} has no split {split!r}; it has {list(ds)}")
+        ds = ds[split]
+    for c in (x_column, label_column):
+        if c is not None and c not in ds.column_names:
+            raise ValueError(f"hf: {path} has no column {c!r}; columns are {ds.column_names}")
+    table = ds.with_format("numpy")
+    x = np.asarray(table[x_column])
+    labels = np.asarray(table[label_column]) if label_column else None
+    return _from_arrays(
+        x, labels, add_channel_dim=add_channel_dim, data_kind=data_kind,
+        num_levels=num_levels, label_kind=label_kind, what="hf",
+    )

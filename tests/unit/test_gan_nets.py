@@ -1,0 +1,112 @@
+"""GAN networks: shapes, output ranges, symmetries, conditioning, spectral norm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.models.gan_nets import (
+    ConvDiscriminator,
+    ConvGenerator,
+    LabelEmbedding,
+    MLPDiscriminator,
+    MLPGenerator,
+    build_gan_nets,
+)
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 16), (3, 8, 12)])
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_conv_shapes_and_bounded_output(shape, padding):
+    torch.manual_seed(0)
+    g, d = build_gan_nets(sample_shape=shape, latent_dim=5, widths=[8, 16], arch="conv", bounded=True,
+                          padding_mode=padding)
+    x = g(torch.randn(4, 5) * 10)
+    assert x.shape == (4, *shape)
+    assert x.abs().max() < 1.0  # tanh: spins/levels live in [-1, 1]
+    assert d(x).shape == (4, 1)
+
+
+def test_mlp_shapes_and_unbounded_output():
+    torch.manual_seed(0)
+    g, d = build_gan_nets(sample_shape=(2, 3), latent_dim=4, widths=[16], arch="mlp", bounded=False,
+                          d_outputs=5)
+    x = g(torch.randn(10, 4) * 100)
+    assert x.shape == (10, 2, 3) and x.abs().max() > 1.0
+    assert d(x).shape == (10, 5)
+
+
+def test_circular_discriminator_is_invariant_under_lattice_translations():
+    # Two stride-2 stages: exact invariance under cyclic shifts by multiples of 4 (periodic
+    # boundary conditions + global pooling); zero padding breaks it at the borders.
+    torch.manual_seed(0)
+    x = torch.randint(0, 2, (3, 1, 16, 16)).float() * 2 - 1
+    shifted = torch.roll(x, shifts=(4, -8), dims=(2, 3))
+    d_circ = ConvDiscriminator((1, 16, 16), [8, 16], padding_mode="circular")
+    torch.testing.assert_close(d_circ(shifted), d_circ(x), rtol=1e-5, atol=1e-5)
+    d_zero = ConvDiscriminator((1, 16, 16), [8, 16], padding_mode="zeros")
+    assert not torch.allclose(d_zero(shifted), d_zero(x), atol=1e-4)
+
+
+def test_circular_generator_commutes_with_translations_of_its_feature_map():
+    # With circular padding every conv commutes with cyclic shifts: shifting the first feature
+    # map by k shifts the output by 2**n * k.
+    torch.manual_seed(0)
+    g = ConvGenerator(3, (1, 16, 16), [4, 8], bounded=True, padding_mode="circular")
+    h0 = torch.randn(2, *g.start_shape)
+    out = g._output(g.net(h0))
+    out_shifted = g._output(g.net(torch.roll(h0, 1, dims=2)))
+    torch.testing.assert_close(out_shifted, torch.roll(out, 4, dims=2), rtol=1e-5, atol=1e-6)
+
+
+def test_conditional_nets_depend_on_labels_and_require_them():
+    torch.manual_seed(0)
+    g, d = build_gan_nets(sample_shape=(1, 8, 8), latent_dim=4, widths=[8], arch="conv", bounded=True,
+                          label_kind="class", num_classes=3)
+    h = torch.randn(2, 4)
+    x0, x2 = g(h, torch.tensor([0, 0])), g(h, torch.tensor([2, 2]))
+    assert not torch.allclose(x0, x2)
+    assert not torch.allclose(d(x0, torch.tensor([0, 0])), d(x0, torch.tensor([2, 2])))
+    with pytest.raises(ValueError, match="labels are required"):
+        g(h)
+    with pytest.raises(ValueError, match="labels are required"):
+        d(x0)
+
+
+def test_continuous_label_embedding_standardises_with_data_label_values():
+    emb = LabelEmbedding("continuous", 4, label_mean=2.5, label_std=0.5)
+    out = emb(torch.tensor([3.0, 2.0]))
+    # the MLP sees (3.0 - 2.5) / 0.5 = 1 and (2.0 - 2.5) / 0.5 = -1
+    torch.testing.assert_close(out, emb.embed(torch.tensor([[1.0], [-1.0]])))
+    g, _ = build_gan_nets(sample_shape=(2,), latent_dim=2, widths=[4], arch="mlp", bounded=False,
+                          label_kind="continuous", label_values=(1.0, 2.0, 3.0))
+    e = g.label_embedding
+    assert e.label_mean == pytest.approx(2.0) and e.label_std == pytest.approx((2 / 3) ** 0.5)
+
+
+def test_spectral_norm_bounds_layer_norm():
+    torch.manual_seed(0)
+    d = MLPDiscriminator((6,), [32, 32], spectral_norm=True)
+    with torch.no_grad():
+        for _ in range(30):  # power iterations run in training-mode forwards
+            d(torch.randn(8, 6))
+    d.eval()
+    for layer in [d.net[1], d.net[3], d.head]:
+        sigma = torch.linalg.matrix_norm(layer.weight.detach(), ord=2)
+        assert sigma == pytest.approx(1.0, abs=0.02)
+    plain = MLPDiscriminator((6,), [32, 32], spectral_norm=False)
+    assert torch.linalg.matrix_norm(plain.net[1].weight.detach(), ord=2) != pytest.approx(1.0, abs=0.02)
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ConvGenerator(2, (1, 10, 10), [4, 4], bounded=True)
+    with pytest.raises(ValueError, match="too small"):
+        ConvDiscriminator((1, 4, 4), [4, 4, 4])
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        ConvDiscriminator((16,), [4])
+    with pytest.raises(ValueError, match="num_classes"):
+        LabelEmbedding("class", 4, num_classes=None)
+    with pytest.raises(ValueError, match="single output"):
+        MLPDiscriminator((3,), [4], num_outputs=3, label_embedding=LabelEmbedding("class", 4, 3))
+    assert MLPGenerator(2, (3,), [4], bounded=False)(torch.zeros(1, 2)).shape == (1, 3)

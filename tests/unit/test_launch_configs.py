@@ -1,0 +1,91 @@
+"""launch/*.yaml are Accelerate configs that Accelerate itself accepts and turns into the
+intended launch; launch/ds_zero*.json are DeepSpeed configs DeepSpeed's validator accepts.
+
+Each YAML goes through Accelerate's own parsing and validation (the code `accelerate launch
+--config_file X` runs) and, for multi-process configs, through the environment it would hand
+to torchrun; a misspelt key, an unknown distributed type or a wrong sharding strategy fails.
+cpu.yaml is also launched for real: two processes must start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH = REPO / "launch"
+
+# file -> (distributed type, processes, environment entries torchrun's workers would get)
+EXPECTED = {
+    "cpu.yaml": ("MULTI_GPU", 2, {}),
+    "gpu.yaml": ("NO", 1, {}),
+    "multi_gpu.yaml": ("MULTI_GPU", 8, {}),
+    "fsdp.yaml": ("FSDP", 8, {"ACCELERATE_USE_FSDP": "true", "FSDP_RESHARD_AFTER_FORWARD": "full_shard",
+                              "FSDP_VERSION": "1", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}),  # fmt: skip
+    # DeepSpeed through the project's own backend: a plain multi-process launch.
+    "deepspeed_zero2.yaml": ("MULTI_GPU", 8, {}),
+    "deepspeed_zero3.yaml": ("MULTI_GPU", 8, {}),
+}
+
+
+def test_every_launch_config_is_covered():
+    assert sorted(p.name for p in LAUNCH.glob("*.yaml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_accelerate_accepts_launch_config(name, monkeypatch):
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DistributedType
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    kind, num_processes, env = EXPECTED[name]
+    path = str(LAUNCH / name)
+    cfg = load_config_from_file(path)  # unknown keys / values raise here
+    assert isinstance(cfg, ClusterConfig)
+    assert cfg.distributed_type == DistributedType(kind)
+    assert cfg.num_processes == num_processes
+    assert cfg.use_cpu is False  # --cpu would start a single process (see cpu.yaml)
+
+    args = launch_command_parser().parse_args(["--config_file", path, "--main_process_port", "0", "x.py"])
+    args, _, _ = _validate_launch_command(args)
+    assert args.num_processes == num_processes
+    assert bool(args.multi_gpu) == (kind == "MULTI_GPU")
+    assert bool(args.use_fsdp) == (kind == "FSDP")
+    assert not args.use_deepspeed  # the DeepSpeed backend calls deepspeed.initialize itself
+    if kind in ("MULTI_GPU", "FSDP"):
+        worker_env = prepare_multi_gpu_env(args)
+        for key, value in env.items():
+            assert worker_env.get(key) == value, key
+        assert args.nproc_per_node == str(num_processes)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_json_is_valid_and_matches_its_launch_config(stage):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    assert (LAUNCH / f"deepspeed_zero{stage}.yaml").is_file()
+    text = (LAUNCH / f"deepspeed_zero{stage}.yaml").read_text()
+    assert f"ds_zero{stage}.json" in text and f"engine.zero_stage={stage}" in text
+    raw = json.loads((LAUNCH / f"ds_zero{stage}.json").read_text())
+    ds = DeepSpeedConfig(raw)  # pydantic: unknown or mistyped ZeRO keys raise
+    assert ds.zero_optimization_stage == stage
+
+
+def test_cpu_config_starts_two_processes(tmp_path):
+    script = tmp_path / "rank.py"  # no torch import: keeps this fast
+    script.write_text("import os\nprint('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'], flush=True)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / "cpu.yaml"),
+         "--main_process_port", "0", str(script)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
+    assert lines == ["rank 0 of 2", "rank 1 of 2"]

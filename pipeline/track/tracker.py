@@ -330,7 +330,12 @@ class Tracker:
         if self._pending_wandb:
             data = {**self._pending_wandb, **data}
             self._pending_wandb = {}
-        self._wandb_run.log(data, step=step)
+        try:
+            self._wandb_run.log(data, step=step)
+        except Exception as e:  # noqa: BLE001 -- W&B dying (e.g. its service got SIGTERM) must not kill training
+            print(f"[track] W&B logging failed, continuing with metrics.jsonl only: {type(e).__name__}: "
+                  f"{self.scrub.text(str(e))}", file=sys.stderr, flush=True)
+            self._wandb_run = None
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         """Log scalars at ``step`` (optimizer steps completed: drives the progress bar/ETA)."""

@@ -64,3 +64,16 @@ def test_cli_exits_nonzero_with_message_before_any_process_group(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert r.returncode == 2 and "train.num_steps='ten'" in r.stderr
+
+
+def test_on_off_yes_no_stay_strings(tmp_path):
+    """YAML 1.1 would turn `off` into False and reject track.wandb=off; we use 1.2 booleans."""
+    assert parse_overrides(["track.wandb=off", "a=yes", "b=true", "c=False"]) == {
+        "track": {"wandb": "off"}, "a": "yes", "b": True, "c": False}
+    cfg = load_config(None, BASE + ["track.wandb=off"])
+    assert cfg.track.wandb == "off"
+    preset = tmp_path / "p.yaml"
+    preset.write_text("run: {dir: /tmp/r}\ndata: {train_urls: /tmp/d}\ntrain: {num_steps: 3}\ntrack: {wandb: off}\n")
+    assert load_config(preset).track.wandb == "off"
+    with pytest.raises(ConfigError, match="expected true or false"):
+        load_config(None, BASE + ["track.progress_bar=yes"])

@@ -166,3 +166,28 @@ def test_resolve_wandb_mode(tmp_path, setting, env, has_netrc, expected):
 def test_resolve_wandb_mode_rejects_unknown_setting():
     with pytest.raises(ConfigError, match="track.wandb='yes'.*'auto', 'online', 'offline', 'off'"):
         resolve_wandb_mode("yes", {})
+
+
+def test_wandb_failure_mid_run_does_not_stop_file_logging(tmp_path, capsys):
+    """SLURM signals every process of a step, W&B's service included: its death must not
+    kill training (which still has a checkpoint to write); metrics.jsonl keeps going."""
+
+    class DeadRun:
+        calls = 0
+
+        def log(self, data, step):
+            DeadRun.calls += 1
+            raise ConnectionResetError("service gone")
+
+        def finish(self, exit_code=0):
+            raise AssertionError("finish must not be called on a run already dropped")
+
+    tr = Tracker(_cfg(), tmp_path, {}, is_main=True, total_steps=10, resume=False)
+    tr._wandb_run = DeadRun()
+    tr.log({"loss": 1.0}, step=1)
+    tr.log({"loss": 0.5}, step=2)
+    tr.close()
+    steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if "event" not in json.loads(l)]
+    assert steps == [1, 2] and DeadRun.calls == 1
+    assert "W&B logging failed" in capsys.readouterr().err

@@ -159,8 +159,11 @@ class _AcceleratePhase(PreparedPhase):
         params = [p for p in phase.module.parameters() if p.requires_grad]
         assert params, f"phase {phase.name!r} has no trainable parameters"
         opt = torch.optim.AdamW(params, lr=phase.lr, betas=phase.betas, weight_decay=train.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))
-        self.module, self.optimizer, self.scheduler = accelerator.prepare(phase.module, opt, sched)
+        self.module, self.optimizer = accelerator.prepare(phase.module, opt)
+        # Not passed through accelerator.prepare: Accelerate's scheduler wrapper advances the
+        # schedule num_processes times per call (it assumes a sharded epoch-based loader), so
+        # the LR would depend on the world size. Ours advances once per optimizer step.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, lr_lambda(train))
 
     @property
     def raw(self) -> nn.Module:
@@ -214,8 +217,14 @@ class AccelerateEngine(Engine):
         from accelerate.utils import InitProcessGroupKwargs
 
         if cfg.fsdp != "off":
-            raise NotImplementedError("engine.fsdp is not implemented yet; use engine.fsdp=off")
+            raise NotImplementedError(
+                f"engine.fsdp={cfg.fsdp} is not implemented; use engine.fsdp=off (DDP) or "
+                "engine.backend=deepspeed (ZeRO-3 shards parameters too)"
+            )
         self.acc = Accelerator(
+            # Without CUDA, Accelerate only sets up a process group (gloo, MULTI_CPU) when told
+            # cpu=True; otherwise every process of a multi-process launch trains alone.
+            cpu=not torch.cuda.is_available(),
             mixed_precision=cfg.mixed_precision,
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s))],
         )

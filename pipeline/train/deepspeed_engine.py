@@ -1,0 +1,415 @@
+"""DeepSpeed ZeRO (stages 1-3) behind the engine seam.
+
+One ``deepspeed.initialize`` per phase: a GAN's D and G each get their own DeepSpeed engine.
+(Accelerate's multi-model DeepSpeed support assumes disjoint models; G's loss runs through
+D, so they are not.) We call DeepSpeed directly rather than through Accelerate's DeepSpeed
+plugin, which needs ``transformers`` to build its config.
+
+The seam's contract maps onto DeepSpeed like this:
+
+* micro steps: ``set_gradient_accumulation_boundary(is_last)`` then
+  ``backward(loss, scale_wrt_gas=False)`` (the loop already divides by grad_accum_steps),
+  and ``step()`` once per optimizer step.
+* skip on NaN/Inf: the decision is collective (``Engine.any_rank`` on the local loss check;
+  DeepSpeed's own overflow check on the reduced gradients is collective too). A skipped step
+  goes through DeepSpeed's overflow path, which drops the accumulated gradients without
+  touching parameters or optimizer state. The LR schedule advances either way.
+* clipping: DeepSpeed config ``gradient_clipping``; norm from ``get_global_grad_norm()``.
+* checkpoints: ``save_checkpoint`` into ``<dir>/ds-<phase>/`` with a fixed tag and no
+  ``latest`` file, so everything stays inside the Checkpointer's directory. Loading onto a
+  different world size rebuilds full fp32 weights and Adam moments from the shards
+  (DeepSpeed's zero_to_fp32 merge) and scatters them into the new partitions.
+* ZeRO-3 and frozen modules: a GAN's G loss runs through D, whose parameters D's own engine
+  has partitioned. G's phase gathers its frozen modules' parameters around forward and
+  backward (``deepspeed.zero.GatheredParameters``) so D runs with full weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from pipeline.config import EngineConfig, TrainConfig
+from pipeline.train.engine import Engine, PreparedPhase, lr_lambda
+from pipeline.train.phases import Phase
+
+TAG = "state"  # fixed DeepSpeed checkpoint tag: one DeepSpeed checkpoint per Checkpointer dir
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _import_deepspeed():
+    # DeepSpeed picks its accelerator at import time; without CUDA it must be told "cpu"
+    # (gloo collectives), or it fails looking for a GPU.
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import deepspeed
+
+    return deepspeed
+
+
+def ds_config(cfg: EngineConfig, train: TrainConfig, overrides: dict | None = None) -> dict:
+    """The DeepSpeed config dict for one phase (batching is ours: micro batch 1 is nominal)."""
+    zero: dict[str, Any] = {
+        "stage": int(cfg.zero_stage),
+        # Both were seen to break ZeRO-2 on CPU/gloo (hangs / wrong buckets); they only
+        # overlap communication with compute on GPUs anyway.
+        "overlap_comm": False,
+        "contiguous_gradients": False,
+    }
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": int(train.grad_accum_steps),
+        "gradient_clipping": float(train.grad_clip_norm) if train.grad_clip_norm is not None else 0.0,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW as the base optimizer
+        "bf16": {"enabled": cfg.mixed_precision == "bf16"},
+        "fp16": {"enabled": cfg.mixed_precision == "fp16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+@contextlib.contextmanager
+def _forced_overflow(optimizer) -> Iterator[None]:
+    """Make the ZeRO optimizer's next ``step`` take its overflow path on this rank.
+
+    That path is DeepSpeed's own way of dropping a step: it clears the accumulated (and
+    already reduced/partitioned) gradients and returns before touching the fp32 master
+    weights or the optimizer state. Every rank enters this together (the skip decision is an
+    all-reduce), so the ranks stay in lock step.
+    """
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):
+        name = "_overflow_check_and_loss_scale_update"
+
+        def forced(update_scale=True):
+            optimizer.overflow = True
+            return optimizer._loss_scale_update_and_overflow_cleanup() if update_scale else True
+
+    elif isinstance(optimizer, DeepSpeedZeroOptimizer):
+        # fp32 ZeRO-1/2 decides "overflow" from a non-finite global norm (check_grad_overflow
+        # is off unless loss scaling is on); report one, and the overflow flag if checked.
+        assert optimizer.compute_grad_norm or optimizer.check_grad_overflow, "ZeRO optimizer cannot skip"
+        name = "scaled_global_norm" if optimizer.compute_grad_norm else "check_overflow"
+
+        def forced(*args, **kwargs):
+            optimizer.overflow = True
+            return float("inf")
+
+    else:
+        raise TypeError(f"no forced-skip path for optimizer type {type(optimizer).__name__}")
+    assert hasattr(optimizer, name), f"DeepSpeed {type(optimizer).__name__} has no {name} (version change?)"
+    setattr(optimizer, name, forced)  # instance attribute shadows the method for this step
+    try:
+        yield
+    finally:
+        delattr(optimizer, name)
+
+
+def _is_zero3_param(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")
+
+
+class _DeepSpeedPhase(PreparedPhase):
+    def __init__(self, phase: Phase, train: TrainConfig, cfg: EngineConfig, engine: "DeepSpeedEngine"):
+        super().__init__(phase)
+        ds = _import_deepspeed()
+        self.owner = engine
+        self.stage = int(cfg.zero_stage)
+        self.max_norm = train.grad_clip_norm
+        params = [p for p in phase.module.parameters() if p.requires_grad]
+        assert params, f"phase {phase.name!r} has no trainable parameters"
+        if cfg.offload_optimizer:
+            opt = _cpu_adam(params, phase, train)
+        else:
+            opt = torch.optim.AdamW(params, lr=phase.lr, betas=phase.betas, weight_decay=train.weight_decay)
+        # Our own scheduler on the base optimizer: ZeRO keeps the base optimizer's param-group
+        # dicts, so LR changes reach it; and we step it on skipped steps too (DeepSpeed's
+        # scheduler hook only runs on applied steps).
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))
+        self.engine, self.optimizer, _, _ = ds.initialize(
+            model=phase.module,
+            model_parameters=params,
+            optimizer=opt,
+            config=ds_config(cfg, train, engine.ds_overrides),
+            dist_init_required=False,
+        )
+        self.base_optimizer = opt
+
+    # -- micro steps --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _frozen_gathered(self) -> Iterator[None]:
+        """Under ZeRO-3, the full weights of the modules this phase runs through but does not train."""
+        frozen = [p for m in self.phase.frozen for p in m.parameters() if _is_zero3_param(p)]
+        if not frozen:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(frozen, modifier_rank=None):
+            yield
+
+    def forward(self, batch, ctx):
+        return self.engine(batch, ctx)
+
+    def backward(self, loss):
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    @contextlib.contextmanager
+    def accumulating(self, is_last_micro_step: bool):
+        self.engine.set_gradient_accumulation_boundary(bool(is_last_micro_step))
+        # Forward and backward both run through the frozen modules (G's loss through D).
+        with self._frozen_gathered():
+            yield
+
+    def step(self, local_ok, max_norm):
+        if max_norm != self.max_norm:
+            raise ValueError(
+                f"DeepSpeed fixes gradient clipping at initialisation (train.grad_clip_norm={self.max_norm}); "
+                f"step() was asked for max_norm={max_norm}"
+            )
+        bad = self.owner.any_rank(not local_ok)
+        with _forced_overflow(self.engine.optimizer) if bad else contextlib.nullcontext():
+            self.engine.step()
+        skipped = not self.engine.was_step_applied()
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        if skipped:
+            norm = norm if not math.isfinite(norm) else float("nan")
+        self.scheduler.step()  # the LR is a function of the step count, skipped or not
+        return norm, skipped
+
+    def lr(self):
+        return float(self.base_optimizer.param_groups[0]["lr"])
+
+    # -- checkpoints --------------------------------------------------------------------
+
+    def _dir(self, directory: Path) -> Path:
+        return Path(directory) / f"ds-{self.name}"
+
+    def save(self, directory: Path, rank: int) -> None:
+        sub = self._dir(directory)
+        # Every rank writes its own shard; save_latest=False: no 'latest' pointer, the
+        # Checkpointer's manifest is the only index.
+        self.engine.save_checkpoint(str(sub), tag=TAG, client_state={}, save_latest=False)
+        if rank == 0:
+            meta = {"world_size": self.owner.world_size, "zero_stage": self.stage}
+            (sub / "meta.json").write_text(json.dumps(meta))
+            torch.save(self.scheduler.state_dict(), sub / "scheduler.pt")
+
+    def load(self, directory: Path, rank: int) -> None:
+        sub = self._dir(directory)
+        meta = json.loads((sub / "meta.json").read_text())
+        if meta["world_size"] == self.owner.world_size and meta["zero_stage"] == self.stage:
+            path, _ = self.engine.load_checkpoint(
+                str(sub), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+            if path is None:
+                raise RuntimeError(f"DeepSpeed could not load the checkpoint in {sub}")
+            link_optimizer_state(self.engine.optimizer)
+        else:
+            self._load_resharded(sub / TAG)
+        self.scheduler.load_state_dict(torch.load(sub / "scheduler.pt", map_location="cpu", weights_only=True))
+        for group, lr in zip(self.base_optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr  # the resharded path rebuilds the optimizer without its param groups
+
+    def _load_resharded(self, ds_dir: Path) -> None:
+        """Load a checkpoint written at another world size (or ZeRO stage).
+
+        Full fp32 master weights and Adam moments are rebuilt from the old shards and written
+        into this run's partitions, so training continues as if uninterrupted.
+        """
+        full = consolidate(ds_dir)
+        named = dict(self.engine.module.named_parameters())
+        missing = sorted(set(named) - set(full["params"]))
+        if missing:
+            raise RuntimeError(f"{ds_dir}: checkpoint has no weights for {missing}")
+        _set_full_state(self, named, full)
+
+
+def _cpu_adam(params, phase: Phase, train: TrainConfig):
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=phase.lr, betas=phase.betas, weight_decay=train.weight_decay, adamw_mode=True)
+    except Exception as e:  # JIT build of the cpu_adam op (needs a C++ toolchain)
+        raise RuntimeError(
+            "engine.offload_optimizer=true needs DeepSpeed's CPU Adam op, which failed to build or load "
+            f"here ({type(e).__name__}: {e}). Set engine.offload_optimizer=false."
+        ) from e
+
+
+# ---------------------------------------------------------------------------------------
+# World-size change: consolidate the shards, scatter into the new partitions
+
+
+def consolidate(ds_dir: Path) -> dict:
+    """Full fp32 weights and Adam state of a ZeRO checkpoint directory, at any world size.
+
+    Returns {"params": {name: fp32 tensor}, "moments": {key: {name: tensor}}, "step": int|None}.
+    DeepSpeed's zero_to_fp32 merges the fp32 master partitions; the Adam moments are
+    partitioned exactly like the master weights (same flat groups, same padding), so the
+    same merge is applied to them.
+    """
+    from deepspeed.utils import zero_to_fp32 as z
+
+    model_states = z.parse_model_states(z.get_model_state_files(str(ds_dir)))
+    optim_files = z.get_optim_files(str(ds_dir))
+    # DeepSpeed's own shard files pickle DeepSpeed objects, hence weights_only=False (this is
+    # DeepSpeed's format, read from the directory our own Checkpointer validated).
+    shards = [torch.load(f, map_location="cpu", weights_only=False) for f in optim_files]
+    osd = [s["optimizer_state_dict"] for s in shards]
+    stage = osd[0]["zero_stage"]
+    world = osd[0]["partition_count"]
+    world = max(world) if isinstance(world, list) else world
+    assert world == len(shards), f"{ds_dir}: {len(shards)} optimizer shards for world size {world}"
+    key = "single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"
+    paddings = osd[0].get("param_alignment_paddings")
+
+    def merge(flat_groups):
+        if stage <= 2:
+            sd = z._get_fp32_state_dict_from_zero2_checkpoint(world, flat_groups, model_states, False, paddings)
+        else:
+            sd = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, model_states, False)
+        return z.to_torch_tensor(sd)
+
+    params = merge([o[key] for o in osd])
+    moments: dict[str, dict[str, torch.Tensor]] = {}
+    step = None
+    # The base (torch) optimizer's state_dict, one state entry per flat fp32 group
+    # (ZeRO-1/2 name it base_optimizer_state, ZeRO-3 optimizer_state_dict).
+    base = [o.get("base_optimizer_state", o.get("optimizer_state_dict")) for o in osd]
+    if all(isinstance(b, dict) and b.get("state") for b in base):
+        states = [b["state"] for b in base]
+        groups = sorted(states[0])
+        for mkey in ADAM_MOMENTS:
+            moments[mkey] = merge([[st[g][mkey] for g in groups] for st in states])
+        step = int(states[0][groups[0]]["step"]) if "step" in states[0][groups[0]] else None
+    return {"params": params, "moments": moments, "step": step}
+
+
+def link_optimizer_state(optimizer) -> None:
+    """Point ZeRO-1/2's per-parameter views at the optimizer state.
+
+    DeepSpeed links them lazily after the first step; after a load (or before reading or
+    writing full optimizer state with ``safe_*_full_optimizer_state``) they must be linked
+    by hand. ZeRO-3 reads the state directly and needs nothing.
+    """
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state") and optimizer.optimizer.state:
+        optimizer._hp_optimizer_states_linked = False  # relink: a load replaces the state tensors
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _set_z3_partition(zero_opt, param, value: torch.Tensor, key: str | None) -> None:
+    """This rank's slice of ``value`` into ZeRO-3's fp32 partition (``key=None``) or Adam state.
+
+    DeepSpeed's ``set_full_hp_param`` does not account for the padding of the last
+    partition (a 1-element bias over 2 ranks fails), so the slice is taken here, padding
+    left at zero.
+    """
+    if not param.requires_grad:
+        return
+    part, _ = zero_opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    n = part.numel()
+    start = n * zero_opt._get_param_partition_rank(param)
+    flat = value.detach().flatten().to(part.dtype)
+    count = max(0, min(n, flat.numel() - start))
+    part.data.zero_()
+    part.data[:count].copy_(flat[start : start + count])
+
+
+def _set_full_state(ph: _DeepSpeedPhase, named: dict[str, nn.Parameter], full: dict) -> None:
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    base = ph.base_optimizer
+    # Adam state is created lazily on the first step: create it so the moments have a home.
+    zero_opt = ph.engine.optimizer
+    # The flat fp32 partitions Adam steps on (ZeRO-3 swaps them into the param groups per step).
+    flats = getattr(zero_opt, "fp32_partitioned_groups_flat", None) or [
+        flat for group in base.param_groups for flat in group["params"]
+    ]
+    for flat in flats:
+        st = base.state[flat]
+        for mkey in ADAM_MOMENTS:
+            st.setdefault(mkey, torch.zeros_like(flat))
+        if full["step"] is not None:
+            st["step"] = torch.tensor(float(full["step"]))
+    link_optimizer_state(ph.engine.optimizer)
+    params = list(named.values())
+    gather = (
+        deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+        if any(_is_zero3_param(p) for p in params)
+        else contextlib.nullcontext()
+    )
+    with torch.no_grad():
+        for name, p in named.items():
+            if _is_zero3_param(p):
+                _set_z3_partition(zero_opt, p, full["params"][name], None)
+                for mkey, tensors in full["moments"].items():
+                    _set_z3_partition(zero_opt, p, tensors[name], mkey)
+                continue
+            safe_set_full_fp32_param(p, full["params"][name].float())  # the fp32 master copy
+            for mkey, tensors in full["moments"].items():
+                safe_set_full_optimizer_state(p, tensors[name].float(), mkey)
+        with gather:  # the working (module) copy; under ZeRO-3 re-partitioned on exit
+            for name, p in named.items():
+                p.data.copy_(full["params"][name].to(p.dtype).view_as(p.data))
+
+
+def _single_process_env() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        os.environ.setdefault(key, value)
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(self, cfg: EngineConfig, ds_overrides: dict | None = None):
+        """``ds_overrides``: extra DeepSpeed config merged over ours (tests, tuning)."""
+        ds = _import_deepspeed()
+        from datetime import timedelta
+
+        if int(cfg.zero_stage) not in (1, 2, 3):
+            raise ValueError(f"engine.zero_stage must be 1, 2 or 3, got {cfg.zero_stage!r}")
+        self.cfg = cfg
+        self.ds_overrides = ds_overrides
+        if "WORLD_SIZE" not in os.environ:  # plain `python ...`: a world of one
+            _single_process_env()
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        ds.init_distributed(dist_backend=backend, timeout=timedelta(seconds=cfg.timeout_s))
+        import torch.distributed as dist
+
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+
+    def prepare(self, phase: Phase, train: TrainConfig) -> PreparedPhase:
+        return _DeepSpeedPhase(phase, train, self.cfg, self)

@@ -20,6 +20,7 @@ from pipeline.config import Config, TrainConfig, save_config
 from pipeline.data.stream import build_stream, read_meta
 from pipeline.objectives import build_phases
 from pipeline.objectives.base import StepContext
+from pipeline.track.metrics import memory_metrics
 from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.ema import EMA
 from pipeline.train.engine import Engine, PreparedPhase, build_engine
@@ -71,7 +72,9 @@ def optimizer_step(ph: PreparedPhase, batches, state: TrainState, engine: Engine
     metrics: dict[str, float] = defaultdict(float)
     losses = []
     for micro in range(train.grad_accum_steps):
+        t0 = time.perf_counter()
         batch = {k: v.to(engine.device, non_blocking=True) for k, v in next(batches).items()}
+        metrics["data_wait_s"] += time.perf_counter() - t0
         ctx = StepContext(state.step, micro, train.grad_accum_steps, engine.rank, engine.world_size)
         with ph.accumulating(is_last_micro_step=micro == train.grad_accum_steps - 1):
             out = ph.forward(batch, ctx)
@@ -141,7 +144,8 @@ def train(cfg: Config) -> int:
                 tracker.log_event("checkpoint", step=state.step, path=str(path), seconds=time.perf_counter() - t0)
 
         preempt = PreemptionFlag()
-        batches = iter(stream)
+        reference: dict = {}  # a real batch, to compare the physics of samples against
+        batches = _remember_first(iter(stream), reference)
         meter = Meter()
         global_batch = cfg.data.batch_per_rank * engine.world_size * cfg.train.grad_accum_steps
         t_log = time.perf_counter()
@@ -163,8 +167,12 @@ def train(cfg: Config) -> int:
                 metrics["data/corrupt_samples"] = float(getattr(stream, "corrupt_count", 0))
                 metrics["train/bad_steps"] = float(state.bad_steps)
                 metrics["train/samples_seen"] = float(state.samples_seen)
+                metrics.update(memory_metrics())
                 tracker.log(metrics, step=state.step)
                 t_log, steps_since_log = time.perf_counter(), 0
+            every = cfg.train.sample_every_steps
+            if engine.is_main and every and state.step % every == 0 and state.step < cfg.train.num_steps:
+                _sample_and_observe(ema.module, meta, cfg, tracker, reference, state.step)
             if state.step % cfg.train.checkpoint_every_steps == 0 or state.step == cfg.train.num_steps:
                 save()
             if engine.any_rank(preempt.requested):
@@ -175,8 +183,9 @@ def train(cfg: Config) -> int:
                           file=sys.stderr, flush=True)
                 return REQUEUE_EXIT_CODE
         if engine.is_main:
-            _final_samples(ema.module, meta, cfg, tracker, run_dir, state.step)
+            path = _sample_and_observe(ema.module, meta, cfg, tracker, reference, state.step)
             print(f"run: {run_dir.resolve()}")
+            print(f"samples: {Path(path).resolve() if path else None}")
             print(f"checkpoint: {ckpt.find_latest_valid()[0].resolve()}")
         return 0
     finally:
@@ -187,11 +196,22 @@ def train(cfg: Config) -> int:
         engine.close()
 
 
-def _final_samples(module, meta, cfg: Config, tracker, run_dir: Path, step: int) -> None:
+def _remember_first(batches, store: dict):
+    for batch in batches:
+        store.setdefault("x", batch["x"][:256].clone())
+        yield batch
+
+
+def _sample_and_observe(module, meta, cfg: Config, tracker, reference: dict, step: int):
+    """Sample a grid from the EMA model; for spin data, log its physics against real data."""
     from pipeline.train.export import sample_from
     from pipeline.train.sampling import default_labels
 
     n = cfg.train.num_sample_images
-    x = sample_from(module, n, default_labels(meta, n), seed=cfg.run.seed)
-    path = tracker.log_images("samples", x.cpu().numpy(), step=step)
-    print(f"samples: {Path(path).resolve()}")
+    x = sample_from(module, n, default_labels(meta, n), seed=cfg.run.seed + step).cpu().numpy()
+    path = tracker.log_images("samples", x, step=step)
+    if meta.data_kind == "spins" and len(meta.sample_shape) == 3:
+        from pipeline.track.metrics import physics_metrics
+
+        tracker.log_event("physics", step=step, **physics_metrics(x, reference.get("x")))
+    return path

@@ -28,6 +28,7 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -75,6 +76,13 @@ class GANConfig:
     labelled_fraction: float = 0.1  # for semi_supervised == "mixed"
     # Samples whose labels are never used for training, for held-out classification accuracy.
     heldout_fraction: float = 0.1
+    # Where the latents h (and WGAN-GP's interpolation weights) come from during training.
+    # null: each rank's own RNG (seeded by run.seed and the rank). An int: for every optimizer
+    # (micro) step the noise of the WHOLE global batch is drawn from a generator keyed by
+    # (latent_seed, phase, step, call within the step) and each rank takes its slice, so the
+    # noise does not depend on how the global batch is split over processes; with the same
+    # data, 2 ranks x B then train exactly like 1 process x 2B (DDP averages gradients).
+    latent_seed: int | None = None
 
     def validate(self) -> None:
         from pipeline.config import ConfigError
@@ -87,6 +95,8 @@ class GANConfig:
             raise ConfigError(f"gan.lr_g and gan.lr_d must be > 0, got {self.lr_g} and {self.lr_d}")
         if self.betas is not None and not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"gan.betas must lie in [0, 1), got {self.betas}")
+        if self.latent_seed is not None and self.latent_seed < 0:
+            raise ConfigError(f"gan.latent_seed must be null or a non-negative integer, got {self.latent_seed}")
         if self.gp_weight < 0:
             raise ConfigError(f"gan.gp_weight must be >= 0, got {self.gp_weight}")
         if not self.channels or any(c <= 0 for c in self.channels):
@@ -309,6 +319,20 @@ def _content_uniform(x: torch.Tensor, cache: dict) -> torch.Tensor:
     return torch.frac(v.abs())
 
 
+@dataclass
+class _Noise:
+    """A generator for one call's noise (None: the global RNG) and this rank's place in the
+    global batch: noise for ``world_size * n`` samples is drawn, rank ``r`` uses rows
+    ``[r * n, (r + 1) * n)``, the same rows its data occupy in the global batch's gradient mean."""
+
+    generator: torch.Generator | None
+    rank: int
+    world_size: int
+
+    def slice(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        return t[self.rank * n:(self.rank + 1) * n]
+
+
 # ---------------------------------------------------------------------------------------
 # Phases
 
@@ -324,6 +348,7 @@ class _GANStep(nn.Module):
         self.conditional = cfg.conditional
         self.ssl = cfg.semi_supervised != "off"
         self.critic = cfg.loss in ("wgan-gp", "hinge")
+        self._noise_step, self._noise_calls = -1, 0
 
     def _labels(self, batch: dict) -> torch.Tensor | None:
         """Labels for G and D: the real batch's labels, so fakes share the data's label
@@ -334,8 +359,26 @@ class _GANStep(nn.Module):
             raise ValueError("gan.conditional=true but the batch has no 'label' (set data.label_key)")
         return batch["label"]
 
-    def _latent(self, n: int, device: torch.device, G: nn.Module) -> torch.Tensor:
-        h = sample_latent(n, self.cfg.latent_dim, self.cfg.latent_prior, device)
+    def _noise(self, ctx: StepContext | None) -> "_Noise":
+        """This call's noise source: the rank's RNG, or (gan.latent_seed) a slice of the
+        global batch's noise drawn from a keyed generator."""
+        if self.cfg.latent_seed is None or ctx is None:
+            return _Noise(None, 0, 1)
+        # Calls within one loop step (n_critic repeats x grad_accum micro steps) are numbered
+        # in order; the count restarts every step, so a resumed run draws the same noise.
+        if ctx.step != self._noise_step:
+            self._noise_step, self._noise_calls = ctx.step, 0
+        key = [self.cfg.latent_seed, self._phase_id, ctx.step, self._noise_calls]
+        self._noise_calls += 1
+        seed = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0])
+        return _Noise(torch.Generator().manual_seed(seed), ctx.rank, ctx.world_size)
+
+    def _latent(self, n: int, device: torch.device, G: nn.Module, noise: "_Noise") -> torch.Tensor:
+        if noise.generator is None:
+            h = sample_latent(n, self.cfg.latent_dim, self.cfg.latent_prior, device)
+        else:
+            h = noise.slice(sample_latent(n * noise.world_size, self.cfg.latent_dim, self.cfg.latent_prior,
+                                          "cpu", noise.generator), n).to(device)
         return h.to(_param_dtype(G))
 
     def _real_fake_logit(self, d_out: torch.Tensor) -> torch.Tensor:
@@ -346,6 +389,8 @@ class _GANStep(nn.Module):
 
 class DStep(_GANStep):
     """D's phase: one forward of D on [real, fake(, interpolates)], D's loss."""
+
+    _phase_id = 0  # keys the noise of gan.latent_seed
 
     def __init__(self, D: nn.Module, G: nn.Module, cfg: GANConfig, meta: DataMeta):
         super().__init__(cfg, meta)
@@ -361,14 +406,20 @@ class DStep(_GANStep):
         real = self.data_map.to_model(batch["x"]).to(_param_dtype(self.D))
         n = real.shape[0]
         labels = self._labels(batch)
+        noise = self._noise(ctx)
         with torch.no_grad():  # G is frozen in this phase; no graph through it
-            fake = self.G(self._latent(n, real.device, self.G), labels).to(real.dtype)
+            fake = self.G(self._latent(n, real.device, self.G, noise), labels).to(real.dtype)
 
         use_gp = self.cfg.loss == "wgan-gp" and torch.is_grad_enabled()
         parts = [real, fake]
         if use_gp:
             # Random points on straight lines between paired real and fake samples (eq. 3).
-            eps = torch.rand(n, *([1] * (real.dim() - 1)), device=real.device, dtype=real.dtype)
+            shape = (n, *([1] * (real.dim() - 1)))
+            if noise.generator is None:
+                eps = torch.rand(shape, device=real.device, dtype=real.dtype)
+            else:
+                eps = noise.slice(torch.rand((n * noise.world_size, *shape[1:]), generator=noise.generator), n)
+                eps = eps.to(real.device, real.dtype)
             interp = (eps * real + (1.0 - eps) * fake).requires_grad_(True)
             parts.append(interp)
         # ONE forward of D for real, fake and interpolates: DDP and DeepSpeed expect one
@@ -462,6 +513,8 @@ class DStep(_GANStep):
 class GStep(_GANStep):
     """G's phase: G's loss through the frozen D; ``sample`` draws data-space samples."""
 
+    _phase_id = 1
+
     def __init__(self, G: nn.Module, D: nn.Module, cfg: GANConfig, meta: DataMeta):
         super().__init__(cfg, meta)
         self.G = G
@@ -476,7 +529,7 @@ class GStep(_GANStep):
         n = batch["x"].shape[0]
         device = batch["x"].device
         labels = self._labels(batch)
-        fake = self.G(self._latent(n, device, self.G), labels)  # tanh output for discrete data: differentiable
+        fake = self.G(self._latent(n, device, self.G, self._noise(ctx)), labels)  # tanh output for discrete data: differentiable
         f = self._real_fake_logit(self.D(fake.to(_param_dtype(self.D)), labels))
         if self.cfg.loss == "minimax":
             loss = g_loss_minimax(f)

@@ -1,0 +1,160 @@
+"""Time-step samplers for the diffusion term of a VDM.
+
+A sampler draws, per sample, a coordinate ``u`` in [0, 1) and an importance weight ``w``
+such that for any per-time loss L(u) the weighted mean of w * L(u) over the *global* batch
+(all ranks, all gradient-accumulation micro steps) is an unbiased estimate of
+integral_0^1 L(u) du. In continuous time u is the time itself; in discrete time with K
+diffusion terms the term index is floor(u K) (every term has probability mass 1/K under
+the uniform sampler, so the K-scaled term is unbiased for the sum over terms).
+
+Samplers are ``nn.Module``s so that any state (the importance sampler's loss history) lives
+in registered buffers and is checkpointed with the model. ``update`` is called on every rank
+after each optimizer step with the same all-gathered values, so the state stays identical
+across ranks without extra communication.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from pipeline.objectives.base import AllGather, StepContext
+
+TIMESTEP_SAMPLERS = ("uniform", "stratified", "importance", "learned-schedule")
+
+
+class UniformSampler(nn.Module):
+    """u ~ U[0, 1) independently per sample; w = 1."""
+
+    def forward(
+        self, batch_size: int, ctx: StepContext, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        u = torch.rand(batch_size, device=device, generator=generator)
+        return u, torch.ones(batch_size, device=device)
+
+    def update(self, u: torch.Tensor, losses: torch.Tensor, all_gather: AllGather) -> None:
+        pass
+
+    def metrics(self, weight: torch.Tensor) -> dict[str, float]:
+        return {}
+
+
+def stratified_uniform(
+    batch_size: int, ctx: StepContext, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One point per stratum of [0, 1) across the global batch (ranks x micro steps x batch).
+
+    The global batch of N = world_size * grad_accum_steps * batch_size samples splits [0, 1)
+    into N equal strata and every sample draws one uniform point inside its own stratum
+    (k-diffusion's cross-rank stratified sampler is the model). Strata are assigned to
+    (micro step, rank, sample) by a random permutation seeded by ``ctx.step`` alone, so it
+    is identical on every rank without communication, every stratum is used exactly once,
+    and each sample's u is marginally U[0, 1): the loss is unbiased even conditioned on the
+    batch, while the global mean has the variance of stratified sampling.
+    """
+    num_slots = ctx.world_size * ctx.grad_accum_steps
+    if not (0 <= ctx.rank < ctx.world_size and 0 <= ctx.micro_step < ctx.grad_accum_steps):
+        raise ValueError(f"inconsistent StepContext: {ctx}")
+    slot = ctx.micro_step * ctx.world_size + ctx.rank
+    n = num_slots * batch_size
+    shared = torch.Generator().manual_seed((0x9E3779B97F4A7C15 * (ctx.step + 1)) % (2**63 - 1))
+    strata = torch.randperm(n, generator=shared)[slot * batch_size : (slot + 1) * batch_size]
+    j = strata.to(device=device, dtype=torch.float64)
+    jitter = torch.rand(batch_size, device=device, generator=generator, dtype=torch.float64)
+    return ((j + jitter) / n).to(torch.float32).clamp_(max=1 - 2**-24)
+
+
+class StratifiedSampler(UniformSampler):
+    """Cross-rank stratified u (see :func:`stratified_uniform`); w = 1."""
+
+    def forward(self, batch_size, ctx, device="cpu", generator=None):
+        u = stratified_uniform(batch_size, ctx, device, generator)
+        return u, torch.ones(batch_size, device=device)
+
+
+class ImportanceSampler(UniformSampler):
+    """Importance sampling of K bins with p_k proportional to sqrt(E[L_k^2]).
+
+    This is the variance-minimising proposal for an estimator of sum_k L_k (Nichol &
+    Dhariwal 2021, sec. 3.3). The history holds the last ``history`` squared losses of
+    every bin (ring buffers, in registered buffers); until every bin has a full history
+    the sampler is uniform. p is mixed with ``uniform_mix`` of the uniform distribution so
+    no weight 1/(K p_k) can blow up. Bins are drawn by inverting the CDF of p at
+    cross-rank stratified points, then u is uniform within its bin: the density of u is
+    K p_k on bin k, so the weight w = 1 / (K p_k) keeps the estimate unbiased.
+    """
+
+    def __init__(self, num_bins: int, history: int = 10, uniform_mix: float = 0.1):
+        super().__init__()
+        if num_bins < 1:
+            raise ValueError(f"importance sampler needs num_bins >= 1, got {num_bins}")
+        if history < 1:
+            raise ValueError(f"importance sampler needs history >= 1, got {history}")
+        if not 0.0 < uniform_mix <= 1.0:
+            raise ValueError(f"importance sampler uniform_mix must be in (0, 1], got {uniform_mix}")
+        self.num_bins, self.history, self.uniform_mix = num_bins, history, uniform_mix
+        self.register_buffer("loss_sq", torch.zeros(num_bins, history, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros(num_bins, dtype=torch.long))
+
+    def probs(self) -> torch.Tensor:
+        """Current bin probabilities p_k (float64, sums to 1)."""
+        k = self.num_bins
+        if bool((self.count < self.history).any()):
+            return torch.full((k,), 1.0 / k, dtype=torch.float64, device=self.loss_sq.device)
+        p = self.loss_sq.mean(1).sqrt()
+        if not bool(p.sum() > 0):
+            return torch.full((k,), 1.0 / k, dtype=torch.float64, device=p.device)
+        p = p / p.sum()
+        return (1 - self.uniform_mix) * p + self.uniform_mix / k
+
+    def forward(self, batch_size, ctx, device="cpu", generator=None):
+        v = stratified_uniform(batch_size, ctx, device, generator).to(torch.float64)
+        p = self.probs().to(device)
+        cdf = torch.cumsum(p, 0)
+        cdf[-1] = 1.0
+        k = torch.searchsorted(cdf, v, right=True).clamp_(max=self.num_bins - 1)
+        lo = cdf[k] - p[k]
+        within = ((v - lo) / p[k]).clamp_(0.0, 1.0 - 1e-12)
+        u = ((k + within) / self.num_bins).to(torch.float32).clamp_(max=1 - 2**-24)
+        w = (1.0 / (self.num_bins * p[k])).to(torch.float32)
+        return u, w
+
+    @torch.no_grad()
+    def update(self, u: torch.Tensor, losses: torch.Tensor, all_gather: AllGather) -> None:
+        """Append the all-gathered (bin, L^2) pairs to the ring buffers, in gather order."""
+        u = all_gather(u.detach().reshape(-1).float())
+        losses = all_gather(losses.detach().reshape(-1).to(torch.float64)).to(self.loss_sq.device)
+        k = (u.to(self.loss_sq.device) * self.num_bins).long().clamp_(0, self.num_bins - 1)
+        finite = torch.isfinite(losses)
+        k, losses = k[finite], losses[finite]
+        if k.numel() == 0:
+            return
+        # Rank of each item among the items of its bin, in gather order (stable sort).
+        order = torch.sort(k, stable=True).indices
+        k_sorted = k[order]
+        n_per_bin = torch.bincount(k_sorted, minlength=self.num_bins)
+        first = torch.cumsum(n_per_bin, 0) - n_per_bin
+        rank = torch.arange(k_sorted.numel(), device=k.device) - first[k_sorted]
+        # Only the last `history` items of a bin survive; dropping the others first makes the
+        # scatter free of duplicate indices, hence deterministic and identical on all ranks.
+        keep = rank >= n_per_bin[k_sorted] - self.history
+        kk, rr = k_sorted[keep], rank[keep]
+        pos = (self.count[kk] + rr) % self.history
+        self.loss_sq[kk, pos] = losses[order][keep] ** 2
+        self.count += n_per_bin
+
+    def metrics(self, weight: torch.Tensor) -> dict[str, float]:
+        w = weight.detach().double()
+        ess = float(w.sum() ** 2 / (w**2).sum() / w.numel())
+        return {"sampler_ess": ess, "sampler_ready": float(bool((self.count >= self.history).all()))}
+
+
+def build_timestep_sampler(name: str, num_bins: int, history: int = 10, uniform_mix: float = 0.1) -> nn.Module:
+    """``learned-schedule`` draws stratified u; the VDM maps it through a learned time map."""
+    if name == "uniform":
+        return UniformSampler()
+    if name in ("stratified", "learned-schedule"):
+        return StratifiedSampler()
+    if name == "importance":
+        return ImportanceSampler(num_bins, history, uniform_mix)
+    raise ValueError(f"unknown timestep sampler {name!r}; allowed: {', '.join(TIMESTEP_SAMPLERS)}")

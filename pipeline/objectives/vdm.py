@@ -270,6 +270,15 @@ class VDM(nn.Module):
         if denoiser is None:
             denoiser = Denoiser(self._build_net(cfg, meta), cfg.emb_dim, meta)
         self.denoiser = denoiser
+        self._reset_watch()
+
+    def _reset_watch(self) -> None:
+        # What a person watching the run wants between two logging steps (this rank only):
+        # the diffusion loss binned over t, and the spread of the per-batch ELBO estimate.
+        from pipeline.track.metrics import RunningMoments, TimeProfile
+
+        self._profile = TimeProfile(num_bins=20, t_min=0.0, t_max=1.0)
+        self._elbo_moments = RunningMoments()
 
     @staticmethod
     def _build_net(cfg: VDMConfig, meta: DataMeta) -> nn.Module:
@@ -467,6 +476,25 @@ class VDM(nn.Module):
         """Update time-step sampler state identically on every rank (called after each optimizer step)."""
         if isinstance(self.sampler, ImportanceSampler):
             self.sampler.update(output.u, output.diff_per_sample, all_gather)
+        self._profile.update(output.t.detach().cpu().numpy(), output.diff_per_sample.detach().cpu().numpy())
+        self._elbo_moments.update(float(output.bits_per_dim))
+
+    def log_report(self) -> dict:
+        """Since the last report: the per-t diffusion-loss profile, the running variance of the
+        ELBO estimate, the time-step sampler's distribution p_t and its effective sample size,
+        and the noise schedule gamma(t) on a grid (which moves when it is learned)."""
+        from pipeline.track.metrics import sampler_metrics
+
+        metrics = self._elbo_moments.metrics("vdm/elbo_estimate")
+        if isinstance(self.sampler, ImportanceSampler):
+            metrics.update(sampler_metrics(self.sampler.probs().detach().cpu().numpy()))
+        with torch.no_grad():
+            grid = torch.linspace(0.0, 1.0, 5, device=self.values.device if self.values is not None else "cpu")
+            gamma, _ = self.gamma(grid)
+        metrics.update({f"vdm/gamma_t{t:.2f}": float(g) for t, g in zip(grid.tolist(), gamma.tolist())})
+        profiles = {"vdm/t_profile": self._profile}
+        self._reset_watch()
+        return {"metrics": metrics, "profiles": profiles}
 
     # ----------------------------------------------------------------- sampling
     def sample_grid(self, num_steps: int | None, device) -> torch.Tensor:

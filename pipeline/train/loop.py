@@ -168,7 +168,13 @@ def train(cfg: Config) -> int:
                 metrics["train/bad_steps"] = float(state.bad_steps)
                 metrics["train/samples_seen"] = float(state.samples_seen)
                 metrics.update(memory_metrics())
+                reports = [ph.raw.log_report() for ph in phases if hasattr(ph.raw, "log_report")]
+                for rep in reports:  # objective-specific views (VDM: per-t profile, p_t, ELBO variance)
+                    metrics.update(rep["metrics"])
                 tracker.log(metrics, step=state.step)
+                for rep in reports:
+                    for name, profile in rep["profiles"].items():
+                        tracker.log_profile(name, profile, step=state.step)
                 t_log, steps_since_log = time.perf_counter(), 0
             every = cfg.train.sample_every_steps
             if engine.is_main and every and state.step % every == 0 and state.step < cfg.train.num_steps:

@@ -20,7 +20,7 @@ def test_shards_train_evaluate(tmp_path):
     run_pipeline("train", "--config", "configs/quickstart.yaml", f"run.dir={run}", f"data.train_urls={data}",
                  "train.num_steps=4", "train.checkpoint_every_steps=4", "train.warmup_steps=0",
                  "vdm.num_timesteps=10", "vdm.channels=8", "data.batch_per_rank=16", "data.num_workers=0",
-                 "track.wandb='off'", "track.progress_bar=false")
+                 "track.wandb=off", "track.progress_bar=false")
     out = tmp_path / "eval.json"
     r = run_pipeline("evaluate", "--run", str(run), "--data", str(data), "--num-samples", "128", "--seed", "1",
                      "--elbo-num-samples", "16", "--elbo-noise-samples", "2", "--out", str(out))
@@ -28,8 +28,10 @@ def test_shards_train_evaluate(tmp_path):
     assert json.loads(out.read_text()) == result
     for key in ("energy_per_spin", "energy_exact", "abs_magnetisation", "magnetisation_exact", "w1_energy",
                 "bits_per_spin", "entropy_bits_per_spin", "specific_heat", "susceptibility", "correlation_length",
-                "pvalue_energy"):
+                "pvalue_energy", "bits_per_dim", "recon_bpd", "prior_bpd", "diffusion_bpd", "stderr"):
         assert isinstance(result[key], float) and math.isfinite(result[key]), key
+    assert result["bits_per_dim"] == result["bits_per_spin"] and result["stderr"] > 0
+    assert result["recon_bpd"] + result["prior_bpd"] + result["diffusion_bpd"] == pytest.approx(result["bits_per_dim"])
     assert isinstance(result["flags"], list)
     assert result["step"] == 4 and result["temperatures"] == [3.0] and result["num_generated"] == 128
     assert result["energy_exact"] == pytest.approx(-0.8173096, abs=1e-6)  # Onsager, T = 3

@@ -61,6 +61,10 @@ class GANConfig:
     # Adam betas of both phases; null = train.betas. WGAN-GP uses (0.0, 0.9), DCGAN (0.5, 0.999).
     betas: tuple[float, float] | None = None
     gp_weight: float = 10.0  # lambda of the gradient penalty (Gulrajani et al. 2017, eq. 3)
+    # gamma of the R1 penalty on real data for the logistic losses (Mescheder et al. 2018,
+    # eq. 9): D's loss + gamma/2 E_real ||grad_x D(x)||^2. 0 = off. Penalising D's slope on
+    # the data makes the game locally convergent where the unregularised one oscillates.
+    r1_weight: float = 0.0
     conditional: bool = False  # labels into G and D (projection discriminator)
     # Widths: conv channels per stride-2 stage (G mirrors D), or MLP hidden widths.
     channels: list[int] = field(default_factory=lambda: [64, 128])
@@ -99,6 +103,13 @@ class GANConfig:
             raise ConfigError(f"gan.latent_seed must be null or a non-negative integer, got {self.latent_seed}")
         if self.gp_weight < 0:
             raise ConfigError(f"gan.gp_weight must be >= 0, got {self.gp_weight}")
+        if self.r1_weight < 0:
+            raise ConfigError(f"gan.r1_weight must be >= 0, got {self.r1_weight}")
+        if self.r1_weight > 0 and self.loss not in ("minimax", "non-saturating"):
+            raise ConfigError(
+                f"gan.r1_weight is the R1 penalty of the logistic losses ('minimax', 'non-saturating'); "
+                f"gan.loss={self.loss!r} has its own (wgan-gp: gan.gp_weight)"
+            )
         if not self.channels or any(c <= 0 for c in self.channels):
             raise ConfigError(f"gan.channels must be a non-empty list of positive widths, got {self.channels}")
         if self.semi_supervised != "off":
@@ -167,6 +178,16 @@ def gradient_penalty(scores: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor
     (grad,) = torch.autograd.grad(scores.sum(), inputs, create_graph=True)
     norms = grad.flatten(1).norm(2, dim=1)
     return ((norms - 1.0) ** 2).mean()
+
+
+def r1_penalty(real_logits: torch.Tensor, real_inputs: torch.Tensor) -> torch.Tensor:
+    """E_real ||grad_x D(x)||_2^2 (Mescheder et al. 2018, eq. 9, without gamma / 2).
+
+    As :func:`gradient_penalty`: ``real_logits`` computed from ``real_inputs`` with
+    requires_grad, create_graph=True so the outer backward differentiates the penalty.
+    """
+    (grad,) = torch.autograd.grad(real_logits.sum(), real_inputs, create_graph=True)
+    return grad.flatten(1).pow(2).sum(dim=1).mean()
 
 
 def ssl_unsupervised_logit(class_logits: torch.Tensor) -> torch.Tensor:
@@ -411,6 +432,9 @@ class DStep(_GANStep):
             fake = self.G(self._latent(n, real.device, self.G, noise), labels).to(real.dtype)
 
         use_gp = self.cfg.loss == "wgan-gp" and torch.is_grad_enabled()
+        use_r1 = self.cfg.r1_weight > 0 and not self.critic
+        if use_r1 and torch.is_grad_enabled():
+            real = real.detach().requires_grad_(True)
         parts = [real, fake]
         if use_gp:
             # Random points on straight lines between paired real and fake samples (eq. 3).
@@ -465,6 +489,13 @@ class DStep(_GANStep):
             o.fake_detected_fraction = (f < 0).float().mean().detach()
             o.real_detected_fraction = (r >= 0).float().mean().detach()
             o.d_dominates = (o.d_fake < D_DOMINATES_FAKE_PROB).float()
+            if use_r1:
+                if real.requires_grad:
+                    r1 = r1_penalty(r, real)
+                    loss = loss + 0.5 * self.cfg.r1_weight * r1
+                    o.gradient_penalty = r1.detach()
+                else:  # evaluation without autograd
+                    o.gradient_penalty = torch.full((), float("nan"), device=real.device)
         o.loss_d = loss.detach()
 
         if self.ssl:

@@ -8,6 +8,7 @@ checkpoints, and a collective check for a preemption signal.
 
 from __future__ import annotations
 
+import itertools
 import signal
 import sys
 import time
@@ -203,7 +204,13 @@ def train(cfg: Config) -> int:
 
 
 def _remember_first(batches, store: dict):
-    for batch in batches:
+    # The stream starts its DataLoader on the first batch, and a DataLoader iterator draws a
+    # worker base seed from the global torch RNG. A resumed run does that after restoring the
+    # RNG state, an uninterrupted one never again after step 0, so the noise would differ
+    # from the first resumed step on. Keep that draw off the global RNG.
+    with torch.random.fork_rng(devices=[]):
+        first = next(batches)
+    for batch in itertools.chain([first], batches):
         store.setdefault("x", batch["x"][:256].clone())
         yield batch
 
@@ -215,7 +222,9 @@ def _sample_and_observe(module, meta, cfg: Config, tracker, reference: dict, ste
 
     n = cfg.train.num_sample_images
     x = sample_from(module, n, default_labels(meta, n), seed=cfg.run.seed + step).cpu().numpy()
-    path = tracker.log_images("samples", x, step=step)
+    # Only single-channel 2-D samples make an image grid; vectors (e.g. GMM points) have none.
+    is_image = x.ndim == 3 or (x.ndim == 4 and x.shape[1] == 1)
+    path = tracker.log_images("samples", x, step=step) if is_image else None
     if meta.data_kind == "spins" and len(meta.sample_shape) == 3:
         from pipeline.track.metrics import physics_metrics
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import os
 import re
 
 import yaml
@@ -87,6 +88,9 @@ class EngineConfig:
     fsdp: Literal["off", "full_shard", "shard_grad_op"] = "off"
     zero_stage: Literal[1, 2, 3] = 2
     offload_optimizer: bool = False
+    # DeepSpeed JSON with ZeRO tuning (bucket sizes, prefetch, overlap), e.g. launch/ds_zero3.json.
+    # Batch size, accumulation, clipping, precision and offload always come from this config.
+    deepspeed_config: str | None = None
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     timeout_s: int = 120  # collective timeout: a dead rank stops the others within this
 
@@ -132,8 +136,23 @@ class Config:
             raise ConfigError(
                 f"train.warmup_steps must be in [0, train.num_steps={t.num_steps}], got {t.warmup_steps}"
             )
-        if self.engine.backend == "deepspeed" and self.engine.fsdp != "off":
-            raise ConfigError("engine.fsdp is an Accelerate option; with engine.backend=deepspeed it must be 'off'")
+        if self.engine.fsdp != "off":
+            # Accelerate 1.15 never enables FSDP on CPU-only machines (only from GPU-like device
+            # types), so it could not be tested here; we refuse rather than silently run DDP.
+            raise ConfigError(
+                f"engine.fsdp={self.engine.fsdp!r} is not implemented yet; allowed: 'off'. To shard "
+                "parameters, gradients and optimizer state use engine.backend=deepspeed engine.zero_stage=3"
+            )
+        if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and self.engine.backend == "accelerate":
+            raise ConfigError(
+                "the launcher enabled FSDP (ACCELERATE_USE_FSDP, e.g. from launch/fsdp.yaml) but FSDP is not "
+                "implemented; launch with launch/multi_gpu.yaml or use engine.backend=deepspeed engine.zero_stage=3"
+            )
+        if self.engine.deepspeed_config is not None:
+            if self.engine.backend != "deepspeed":
+                raise ConfigError("engine.deepspeed_config is used only with engine.backend=deepspeed")
+            if not os.path.isfile(self.engine.deepspeed_config):
+                raise ConfigError(f"engine.deepspeed_config={self.engine.deepspeed_config!r}: no such file")
         if self.engine.offload_optimizer and self.engine.backend != "deepspeed":
             raise ConfigError("engine.offload_optimizer=true needs engine.backend=deepspeed")
         self.data.validate()

@@ -54,18 +54,54 @@ def _import_deepspeed():
     return deepspeed
 
 
+# Keys the training config owns: a base JSON that sets them is refused, since the two would
+# silently disagree.
+_OWNED = ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
+          "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
+
+
+def load_base_config(path: str | None) -> dict:
+    """The user's DeepSpeed JSON (``engine.deepspeed_config``, e.g. launch/ds_zero3.json): the
+    ZeRO tuning knobs (bucket sizes, prefetch, overlap) that the training config has no keys for."""
+    if path is None:
+        return {}
+    from pipeline.config import ConfigError
+
+    try:
+        with open(path) as f:
+            base = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"engine.deepspeed_config={path!r} cannot be read as JSON: {e}") from None
+    if not isinstance(base, dict):
+        raise ConfigError(f"engine.deepspeed_config={path!r} must hold a JSON object")
+    owned = sorted(set(base) & set(_OWNED))
+    if owned:
+        raise ConfigError(
+            f"engine.deepspeed_config={path!r} sets {owned}; these come from the training config "
+            "(data.batch_per_rank, train.grad_accum_steps, train.grad_clip_norm, engine.mixed_precision; "
+            "the optimizer is AdamW with train.lr): remove them from the JSON")
+    return base
+
+
 def ds_config(cfg: EngineConfig, train: TrainConfig, overrides: dict | None = None) -> dict:
-    """The DeepSpeed config dict for one phase (batching is ours: micro batch 1 is nominal)."""
-    zero: dict[str, Any] = {
-        "stage": int(cfg.zero_stage),
+    """The DeepSpeed config dict for one phase: the base JSON (if any), then what the training
+    config decides (batching is ours: micro batch 1 is nominal), then ``overrides``."""
+    base = load_base_config(cfg.deepspeed_config)
+    zero: dict[str, Any] = dict(base.pop("zero_optimization", {}))
+    zero["stage"] = int(cfg.zero_stage)
+    zero.pop("offload_optimizer", None)
+    if not torch.cuda.is_available():
         # Both were seen to break ZeRO-2 on CPU/gloo (hangs / wrong buckets); they only
         # overlap communication with compute on GPUs anyway.
-        "overlap_comm": False,
-        "contiguous_gradients": False,
-    }
+        zero["overlap_comm"] = False
+        zero["contiguous_gradients"] = False
+    else:
+        zero.setdefault("overlap_comm", False)
+        zero.setdefault("contiguous_gradients", False)
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     config: dict[str, Any] = {
+        **base,
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": int(train.grad_accum_steps),
         "gradient_clipping": float(train.grad_clip_norm) if train.grad_clip_norm is not None else 0.0,

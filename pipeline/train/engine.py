@@ -216,11 +216,7 @@ class AccelerateEngine(Engine):
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
 
-        if cfg.fsdp != "off":
-            raise NotImplementedError(
-                f"engine.fsdp={cfg.fsdp} is not implemented; use engine.fsdp=off (DDP) or "
-                "engine.backend=deepspeed (ZeRO-3 shards parameters too)"
-            )
+        assert cfg.fsdp == "off", "rejected by Config.validate before any process group starts"
         self.acc = Accelerator(
             # Without CUDA, Accelerate only sets up a process group (gloo, MULTI_CPU) when told
             # cpu=True; otherwise every process of a multi-process launch trains alone.

@@ -119,12 +119,3 @@ def test_resume_one_to_two_processes(runs):
     assert (r2["world_size"], r2["restored_from_world_size"]) == (2, 1)
     assert r2["restored_step"] == runs["r1"]["saved_step"] == 5
     _assert_same(runs["r1"]["saved"], r2["restored"])
-
-
-@pytest.mark.skip(
-    reason="FSDP cannot run on CPU here: accelerate 1.15 only switches AcceleratorState to "
-    "DistributedType.FSDP from GPU-like device types (MULTI_GPU/NPU/XPU/...), never MULTI_CPU "
-    "(accelerate/state.py, the branch after the DeepSpeed one), and engine.fsdp is not implemented"
-)
-def test_fsdp():
-    pass

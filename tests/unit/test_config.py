@@ -32,6 +32,7 @@ def test_preset_and_overrides_resolve():
         ("train.warmup_steps=11", "train.warmup_steps must be in [0, train.num_steps=10]"),
         ("train.ema_decay=1.0", "train.ema_decay must be in [0, 1)"),
         ("engine.offload_optimizer=true", "needs engine.backend=deepspeed"),
+        ("engine.fsdp=full_shard", "engine.fsdp='full_shard' is not implemented yet; allowed: 'off'"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):
@@ -77,3 +78,10 @@ def test_on_off_yes_no_stay_strings(tmp_path):
     assert load_config(preset).track.wandb == "off"
     with pytest.raises(ConfigError, match="expected true or false"):
         load_config(None, BASE + ["track.progress_bar=yes"])
+
+
+def test_fsdp_from_the_launcher_is_refused(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="ACCELERATE_USE_FSDP"):
+        load_config(None, BASE)
+    load_config(None, BASE + ["engine.backend=deepspeed"])  # DeepSpeed ignores Accelerate's FSDP switch

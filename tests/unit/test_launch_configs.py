@@ -66,15 +66,31 @@ def test_accelerate_accepts_launch_config(name, monkeypatch):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_json_is_valid_and_matches_its_launch_config(stage):
+def test_deepspeed_json_is_what_the_backend_runs(stage, tmp_path):
+    """The launch JSON is the base of the backend's DeepSpeed config: its ZeRO tuning survives the
+    merge, the training config decides batching/clipping/precision, and DeepSpeed's own
+    validator accepts the result."""
     from deepspeed.runtime.config import DeepSpeedConfig
+
+    from pipeline.config import ConfigError, EngineConfig, TrainConfig
+    from pipeline.train.deepspeed_engine import ds_config
 
     assert (LAUNCH / f"deepspeed_zero{stage}.yaml").is_file()
     text = (LAUNCH / f"deepspeed_zero{stage}.yaml").read_text()
+    path = LAUNCH / f"ds_zero{stage}.json"
     assert f"ds_zero{stage}.json" in text and f"engine.zero_stage={stage}" in text
-    raw = json.loads((LAUNCH / f"ds_zero{stage}.json").read_text())
-    ds = DeepSpeedConfig(raw)  # pydantic: unknown or mistyped ZeRO keys raise
+    raw = json.loads(path.read_text())
+    eng = EngineConfig(backend="deepspeed", zero_stage=stage, deepspeed_config=str(path))
+    merged = ds_config(eng, TrainConfig(num_steps=10, grad_accum_steps=4, grad_clip_norm=0.5))
+    ds = DeepSpeedConfig(merged)  # pydantic: unknown or mistyped ZeRO keys raise
     assert ds.zero_optimization_stage == stage
+    assert merged["gradient_accumulation_steps"] == 4 and merged["gradient_clipping"] == 0.5
+    assert merged["zero_optimization"]["reduce_bucket_size"] == raw["zero_optimization"]["reduce_bucket_size"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**raw, "train_micro_batch_size_per_gpu": 64}))
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu"):
+        ds_config(EngineConfig(backend="deepspeed", zero_stage=stage, deepspeed_config=str(bad)),
+                  TrainConfig(num_steps=10))
 
 
 def test_cpu_config_starts_two_processes(tmp_path):

@@ -13,13 +13,6 @@ META = DataMeta(sample_shape=(2,), data_kind="continuous", label_kind="class", n
 CENTERS = torch.tensor([[2.0, 2.0], [-2.0, 2.0], [-2.0, -2.0], [2.0, -2.0]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def blobs(n: int, gen: torch.Generator | None = None):
     y = torch.randint(0, 4, (n,), generator=gen)

@@ -24,14 +24,6 @@ from pipeline.objectives.gan import DStep, GANConfig, build_phases
 VEC1 = DataMeta(sample_shape=(1,), data_kind="continuous")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny networks: a second intra-op thread only adds contention on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class GaussianG(nn.Module):
     """A fixed generator: h ~ N(0, 1) -> mu + sigma h, so p_g = N(mu, sigma^2) exactly."""

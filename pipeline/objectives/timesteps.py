@@ -143,10 +143,27 @@ class ImportanceSampler(UniformSampler):
         self.loss_sq[kk, pos] = losses[order][keep] ** 2
         self.count += n_per_bin
 
+    @torch.no_grad()
+    def history_checksum(self) -> float:
+        """A float64 fingerprint of the loss history, position-weighted so that a reordering shows.
+
+        Logged every step (see :meth:`metrics`): the loop averages metrics over ranks, and a
+        mean of per-rank checksums equals rank 0's own (the checkpointed one) only when the
+        ranks agree, which makes cross-rank drift of this state visible in the logs.
+        """
+        pos = torch.arange(1, self.loss_sq.numel() + 1, dtype=torch.float64, device=self.loss_sq.device)
+        return float((self.loss_sq.reshape(-1) * pos).sum() / pos.numel())
+
     def metrics(self, weight: torch.Tensor) -> dict[str, float]:
+        """ESS of this batch's weights; readiness and a fingerprint of the state that drew them."""
         w = weight.detach().double()
         ess = float(w.sum() ** 2 / (w**2).sum() / w.numel())
-        return {"sampler_ess": ess, "sampler_ready": float(bool((self.count >= self.history).all()))}
+        return {
+            "sampler_ess": ess,
+            "sampler_ready": float(bool((self.count >= self.history).all())),
+            "sampler_history_checksum": self.history_checksum(),
+            "sampler_history_count": float(self.count.sum()),
+        }
 
 
 def build_timestep_sampler(name: str, num_bins: int, history: int = 10, uniform_mix: float = 0.1) -> nn.Module:

@@ -434,7 +434,16 @@ class VDM(nn.Module):
         return mean, var
 
     # ----------------------------------------------------------------- training step
-    def forward(self, batch: dict[str, torch.Tensor], ctx: StepContext) -> VDMOutput:
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        ctx: StepContext,
+        *,
+        noise_generator: torch.Generator | None = None,
+        time_generator: torch.Generator | None = None,
+    ) -> VDMOutput:
+        """One training estimate of the negative ELBO. The generators (default: the global RNG)
+        let a benchmark hold the noise eps fixed while redrawing the time steps, or vice versa."""
         x_raw = batch["x"]
         if tuple(x_raw.shape[1:]) != self.sample_shape:
             raise ValueError(f"batch['x'] has sample shape {tuple(x_raw.shape[1:])}, expected {self.sample_shape}")
@@ -442,14 +451,14 @@ class VDM(nn.Module):
         B = x0.shape[0]
         labels = self._check_labels(batch.get("label"), B)
         g0, g1 = self.endpoints(x0.device)
-        recon = self.recon_nats(x0, x_raw, g0, torch.randn_like(x0))
+        recon = self.recon_nats(x0, x_raw, g0, torch.randn(x0.shape, device=x0.device, generator=noise_generator))
         if self.cfg.diffusion_form == "consistency":
             g_prev, _ = self.schedule(torch.tensor((self.T - 2) / (self.T - 1), device=x0.device))
             prior = self.prior_consistency_nats(x0, g_prev, g1)
         else:
             prior = self.prior_nats(x0, g1)
-        u, w = self.sampler(B, ctx, x0.device)
-        diff, tau, gam, holder = self.diffusion_nats(x0, u, labels)
+        u, w = self.sampler(B, ctx, x0.device, time_generator)
+        diff, tau, gam, holder = self.diffusion_nats(x0, u, labels, noise_generator)
         to_bpd = 1.0 / (self.num_dims * math.log(2))
         diff_w = w * diff
         per_sample = recon + prior + diff_w

@@ -1,0 +1,428 @@
+"""``pipeline bench variance``: how much the VDM's time-step samplers cut the variance of the
+per-batch ELBO estimate, at equal cost, and whether they stay unbiased.
+
+For a trained model (a run directory with ``export/``) and held-out data (the run's
+``data.train_urls``, validation split when there is one), every sampler (uniform,
+stratified, importance, and learned-schedule for a continuous-time model that has a
+learned time map) and, in discrete time, both estimator forms (denoising matching, Luo
+2022 eq. 58; consistency, Luo eq. 45) estimate the negative ELBO of the same data batches.
+Every estimate is one call of the training forward pass: B samples, one network evaluation
+each, so all estimates have the same cost.
+
+Design (common random numbers: every sampler sees the same batches and the same ctx.step
+sequence). ``num_batches`` batches x_m of ``batch_size`` samples are drawn without
+replacement from the held-out pool; each gets its exact negative ELBO
+(:func:`pipeline.objectives.vdm.exact_elbo`: every diffusion term evaluated, with its own
+Monte-Carlo standard error). Then, per sampler, ``num_repeats`` estimates per batch, each
+with a fresh ``ctx.step`` (a fresh stratified permutation), and:
+
+* ``variance_given_x`` = E_x Var(estimate | batch): t and the noise eps redrawn. This is
+  the part a sampler can change.
+* ``variance_t_only`` = E_{x,eps} Var(estimate | batch, eps): only the time steps redrawn
+  (eps held fixed per batch), the part due to t alone.
+* ``data_variance`` = Var_x(E[estimate | x]) = Var(-ELBO(x)) / B, from the exact per-sample
+  values minus their Monte-Carlo noise. Identical for every unbiased sampler.
+* ``variance`` = data_variance + variance_given_x: the variance of one per-batch estimate
+  with fresh data, noise and time steps (law of total variance), what training sees.
+
+Ratios are uniform's variance over the sampler's. The bias is the mean of all estimates
+minus the exact value on the same batches, in units of the standard error of that
+difference (estimates' SE given the batches, combined with the exact evaluator's SE).
+Gradients (w.r.t. the denoiser's parameters) of every t-and-eps estimate give
+``grad_variance`` = E_x tr Cov(g | batch) and the variance of the gradient norm.
+
+The importance sampler's loss history is warmed up first on separate batches until every
+bin holds a full history (as in training, where it is filled by earlier steps), then keeps
+being updated after every estimate, as in training. Its proposal p_t is fixed before each
+draw, so the estimate stays unbiased. The learned-schedule sampler uses the time map the
+run learned. The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.objectives.base import StepContext
+from pipeline.objectives.vdm import VDM, VDMConfig, exact_elbo
+
+SAMPLERS = ("uniform", "stratified", "importance", "learned-schedule")
+FORMS = ("denoising_matching", "consistency")
+MEASURE_STEP0 = 1_000_000  # ctx.step of the first measured estimate (warm-up uses 0, 1, ...)
+
+
+def _gen(*key: int) -> torch.Generator:
+    """An independent generator for each (purpose, index, ...) key."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+
+
+@dataclass
+class EvalBatch:
+    """One fixed batch and its exact negative ELBO (bits/dim)."""
+
+    x: torch.Tensor  # data space, as stored
+    labels: torch.Tensor | None
+    exact_bpd: float
+    exact_stderr_bpd: float  # Monte-Carlo standard error of exact_bpd
+    exact_per_sample_bpd: torch.Tensor  # [B]
+
+
+@dataclass
+class SamplerStats:
+    mean_bpd: float  # mean of all estimates
+    variance_given_x: float  # E_x Var(estimate | batch), t and eps redrawn, (bits/dim)^2
+    variance_t_only: float  # E_{x,eps} Var(estimate | batch, eps), t redrawn
+    grad_variance: float  # E_x tr Cov(gradient | batch)
+    grad_norm_variance: float  # E_x Var(||gradient|| | batch)
+    grad_norm_mean: float
+    bias_bpd: float  # mean_bpd - exact value on the same batches
+    bias_sigma: float  # bias / its standard error
+    num_estimates: int
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def exact_batches(
+    module: VDM,
+    x: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    num_batches: int,
+    batch_size: int,
+    seed: int,
+    num_noise_samples: int = 4,
+    num_quadrature_points: int = 64,
+) -> list[EvalBatch]:
+    """``num_batches`` batches drawn without replacement from ``x`` (independently of each
+    other), each with its exact negative ELBO."""
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2, got {batch_size}")
+    if x.shape[0] < batch_size:
+        raise ValueError(f"the data has {x.shape[0]} samples, fewer than batch_size={batch_size}")
+    rng = np.random.default_rng([seed, 1])
+    g = _gen(seed, 2)
+    out = []
+    for _ in range(num_batches):
+        idx = torch.from_numpy(rng.choice(x.shape[0], batch_size, replace=False))
+        xb, lb = x[idx], labels[idx] if labels is not None else None
+        ex = exact_elbo(module, xb, lb, num_noise_samples=num_noise_samples,
+                        num_quadrature_points=num_quadrature_points, generator=g)
+        out.append(EvalBatch(xb, lb, ex["bits_per_dim"], ex["stderr_bpd"], ex["per_sample_bpd"].double()))
+    return out
+
+
+def data_variance(batches: list[EvalBatch]) -> float:
+    """Var over random batches of the batch's mean -ELBO: Var_x(-ELBO(x)) / B.
+
+    The exact per-sample values carry Monte-Carlo noise whose mean variance is B x the
+    squared standard error of the batch mean; it is subtracted so that only the data's
+    spread remains."""
+    per_batch = []
+    for b in batches:
+        v = b.exact_per_sample_bpd
+        n = v.numel()
+        per_batch.append((float(v.var(unbiased=True)) - n * b.exact_stderr_bpd**2) / n)
+    return float(np.mean(per_batch))
+
+
+def with_sampler(module: VDM, sampler: str, form: str | None = None) -> VDM | None:
+    """A copy of ``module`` (same network and schedule weights) that draws time steps with
+    ``sampler`` and uses the diffusion ``form``, with fresh sampler state; None when
+    ``module`` has nothing to run it with (learned-schedule without a learned time map)."""
+    cfg = dataclasses.replace(module.cfg, timestep_sampler=sampler, diffusion_form=form or module.cfg.diffusion_form)
+    new = VDM(cfg, module.meta)
+    # Sampler state is never carried over: every sampler starts fresh (importance warms up).
+    state = {k: v for k, v in module.state_dict().items() if not k.startswith("sampler.")}
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    # Only sampler state and the (learned-schedule) time map may differ between configurations.
+    bad = [k for k in list(missing) + list(unexpected) if not k.startswith(("sampler.", "time_map."))]
+    assert not bad, f"weights do not fit the {sampler}/{cfg.diffusion_form} module: {bad}"
+    if any(k.startswith("time_map.") for k in missing):
+        return None  # the run never learned a time map: nothing to evaluate
+    return new.to(next(module.parameters()).device).eval()
+
+
+def fixed_noise_generator(seed: int, batch_index: int) -> torch.Generator:
+    """The generator of the noise held fixed for every t-only estimate of one batch."""
+    return _gen(seed, 8, batch_index)
+
+
+def _ctx(step: int) -> StepContext:
+    return StepContext(step=step, micro_step=0, grad_accum_steps=1, rank=0, world_size=1)
+
+
+def _identity_gather(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _batch_dict(x: torch.Tensor, labels: torch.Tensor | None, device) -> dict[str, torch.Tensor]:
+    batch = {"x": x.to(device)}
+    if labels is not None:
+        batch["label"] = labels.to(device)
+    return batch
+
+
+@torch.no_grad()
+def warm_up(module: VDM, x: torch.Tensor, labels: torch.Tensor | None, *, batch_size: int, seed: int,
+            max_batches: int = 100_000) -> int:
+    """Fill the importance sampler's history with training-like steps on random batches of
+    ``x`` (separate draws from the measured batches) until every bin holds a full history;
+    returns the number of batches used (0 for samplers without state)."""
+    sampler = module.sampler
+    if not hasattr(sampler, "count"):
+        return 0
+    device = next(module.parameters()).device
+    rng = np.random.default_rng([seed, 3])
+    n = 0
+    while bool((sampler.count < sampler.history).any()):
+        if n >= max_batches:
+            raise RuntimeError(f"importance history not full after {max_batches} warm-up batches")
+        idx = torch.from_numpy(rng.choice(x.shape[0], batch_size, replace=x.shape[0] < batch_size))
+        batch = _batch_dict(x[idx], labels[idx] if labels is not None else None, device)
+        out = module(batch, _ctx(n), noise_generator=_gen(seed, 4, n), time_generator=_gen(seed, 5, n))
+        module.after_step(out, _identity_gather)
+        n += 1
+    return n
+
+
+def measure(module: VDM, batches: list[EvalBatch], *, num_repeats: int, seed: int, grads: bool = True) -> SamplerStats:
+    """``num_repeats`` estimates per batch with t and eps redrawn (sampler state updated after
+    each, as in training), and as many with eps fixed per batch and only t redrawn. Every
+    estimate gets a fresh ``ctx.step``; the sequence is the same for every sampler."""
+    if num_repeats < 2:
+        raise ValueError(f"num_repeats must be >= 2, got {num_repeats}")
+    if not batches:
+        raise ValueError("need at least one batch")
+    params = [p for p in module.denoiser.parameters() if p.requires_grad]
+    device = next(module.parameters()).device
+    R = num_repeats
+    means, var_full, var_t, se2, gvar, gnvar, gnorms = [], [], [], [], [], [], []
+    step = MEASURE_STEP0
+    for m, b in enumerate(batches):
+        batch = _batch_dict(b.x, b.labels, device)
+        est, est_t, norms = [], [], []
+        g_sum, g_sq = None, 0.0
+        for r in range(R):
+            with torch.set_grad_enabled(grads):
+                out = module(batch, _ctx(step), noise_generator=_gen(seed, 6, m, r), time_generator=_gen(seed, 7, m, r))
+            est.append(float(out.bits_per_dim))
+            if grads:
+                g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(out.loss, params)]).double()
+                g_sum = g if g_sum is None else g_sum + g
+                g_sq += float(g @ g)
+                norms.append(float(g.norm()))
+            module.after_step(out, _identity_gather)
+            with torch.no_grad():  # the same eps for every r of this batch: only t changes
+                out_t = module(batch, _ctx(step), noise_generator=fixed_noise_generator(seed, m), time_generator=_gen(seed, 9, m, r))
+            est_t.append(float(out_t.bits_per_dim))
+            step += 1
+        e = np.asarray(est)
+        means.append(e.mean())
+        var_full.append(e.var(ddof=1))
+        var_t.append(np.var(est_t, ddof=1))
+        se2.append(e.var(ddof=1) / R)
+        if grads:
+            gvar.append((g_sq - float(g_sum @ g_sum) / R) / (R - 1))
+            gnvar.append(np.var(norms, ddof=1))
+            gnorms.extend(norms)
+    M = len(batches)
+    mean = float(np.mean(means))
+    exact = float(np.mean([b.exact_bpd for b in batches]))
+    se = math.sqrt(sum(se2) + sum(b.exact_stderr_bpd**2 for b in batches)) / M
+    nan = float("nan")
+    return SamplerStats(
+        mean_bpd=mean,
+        variance_given_x=float(np.mean(var_full)),
+        variance_t_only=float(np.mean(var_t)),
+        grad_variance=float(np.mean(gvar)) if grads else nan,
+        grad_norm_variance=float(np.mean(gnvar)) if grads else nan,
+        grad_norm_mean=float(np.mean(gnorms)) if grads else nan,
+        bias_bpd=mean - exact,
+        bias_sigma=(mean - exact) / se if se > 0 else nan,
+        num_estimates=M * R,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def load_pool(run_dir: Path, info: dict, data: str | None) -> tuple[torch.Tensor, torch.Tensor | None, str, str]:
+    """The held-out samples (and labels) to measure on: ``data`` or the run's train_urls,
+    validation split when the set has one."""
+    from pipeline.config import ConfigError
+    from pipeline.eval.reference import has_split, load_reference
+
+    data_cfg = info["config"].get("data") or {}
+    urls = data or data_cfg.get("train_urls")
+    if not urls:
+        raise ConfigError(f"{run_dir}: the run's config names no data.train_urls; pass --data SHARDS")
+    split = "validation" if has_split(urls, "validation") else "all"
+    ref = load_reference(urls, split=split)
+    meta = info["meta"]
+    if tuple(ref.meta.sample_shape) != tuple(meta["sample_shape"]):
+        raise ConfigError(f"--data {urls}: samples of shape {tuple(ref.meta.sample_shape)}, the model was trained on "
+                          f"{tuple(meta['sample_shape'])}")
+    x = torch.from_numpy(ref.x)
+    kind = meta.get("label_kind", "none")
+    if kind == "none":
+        return x, None, urls, split
+    if kind == "class":
+        if ref.cls is None:
+            raise ConfigError(f"{urls}: the model is class-conditional but the samples carry no class")
+        return x, torch.from_numpy(ref.cls), urls, split
+    key = data_cfg.get("label_key") or "temperature"
+    col = ref.json_column(key)
+    if col is None:
+        raise ConfigError(f"{urls}: the model is conditioned on {key!r} but the samples carry no numeric json {key!r}")
+    return x, torch.from_numpy(col).float(), urls, split
+
+
+def run(
+    run_dir: str | Path,
+    *,
+    data: str | None = None,
+    num_batches: int = 8,
+    num_repeats: int = 32,
+    batch_size: int | None = None,
+    seed: int = 0,
+    num_noise_samples: int = 4,
+    num_quadrature_points: int = 64,
+    samplers: tuple[str, ...] | None = None,
+    grads: bool = True,
+) -> dict[str, Any]:
+    from pipeline.config import ConfigError
+    from pipeline.train.export import load_export
+
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    module, meta, info = load_export(run_dir)
+    if not isinstance(module, VDM):
+        raise ConfigError(f"{run_dir}: bench variance needs a VDM run, got objective {info['config'].get('objective')!r}")
+    for name, value, least in (("num_batches", num_batches, 1), ("num_repeats", num_repeats, 2),
+                               ("exact_noise_samples", num_noise_samples, 2)):
+        if value < least:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    x, labels, urls, split = load_pool(run_dir, info, data)
+    B = batch_size or int((info["config"].get("data") or {}).get("batch_per_rank") or 64)
+    if not 2 <= B <= x.shape[0]:
+        raise ConfigError(f"--batch-size must be in 2..{x.shape[0]} (the {split} split's size), got {B}")
+    cfg: VDMConfig = module.cfg
+    allowed = SAMPLERS if module.continuous else SAMPLERS[:-1]
+    samplers = tuple(samplers or allowed)
+    bad = [s for s in samplers if s not in allowed]
+    if bad or "uniform" not in samplers:
+        raise ConfigError(f"--samplers must include uniform and be among {', '.join(allowed)}, got {', '.join(samplers)}")
+    forms = FORMS if not module.continuous else ("denoising_matching",)
+
+    batches = exact_batches(module, x, labels, num_batches=num_batches, batch_size=B, seed=seed,
+                            num_noise_samples=num_noise_samples, num_quadrature_points=num_quadrature_points)
+    d_var = data_variance(batches)
+    stats: dict[str, dict[str, SamplerStats]] = {f: {} for f in forms}
+    warmup: dict[str, int] = {}
+    skipped: dict[str, str] = {}
+    for form in forms:
+        for s in samplers:
+            m = with_sampler(module, s, form)
+            if m is None:
+                skipped[s] = "the run has no learned time map (train with vdm.timestep_sampler=learned-schedule)"
+                continue
+            n = warm_up(m, x, labels, batch_size=B, seed=seed + 1)
+            if n:
+                warmup[form] = n
+            stats[form][s] = measure(m, batches, num_repeats=num_repeats, seed=seed, grads=grads)
+            st = stats[form][s]
+            print(f"{form:>18} {s:>16}: var|x {st.variance_given_x:.3e}  var_t {st.variance_t_only:.3e}  "
+                  f"grad var {st.grad_variance:.3e}  bias {st.bias_bpd:+.4f} bpd ({st.bias_sigma:+.2f} sigma)", flush=True)
+
+    head = cfg.diffusion_form if cfg.diffusion_form in stats else forms[0]
+    hs = stats[head]
+
+    def per(f: str, key: str) -> dict[str, float]:
+        return {s: getattr(st, key) for s, st in stats[f].items()}
+
+    def total(f: str) -> dict[str, float]:
+        return {s: d_var + st.variance_given_x for s, st in stats[f].items()}
+
+    def ratio(v: dict[str, float]) -> dict[str, float]:
+        return {s: v["uniform"] / x if x > 0 else float("inf") for s, x in v.items()}
+
+    var = total(head)
+    best = min(var, key=var.get)
+    out: dict[str, Any] = {
+        "bench": "variance",
+        "run": str(run_dir), "data": urls, "split": split, "model_step": info.get("step"),
+        "num_timesteps": cfg.num_timesteps, "training_form": cfg.diffusion_form, "form": head,
+        "batch_size": B, "num_batches": num_batches, "num_repeats": num_repeats,
+        "network_evals_per_estimate": B,
+        "exact_bpd": float(np.mean([b.exact_bpd for b in batches])),
+        "exact_stderr_bpd": math.sqrt(sum(b.exact_stderr_bpd**2 for b in batches)) / len(batches),
+        "data_variance": d_var,
+        "variance": var,
+        "variance_given_x": per(head, "variance_given_x"),
+        "variance_t_only": per(head, "variance_t_only"),
+        "ratio_vs_uniform_by_sampler": ratio(var),
+        "ratio_vs_uniform_given_x_by_sampler": ratio(per(head, "variance_given_x")),
+        "ratio_vs_uniform_t_only_by_sampler": ratio(per(head, "variance_t_only")),
+        "mean_bpd": per(head, "mean_bpd"),
+        "bias_bpd": per(head, "bias_bpd"),
+        "bias_sigma_by_sampler": per(head, "bias_sigma"),
+        "grad_variance": per(head, "grad_variance"),
+        "grad_norm_variance": per(head, "grad_norm_variance"),
+        "grad_norm_mean": per(head, "grad_norm_mean"),
+        "best_sampler": best,
+        "ratio_vs_uniform": ratio(var)[best],
+        "ratio_vs_uniform_given_x": ratio(per(head, "variance_given_x"))[best],
+        "ratio_vs_uniform_t_only": ratio(per(head, "variance_t_only"))[best],
+        "grad_variance_ratio_vs_uniform": hs["uniform"].grad_variance / hs[best].grad_variance if grads else None,
+        "bias_sigma": hs[best].bias_sigma,
+        "variance_by_form": {f: total(f) for f in stats},
+        "variance_given_x_by_form": {f: per(f, "variance_given_x") for f in stats},
+        "variance_t_only_by_form": {f: per(f, "variance_t_only") for f in stats},
+        "bias_sigma_by_form": {f: per(f, "bias_sigma") for f in stats},
+        "importance_warmup_batches": warmup,
+        "skipped": skipped,
+        "seconds": time.perf_counter() - t0,
+    }
+    return out
+
+
+def register(bench_subparsers) -> None:
+    p = bench_subparsers.add_parser(
+        "variance", help="variance and bias of the VDM's per-batch ELBO estimate under each time-step sampler",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run", required=True, help="run directory with export/ (a trained VDM)")
+    p.add_argument("--data", default=None, help="shards to measure on (default: the run's data.train_urls, "
+                   "validation split when there is one)")
+    p.add_argument("--num-batches", type=int, default=8, help="fixed data batches, each with its exact ELBO (default 8)")
+    p.add_argument("--num-repeats", type=int, default=32, help="estimates per batch and sampler (default 32)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per estimate (default: the run's data.batch_per_rank)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exact-noise-samples", type=int, default=4, help="noise draws per term in the exact ELBO (>= 2)")
+    p.add_argument("--quadrature-points", type=int, default=64, help="Gauss-Legendre nodes of the continuous-time exact ELBO")
+    p.add_argument("--samplers", default=None, help="comma-separated subset (must include uniform); default: all that apply")
+    p.add_argument("--no-grads", action="store_true", help="skip the gradient variance (faster)")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    from pipeline.config import ConfigError
+
+    if args.quadrature_points < 1:
+        raise ConfigError(f"--quadrature-points must be >= 1, got {args.quadrature_points}")
+    samplers = tuple(s.strip() for s in args.samplers.split(",")) if args.samplers else None
+    out = run(args.run, data=args.data, num_batches=args.num_batches, num_repeats=args.num_repeats,
+              batch_size=args.batch_size, seed=args.seed, num_noise_samples=args.exact_noise_samples,
+              num_quadrature_points=args.quadrature_points, samplers=samplers, grads=not args.no_grads)
+    print(json.dumps(out))
+    return 0

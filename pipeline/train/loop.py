@@ -46,6 +46,14 @@ class PreemptionFlag:
     def _handler(self, signum, frame) -> None:
         self.requested = True
 
+    def ignore_further(self) -> None:
+        """Once the checkpoint is written, a second signal must not kill the process on its way
+        out: when one rank exits 75, torch's elastic agent SIGTERMs the others, and Python's
+        shutdown restores the default action (terminate) of handled signals, not of ignored
+        ones. Without this a rank still exiting was seen to end with -15 instead of 75."""
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+
 
 class Meter:
     """Sums of metrics over a logging interval, averaged over steps and ranks when read."""
@@ -188,12 +196,14 @@ def train(cfg: Config) -> int:
                 if engine.is_main:
                     print(f"preempted: checkpoint at step {state.step}; exiting {REQUEUE_EXIT_CODE} to requeue",
                           file=sys.stderr, flush=True)
+                preempt.ignore_further()
                 return REQUEUE_EXIT_CODE
         if engine.is_main:
             path = _sample_and_observe(ema.module, meta, cfg, tracker, reference, state.step)
             print(f"run: {run_dir.resolve()}")
             print(f"samples: {Path(path).resolve() if path else None}")
             print(f"checkpoint: {ckpt.find_latest_valid()[0].resolve()}")
+        engine.barrier()  # ranks leave together: none tears down the process group mid-sampling
         return 0
     finally:
         if tracker is not None:

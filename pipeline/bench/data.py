@@ -4,7 +4,10 @@
 All three are measured in one run on the same machine, so the ratios are meaningful even
 where absolute figures are not (shared CPUs). Stream and HF loader both use 2 DataLoader
 workers, shuffling on, decoding on, batches of ``batch_size``. The first batch (worker
-start-up) is excluded from the timing. The last stdout line is one JSON object.
+start-up) is excluded from the timing. Memory: a fresh process streams one whole epoch of
+two data sets that differ only in length (default 4x); `rss_growth_ratio` is the ratio of
+their peak RSS, ~1 when memory is bounded by the shuffle buffer and shard size, not the data
+set. The last stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -101,6 +104,50 @@ def _peak_rss_mb(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024  # Linux reports KiB
 
 
+_EPOCH_RSS = """
+import json, resource, sys
+from pipeline.data.config import DataConfig
+from pipeline.data.stream import build_stream
+cfg = DataConfig(train_urls=sys.argv[1], batch_per_rank=64, num_workers=int(sys.argv[2]), shuffle_buffer=int(sys.argv[3]))
+s = build_stream(cfg, rank=0, world_size=1, seed=0)
+it = iter(s)
+for _ in range(s.samples_per_epoch // 64):
+    next(it)
+s.close()
+peak = lambda who: resource.getrusage(who).ru_maxrss / 1024
+print(json.dumps({"self": peak(resource.RUSAGE_SELF), "children": peak(resource.RUSAGE_CHILDREN)}))
+"""
+
+
+def epoch_rss_by_size(root: Path, *, sizes: tuple[int, ...], size: int, num_workers: int, shuffle_buffer: int,
+                      samples_per_shard: int) -> dict[int, float]:
+    """Peak RSS (MiB, main process + workers) of a fresh process streaming one whole epoch of
+    data sets that differ only in length: bounded memory means it does not grow with them."""
+    import subprocess
+    import sys
+
+    from pipeline.data import shards, sources
+
+    out = {}
+    for n in sizes:
+        d = root / f"rss-{n}"
+        params = {"bench": "rss", "n": n, "size": size, "per_shard": samples_per_shard}
+        if not shards.params_match(d, params):
+            rng = np.random.default_rng(n)
+            arr = root / f"rss-{n}.npy"
+            np.save(arr, np.where(rng.random((n, size, size)) < 0.5, -1, 1).astype(np.int8))
+            data = sources.npy(str(arr), add_channel_dim=True, data_kind="spins")
+            shards.write_shards(data, d, source="npy", params=params, samples_per_shard=samples_per_shard,
+                                val_fraction=0.0, seed=0)
+            arr.unlink()
+        r = subprocess.run([sys.executable, "-c", _EPOCH_RSS, str(d), str(num_workers), str(shuffle_buffer)],
+                           capture_output=True, text=True, check=True)
+        peak = json.loads(r.stdout.strip().splitlines()[-1])
+        out[n] = peak["self"] + peak["children"]
+        print(f"one epoch of {n:7d} samples: peak RSS {out[n]:.0f} MiB (main + workers)", flush=True)
+    return out
+
+
 def run(
     *,
     work_dir: str | None = None,
@@ -113,6 +160,7 @@ def run(
     samples_per_shard: int = 1000,
     train_step: TrainStep | None = None,
     num_train_steps: int = 30,
+    rss_sizes: tuple[int, ...] = (10_000, 40_000),
 ) -> dict[str, Any]:
     from pipeline.data import shards, sources
 
@@ -146,8 +194,12 @@ def run(
         step = train_step or conv_train_step(size)
         train_rate = train_step_rate(step, size=size, batch_size=batch_size, num_steps=num_train_steps)
         print(f"train step ({batch_size} x 1 x {size} x {size}) consumes {train_rate:.0f} samples/s", flush=True)
+        rss = epoch_rss_by_size(root, sizes=rss_sizes, size=size, num_workers=num_workers,
+                                shuffle_buffer=shuffle_buffer, samples_per_shard=samples_per_shard)
         ising = results["ising"]
         return {
+            "peak_rss_mb_by_dataset_size": {str(k): v for k, v in rss.items()},
+            "rss_growth_ratio": rss[max(rss)] / rss[min(rss)],
             "samples_per_s": ising["samples_per_s"],
             "hf_samples_per_s": ising["hf_samples_per_s"],
             "ratio_vs_hf": ising["ratio_vs_hf"],
@@ -177,19 +229,21 @@ def register(bench_subparsers) -> None:
     p.add_argument("--num-batches", type=int, default=300, help="timed batches per loader")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of both loaders")
     p.add_argument("--train-steps", type=int, default=30, help="timed training steps")
+    p.add_argument("--rss-samples", type=int, default=10_000,
+                   help="memory check: stream one epoch of this many samples and of 4x as many (default 10000)")
     p.set_defaults(func=_main)
 
 
 def _main(args) -> int:
     from pipeline.config import ConfigError
 
-    for name in ("size", "num_samples", "batch_size", "num_batches", "train_steps"):
+    for name in ("size", "num_samples", "batch_size", "num_batches", "train_steps", "rss_samples"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {args.workers}")
     out = run(work_dir=args.work_dir, size=args.size, num_per_temperature=args.num_samples,
               batch_size=args.batch_size, num_batches=args.num_batches, num_workers=args.workers,
-              num_train_steps=args.train_steps)
+              num_train_steps=args.train_steps, rss_sizes=(args.rss_samples, 4 * args.rss_samples))
     print(json.dumps(out))
     return 0

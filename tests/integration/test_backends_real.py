@@ -63,11 +63,3 @@ def test_deepspeed_zero2_trains_and_resumes(objective, tmp_path, ising_shards):
     # Training moved on after the resume (the optimizer and its state were live).
     first = PHASES[objective][0]
     assert rows[8][f"{first}/grad_norm"] > 0
-
-
-@pytest.mark.skip(
-    reason="FSDP cannot run on CPU here: accelerate 1.15 only switches to DistributedType.FSDP from "
-    "GPU-like device types, never MULTI_CPU; engine.fsdp != 'off' is rejected by Config.validate (not implemented)"
-)
-def test_fsdp():
-    pass

@@ -475,6 +475,10 @@ class Stream:
         loader = torch.utils.data.DataLoader(
             ds, batch_size=None, num_workers=nw, prefetch_factor=2 if nw else None,
             persistent_workers=False,
+            # A DataLoader iterator draws its workers' base seed from this generator, or from the
+            # global torch RNG without one; that draw would shift the training noise of a resumed
+            # run against an uninterrupted one. Decoding is seeded per window, not per worker.
+            generator=torch.Generator().manual_seed(0),
         )
         self._loader_iter = iter(loader)
         self._current = next(self._loader_iter)

@@ -8,7 +8,6 @@ checkpoints, and a collective check for a preemption signal.
 
 from __future__ import annotations
 
-import itertools
 import signal
 import sys
 import time
@@ -214,13 +213,7 @@ def train(cfg: Config) -> int:
 
 
 def _remember_first(batches, store: dict):
-    # The stream starts its DataLoader on the first batch, and a DataLoader iterator draws a
-    # worker base seed from the global torch RNG. A resumed run does that after restoring the
-    # RNG state, an uninterrupted one never again after step 0, so the noise would differ
-    # from the first resumed step on. Keep that draw off the global RNG.
-    with torch.random.fork_rng(devices=[]):
-        first = next(batches)
-    for batch in itertools.chain([first], batches):
+    for batch in batches:
         store.setdefault("x", batch["x"][:256].clone())
         yield batch
 

@@ -30,7 +30,7 @@ data: $(DATA)/manifest.json
 quickstart: venv data
 	$(PY) -m pipeline train --config configs/quickstart.yaml run.dir=$(RUN) data.train_urls=$(DATA)
 
-test: venv
+test: venv data
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 test-unit: venv

@@ -208,12 +208,11 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             return value
         raise ConfigError(f"{key}={value!r} is not allowed; allowed: {', '.join(repr(a) for a in allowed)}")
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for arm in typing.get_args(tp):
             try:
                 return _coerce(key, arm, value)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}")
     if tp is type(None):
         if value is None:

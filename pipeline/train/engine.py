@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from abc import ABC, abstractmethod
 from datetime import timedelta
 from pathlib import Path
@@ -244,7 +243,3 @@ def build_engine(cfg: EngineConfig) -> Engine:
 
     return DeepSpeedEngine(cfg)
 
-
-def launched_world_size() -> int:
-    """World size the launcher set up, known before any process group starts."""
-    return int(os.environ.get("WORLD_SIZE", "1"))

@@ -94,14 +94,25 @@ def test_deepspeed_json_is_what_the_backend_runs(stage, tmp_path):
 
 
 def test_cpu_config_starts_two_processes(tmp_path):
+    # Each worker leaves a file named after its rank: evidence that does not depend on how the
+    # launcher forwards the workers' stdout (a CI run once captured none of it, exit code 0).
     script = tmp_path / "rank.py"  # no torch import: keeps this fast
-    script.write_text("import os\nprint('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'], flush=True)\n")
+    script.write_text(
+        "import os, pathlib, sys\n"
+        "rank, world = os.environ['RANK'], os.environ['WORLD_SIZE']\n"
+        "pathlib.Path(sys.argv[1], f'rank-{rank}-of-{world}').write_text(str(os.getpid()))\n"
+        "print('rank', rank, 'of', world, flush=True)\n"
+    )
+    out = tmp_path / "ranks"
+    out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / "cpu.yaml"),
-         "--main_process_port", "0", str(script)],
+         "--main_process_port", "0", str(script), str(out)],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
-    assert lines == ["rank 0 of 2", "rank 1 of 2"]
+    why = f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-2000:]}"
+    assert proc.returncode == 0, why
+    assert sorted(p.name for p in out.iterdir()) == ["rank-0-of-2", "rank-1-of-2"], why
+    pids = {p.read_text() for p in out.iterdir()}
+    assert len(pids) == 2, f"both ranks ran in one process: {pids}"

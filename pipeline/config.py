@@ -82,7 +82,7 @@ class TrainConfig:
 
 @dataclass
 class EngineConfig:
-    # accelerate: DDP when launched with several processes (FSDP through `fsdp`);
+    # accelerate: DDP when launched with several processes, FSDP2 with fsdp=full_shard|shard_grad_op;
     # deepspeed: ZeRO stage `zero_stage`.
     backend: Literal["accelerate", "deepspeed"] = "accelerate"
     fsdp: Literal["off", "full_shard", "shard_grad_op"] = "off"
@@ -137,16 +137,25 @@ class Config:
                 f"train.warmup_steps must be in [0, train.num_steps={t.num_steps}], got {t.warmup_steps}"
             )
         if self.engine.fsdp != "off":
-            # Accelerate 1.15 never enables FSDP on CPU-only machines (only from GPU-like device
-            # types), so it could not be tested here; we refuse rather than silently run DDP.
-            raise ConfigError(
-                f"engine.fsdp={self.engine.fsdp!r} is not implemented yet; allowed: 'off'. To shard "
-                "parameters, gradients and optimizer state use engine.backend=deepspeed engine.zero_stage=3"
-            )
+            if self.engine.backend != "accelerate":
+                raise ConfigError(
+                    f"engine.fsdp={self.engine.fsdp!r} needs engine.backend=accelerate; with DeepSpeed, "
+                    "shard through engine.zero_stage (3 shards parameters too) and leave engine.fsdp=off"
+                )
+            if self.engine.mixed_precision != "no":
+                # FSDP2's MixedPrecisionPolicy (bf16 params, fp32 reduction) would be the way on
+                # GPUs; it could not be tested without one, so FSDP runs in fp32 only.
+                raise ConfigError(
+                    f"engine.fsdp={self.engine.fsdp!r} supports engine.mixed_precision='no' only, got "
+                    f"{self.engine.mixed_precision!r}; for bf16/fp16 with sharding use engine.backend=deepspeed"
+                )
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and self.engine.backend == "accelerate":
+            # Accelerate's FSDP plugin (distributed_type FSDP) never runs on CPU-only machines and
+            # would wrap the model a second time; our FSDP is selected by the training config.
             raise ConfigError(
-                "the launcher enabled FSDP (ACCELERATE_USE_FSDP, e.g. from launch/fsdp.yaml) but FSDP is not "
-                "implemented; launch with launch/multi_gpu.yaml or use engine.backend=deepspeed engine.zero_stage=3"
+                "the launcher enabled Accelerate's FSDP plugin (ACCELERATE_USE_FSDP, distributed_type: FSDP); "
+                "launch a plain multi-process run (launch/fsdp.yaml, launch/multi_gpu.yaml) and select FSDP with "
+                "engine.fsdp=full_shard or engine.fsdp=shard_grad_op"
             )
         if self.engine.deepspeed_config is not None:
             if self.engine.backend != "deepspeed":

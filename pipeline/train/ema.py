@@ -71,16 +71,29 @@ def plain_copy(module: nn.Module) -> nn.Module:
             for key, value in m.__dict__.items():  # FSDP2's composable state (process groups)
                 if key.startswith("__composable_api"):
                     memo[id(value)] = {}
-        out = copy.deepcopy(module, memo)
+        # fully_shard swaps a module's class for an FSDP<Class> subclass whose __deepcopy__
+        # refuses; copy as the original class (the copy is a plain module), then swap back.
+        swapped = [(m, type(m)) for m in module.modules() if _unsharded_class(type(m)) is not type(m)]
+        try:
+            for m, cls in swapped:
+                m.__class__ = _unsharded_class(cls)
+            out = copy.deepcopy(module, memo)
+        finally:
+            for m, cls in swapped:
+                m.__class__ = cls
     for m in out.modules():
         if type(m._parameters) is not OrderedDict and type(m._parameters) is not dict:
             m._parameters = OrderedDict(m._parameters)  # DeepSpeed's gathering dict
         for key in [k for k in m.__dict__ if k.startswith("ds_") or k.startswith("__composable_api")]:
             del m.__dict__[key]
-        cls = type(m)
-        if any(c.__name__ == "FSDPModule" for c in cls.__mro__[1:]):
-            m.__class__ = next(c for c in cls.__mro__[1:] if c.__name__ != "FSDPModule" and not c.__name__.startswith("FSDP"))
     return out.eval().requires_grad_(False)
+
+
+def _unsharded_class(cls: type) -> type:
+    """The module's own class under FSDP2's FSDP<Class>(FSDPModule, Class) subclass."""
+    if not any(c.__name__ == "FSDPModule" for c in cls.__mro__[1:]):
+        return cls
+    return next(c for c in cls.__mro__[1:] if c.__name__ != "FSDPModule" and not c.__name__.startswith("FSDP"))
 
 
 class EMA:

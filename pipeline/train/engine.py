@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from abc import ABC, abstractmethod
 from datetime import timedelta
 from pathlib import Path
@@ -83,6 +84,12 @@ class PreparedPhase(ABC):
     @abstractmethod
     def load(self, directory: Path, rank: int) -> None: ...
 
+    def full_weights(self) -> contextlib.AbstractContextManager:
+        """Context in which ``raw``'s parameters are whole, for code that reads them outside
+        forward (e.g. an objective's log report). Collective where the backend shards
+        parameters: every rank enters it."""
+        return contextlib.nullcontext()
+
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
         """Freeze the modules this phase must not train (D while G steps)."""
@@ -147,7 +154,11 @@ class Engine(ABC):
 
 
 # ---------------------------------------------------------------------------------------
-# Accelerate: single process, DDP, FSDP
+# Accelerate: single process, DDP; FSDP2 on Accelerate's process group
+
+
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 class _AcceleratePhase(PreparedPhase):
@@ -155,15 +166,20 @@ class _AcceleratePhase(PreparedPhase):
         super().__init__(phase)
         self.acc = accelerator
         self.any_rank = any_rank
-        params = [p for p in phase.module.parameters() if p.requires_grad]
-        assert params, f"phase {phase.name!r} has no trainable parameters"
-        opt = torch.optim.AdamW(params, lr=phase.lr, betas=phase.betas, weight_decay=train.weight_decay)
-        self.module, self.optimizer = accelerator.prepare(phase.module, opt)
-        assert accelerator.unwrap_model(self.module) is phase.module
+        assert _trainable(phase.module), f"phase {phase.name!r} has no trainable parameters"
+        self.module, self.optimizer, base = self._wrap(phase, train)
         # Not passed through accelerator.prepare: Accelerate's scheduler wrapper advances the
         # schedule num_processes times per call (it assumes a sharded epoch-based loader), so
         # the LR would depend on the world size. Ours advances once per optimizer step.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, lr_lambda(train))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(base, lr_lambda(train))
+
+    def _wrap(self, phase: Phase, train: TrainConfig):
+        """(module to call, optimizer to step, the torch optimizer the LR schedule drives)."""
+        opt = torch.optim.AdamW(_trainable(phase.module), lr=phase.lr, betas=phase.betas,
+                                weight_decay=train.weight_decay)
+        module, optimizer = self.acc.prepare(phase.module, opt)
+        assert self.acc.unwrap_model(module) is phase.module
+        return module, optimizer, optimizer.optimizer
 
     # ``raw`` is the base class's ``phase.module``: prepare() moves it in place and DDP wraps it,
     # so it is the unwrapped module (Accelerate's unwrap_model cost ~2 ms a call, every step).
@@ -180,15 +196,19 @@ class _AcceleratePhase(PreparedPhase):
         return self.acc.no_sync(self.module)
 
     def step(self, local_ok, max_norm):
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        norm = self.acc.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf")) if params else 0.0
-        norm = float(torch.as_tensor(norm).detach().float().cpu())
+        norm = self._clip(max_norm if max_norm is not None else float("inf"))
         skip = self.any_rank(not local_ok or not math.isfinite(norm))
         if not skip:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()  # the LR is a function of the step count, skipped or not
         return norm, skip
+
+    def _clip(self, max_norm: float) -> float:
+        """Clip the gradients to a global norm; return the norm before clipping."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        norm = self.acc.clip_grad_norm_(params, max_norm) if params else 0.0
+        return float(torch.as_tensor(norm).detach().float().cpu())
 
     def lr(self):
         return float(self.optimizer.param_groups[0]["lr"])
@@ -210,12 +230,135 @@ class _AcceleratePhase(PreparedPhase):
         self.scheduler.load_state_dict(opt["scheduler"])
 
 
+class _FSDPPhase(_AcceleratePhase):
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``): parameters, gradients and Adam state
+    sharded over the ranks. Everything else (LR schedule, collective NaN skip) is DDP's.
+
+    Accelerate's own FSDP plugin is not used: Accelerate 1.15 never enables it without a
+    GPU. ``fully_shard`` works on CPU (gloo) and GPU alike.
+
+    * Sharding unit: the phase's whole module (one ``fully_shard`` on the root). Anything may
+      then read its parameters inside its forward, e.g. the VDM's learned schedule, which is
+      called through ``schedule.net`` and ``endpoints()``, not through its own forward; peak
+      memory still holds one phase's full parameters during its forward and backward, the
+      saving is in gradients and optimizer state at rest (/ world size).
+    * Modules a phase runs through but does not own (``Phase.frozen``: a GAN's D in G's
+      loss) belong to another phase's FSDP module: ``accumulating`` all-gathers them around
+      each micro step (forward and backward), like DeepSpeed ZeRO-3's GatheredParameters.
+      The loop enters it inside ``frozen()``: requires_grad is already off, so FSDP's
+      unsharded copies do not require gradients either and none reach the other phase.
+    * Initial weights: rank 0's, broadcast before sharding, as DDP does.
+    * 0-dim parameters (FSDP2 cannot shard scalars; the learned noise schedule has some)
+      stay replicated, as under DDP: ``_clip`` averages their gradients over the ranks.
+    * Checkpoints: torch.distributed.checkpoint, one file per rank with its shards of model
+      and optimizer, in ``<dir>/fsdp-<phase>/``; loading reshards onto any world size.
+    """
+
+    def __init__(self, phase: Phase, train: TrainConfig, engine: "AccelerateEngine"):
+        self.owner = engine
+        super().__init__(phase, train, engine.acc, engine.any_rank)
+
+    def _wrap(self, phase: Phase, train: TrainConfig):
+        from torch.distributed.fsdp import fully_shard
+
+        module = phase.module.to(self.owner.device)  # fully_shard does not move ignored params
+        if self.owner.world_size > 1:
+            # Rank 0's initial weights everywhere, as DDP does (ranks seed their RNGs apart);
+            # fully_shard itself keeps each rank's own values for its shard.
+            with torch.no_grad():
+                for t in [*module.parameters(), *module.buffers()]:
+                    dist.broadcast(t, src=0)
+        self.replicated = [p for p in module.parameters() if p.dim() == 0]
+        # full_shard frees the gathered parameters after forward (gathered again for backward);
+        # shard_grad_op keeps them until the end of backward: less communication, more memory.
+        # fp32 only: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) would be the way
+        # to bf16 on GPUs, untested without one, so Config.validate refuses it.
+        fully_shard(module, mesh=self.owner.mesh, reshard_after_forward=self.owner.cfg.fsdp == "full_shard",
+                    ignored_params=set(self.replicated))
+        self.owner.fsdp_modules.append(weakref.ref(module))
+        # AdamW over the sharded parameters (DTensors), built after sharding; the replicated
+        # ones in a group of their own (foreach kernels do not mix DTensors and tensors).
+        trainable = _trainable(module)
+        groups = [{"params": [p for p in trainable if p.dim() > 0]}, {"params": [p for p in trainable if p.dim() == 0]}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=phase.lr, betas=phase.betas,
+                                weight_decay=train.weight_decay)
+        return module, opt, opt
+
+    def backward(self, loss):
+        loss.backward()
+
+    @contextlib.contextmanager
+    def accumulating(self, is_last_micro_step: bool):
+        # Inner micro steps accumulate unreduced gradients; the last one reduce-scatters the sum.
+        self.module.set_requires_gradient_sync(is_last_micro_step)
+        with self.owner.gathered(self.phase.frozen):
+            yield
+
+    def full_weights(self):
+        return self.owner.gathered([self.module])
+
+    def _clip(self, max_norm: float) -> float:
+        from torch.distributed.tensor import DTensor
+
+        world = self.owner.world_size
+        rep = [p.grad for p in self.replicated if p.grad is not None]
+        if rep and world > 1:  # FSDP leaves the replicated (ignored) parameters' gradients to us
+            flat = torch.stack([g.reshape(()) for g in rep])
+            dist.all_reduce(flat)
+            for g, v in zip(rep, flat / world):
+                g.copy_(v)
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        # The global norm: every element of a sharded gradient lives on exactly one rank, so the
+        # squares of the local shards summed over ranks; the replicated ones once.
+        sq = torch.zeros((), device=self.owner.device)
+        for g in grads:
+            if isinstance(g, DTensor):
+                sq += g.to_local().float().pow(2).sum()
+        if world > 1:
+            dist.all_reduce(sq)
+        for g in rep:
+            sq += g.float().pow(2).sum()
+        norm = float(sq.sqrt())
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:  # False for a NaN norm: that step is skipped anyway
+            for g in grads:
+                g.mul_(coef)
+        return norm
+
+    def _dir(self, directory: Path) -> Path:
+        return Path(directory) / f"fsdp-{self.name}"
+
+    def save(self, directory: Path, rank: int) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        # Sharded state dicts (DTensors): each rank writes its own shards of the parameters
+        # and Adam moments (__<rank>_0.distcp), rank 0 the metadata; replicated tensors once.
+        model, optim = get_state_dict(self.module, self.optimizer)
+        dcp.save({"model": model, "optim": optim}, checkpoint_id=self._dir(directory))
+        if rank == 0:
+            torch.save(self.scheduler.state_dict(), self._dir(directory) / "scheduler.pt")
+
+    def load(self, directory: Path, rank: int) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        # Loaded into this run's sharding, which may come from another world size: DCP reads
+        # the slices of the saved shards that each rank now owns.
+        model, optim = get_state_dict(self.module, self.optimizer)
+        state = {"model": model, "optim": optim}
+        dcp.load(state, checkpoint_id=self._dir(directory))
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(
+            torch.load(self._dir(directory) / "scheduler.pt", map_location="cpu", weights_only=True))
+
+
 class AccelerateEngine(Engine):
     def __init__(self, cfg: EngineConfig):
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
 
-        assert cfg.fsdp == "off", "rejected by Config.validate before any process group starts"
+        self.cfg = cfg
         self.acc = Accelerator(
             # Without CUDA, Accelerate only sets up a process group (gloo, MULTI_CPU) when told
             # cpu=True; otherwise every process of a multi-process launch trains alone.
@@ -227,9 +370,42 @@ class AccelerateEngine(Engine):
         self.world_size = self.acc.num_processes
         self.local_rank = self.acc.local_process_index
         self.device = self.acc.device
+        if cfg.fsdp != "off":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            if not dist.is_initialized():  # one process without a launcher: a world of one
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                        store=dist.HashStore(), rank=0, world_size=1,
+                                        timeout=timedelta(seconds=cfg.timeout_s))
+            self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+            self.fsdp_modules: list[weakref.ref] = []  # every phase's sharded module
 
     def prepare(self, phase: Phase, train: TrainConfig) -> PreparedPhase:
+        if self.cfg.fsdp != "off":
+            return _FSDPPhase(phase, train, self)
         return _AcceleratePhase(phase, train, self.acc, self.any_rank)
+
+    @contextlib.contextmanager
+    def gathered(self, modules: list[nn.Module]) -> Iterator[None]:
+        """Full parameters of ``modules`` (parts of any phase's FSDP module) until exit.
+
+        Unsharding is per FSDP module: the FSDP modules containing any of ``modules`` are
+        all-gathered. Collective: every rank enters it with the same modules.
+        """
+        owners = []
+        for ref in self.fsdp_modules:
+            owner = ref()
+            if owner is not None and owner not in owners:
+                subs = set(owner.modules())
+                if any(m in subs for m in modules):
+                    owners.append(owner)
+        for owner in owners:
+            owner.unshard()
+        try:
+            yield
+        finally:
+            for owner in owners:
+                owner.reshard()
 
     def close(self) -> None:
         self.acc.end_training()

@@ -176,7 +176,10 @@ def train(cfg: Config) -> int:
                 metrics["train/bad_steps"] = float(state.bad_steps)
                 metrics["train/samples_seen"] = float(state.samples_seen)
                 metrics.update(memory_metrics())
-                reports = [ph.raw.log_report() for ph in phases if hasattr(ph.raw, "log_report")]
+                reports = []
+                for ph in (ph for ph in phases if hasattr(ph.raw, "log_report")):
+                    with ph.full_weights():  # e.g. gamma(t) of a learned schedule, outside forward
+                        reports.append(ph.raw.log_report())
                 for rep in reports:  # objective-specific views (VDM: per-t profile, p_t, ELBO variance)
                     metrics.update(rep["metrics"])
                 tracker.log(metrics, step=state.step)

@@ -32,7 +32,6 @@ def test_preset_and_overrides_resolve():
         ("train.warmup_steps=11", "train.warmup_steps must be in [0, train.num_steps=10]"),
         ("train.ema_decay=1.0", "train.ema_decay must be in [0, 1)"),
         ("engine.offload_optimizer=true", "needs engine.backend=deepspeed"),
-        ("engine.fsdp=full_shard", "engine.fsdp='full_shard' is not implemented yet; allowed: 'off'"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):
@@ -78,6 +77,17 @@ def test_on_off_yes_no_stay_strings(tmp_path):
     assert load_config(preset).track.wandb == "off"
     with pytest.raises(ConfigError, match="expected true or false"):
         load_config(None, BASE + ["track.progress_bar=yes"])
+
+
+def test_fsdp_needs_the_accelerate_backend_and_fp32():
+    assert load_config(None, BASE + ["engine.fsdp=full_shard"]).engine.fsdp == "full_shard"
+    assert load_config(None, BASE + ["engine.fsdp=shard_grad_op"]).engine.fsdp == "shard_grad_op"
+    with pytest.raises(ConfigError, match=r"engine.fsdp='full_shard' needs engine.backend=accelerate; with DeepSpeed"):
+        load_config(None, BASE + ["engine.fsdp=full_shard", "engine.backend=deepspeed"])
+    with pytest.raises(ConfigError, match=r"supports engine.mixed_precision='no' only, got 'bf16'"):
+        load_config(None, BASE + ["engine.fsdp=shard_grad_op", "engine.mixed_precision=bf16"])
+    with pytest.raises(ConfigError, match="allowed: 'off', 'full_shard', 'shard_grad_op'"):
+        load_config(None, BASE + ["engine.fsdp=hybrid"])
 
 
 def test_fsdp_from_the_launcher_is_refused(monkeypatch):

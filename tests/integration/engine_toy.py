@@ -3,6 +3,7 @@
 Run under ``accelerate launch --multi_gpu --num_processes N`` (or plain python for 1 process):
 
     engine_toy.py --backend deepspeed --zero-stage 3 --ckpt DIR --out OUT.pt --mode first|resume
+    engine_toy.py --backend accelerate --fsdp full_shard ...
 
 ``first``: train a toy regression and a toy GAN for a few steps (the loop's protocol: frozen
 modules, grad accumulation, collective skip), save through the real Checkpointer, check that
@@ -162,6 +163,20 @@ def full_moments(ph: PreparedPhase) -> dict[str, torch.Tensor]:
                     out[f"{name}.{key}"] = v.detach().clone().cpu()
         steps = [float(st["step"]) for st in ph.base_optimizer.state.values() if "step" in st]
         out["adam_step"] = torch.tensor(sorted(set(steps)))
+        return out
+    if hasattr(ph, "replicated"):  # FSDP: Adam state per (sharded DTensor) parameter, gathered
+        from torch.distributed.tensor import DTensor
+
+        steps = set()
+        for name, p in ph.raw.named_parameters():
+            st = ph.optimizer.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st:
+                    v = st[key]
+                    out[f"{name}.{key}"] = (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+            if "step" in st:
+                steps.add(float(st["step"]))
+        out["adam_step"] = torch.tensor(sorted(steps))
         return out
     state = ph.optimizer.state_dict()["state"]
     names = [n for n, p in ph.raw.named_parameters() if p.requires_grad]

@@ -5,7 +5,10 @@ continuous, every logged value finite.
 DDP is covered by the kill-and-resume runs of test_exact_resume (reused here, no extra
 launch). DeepSpeed ZeRO-2 gets its own train + resume per objective. ZeRO-1/3 are covered on
 toy models by test_engine_backends (the time budget of the suite leaves no room for more real
-launches); FSDP cannot run on CPU (see the skip reason).
+launches). FSDP (full_shard) trains each objective on 2 processes exactly like DDP (the
+logged metrics of the first checkpoint interval equal the DDP reference run's), writes its
+shards per rank, and resumes on 1 process (2 -> 1; 1 -> 2 and shard_grad_op are covered on
+toy models by test_engine_backends).
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import math
 
 import pytest
 
+from tests.conftest import run_pipeline
 from tests.integration.test_exact_resume import (
-    NUM_STEPS, Launch, killed_run, latest, logged_steps, metric_rows, runs_root, train_args,
+    EVERY, NUM_STEPS, Launch, killed_run, latest, logged_steps, metric_rows, reference_run, runs_root, train_args,
 )
 
 pytestmark = pytest.mark.integration
@@ -63,3 +67,40 @@ def test_deepspeed_zero2_trains_and_resumes(objective, tmp_path, ising_shards):
     # Training moved on after the resume (the optimizer and its state were live).
     first = PHASES[objective][0]
     assert rows[8][f"{first}/grad_norm"] > 0
+
+
+@pytest.mark.parametrize("objective", ["vdm", "gan"])
+def test_fsdp_trains_like_ddp_and_resumes_on_one_process(objective, tmp_path, runs_root, ising_shards):
+    run = tmp_path / "run"
+    Launch(train_args(run, ising_shards, objective, "engine.fsdp=full_shard", f"train.num_steps={EVERY}"),
+           tmp_path / "a.log").check(600)
+    manifest = json.loads((run / "checkpoints" / f"step-{EVERY:08d}" / "manifest.json").read_text())
+    for phase in PHASES[objective]:
+        # torch.distributed.checkpoint: each rank wrote its own shards of model and optimizer.
+        assert {f"fsdp-{phase}/__0_0.distcp", f"fsdp-{phase}/__1_0.distcp"} <= set(manifest["files"])
+    # Same initial weights (rank 0's), same data, same averaged gradients as DDP: the same
+    # training, up to the order of floating-point sums. The constant LR (warm-up 0, no decay)
+    # makes train.num_steps irrelevant to the first EVERY steps of the 2-process DDP reference.
+    ddp, fsdp = metric_rows(reference_run(objective, runs_root, ising_shards)), metric_rows(run)
+    assert sorted(fsdp) == list(range(1, EVERY + 1))
+    compared = 0
+    for step in fsdp:
+        for key, value in fsdp[step].items():
+            if key.split("/")[0] in PHASES[objective] and not key.endswith("data_wait_s"):
+                expected = ddp[step][key]
+                if expected is None:  # not finite (e.g. a spread of one sample): JSON null
+                    assert value is None, (step, key)
+                else:
+                    assert value == pytest.approx(expected, rel=1e-4, abs=1e-6), (step, key)
+                compared += 1
+    assert compared > 5 * EVERY
+    # 2 -> 1 process: the shards are resharded onto a world of one.
+    r = run_pipeline(*train_args(run, ising_shards, objective, "engine.fsdp=full_shard", f"train.num_steps={EVERY + 2}"))
+    assert f"resumed from step {EVERY} " in r.stdout
+    assert latest(run) == f"step-{EVERY + 2:08d}"
+    rows = metric_rows(run)
+    assert sorted(rows) == list(range(1, EVERY + 3))
+    for step in (EVERY + 1, EVERY + 2):
+        assert rows[step]["train/samples_seen"] == EVERY * 2 * 8 + (step - EVERY) * 8
+        for phase in PHASES[objective]:
+            assert rows[step][f"{phase}/skipped"] == 0.0 and math.isfinite(rows[step][f"{phase}/grad_norm"])

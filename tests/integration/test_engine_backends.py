@@ -1,6 +1,6 @@
 """Engine backends under real `accelerate launch --multi_gpu --num_processes 2` on CPU (gloo).
 
-Per backend (DDP; DeepSpeed ZeRO-1/2/3) three launches of tests/integration/engine_toy.py
+Per backend (DDP; DeepSpeed ZeRO-1/2/3; FSDP2 full_shard and shard_grad_op) three launches of tests/integration/engine_toy.py
 share one checkpoint directory:
 
 1. 2 processes: toy regression + toy GAN train 3 steps, save through the real Checkpointer;
@@ -38,6 +38,8 @@ BACKENDS = {
     "zero1": ["--backend", "deepspeed", "--zero-stage", "1"],
     "zero2": ["--backend", "deepspeed", "--zero-stage", "2"],
     "zero3": ["--backend", "deepspeed", "--zero-stage", "3"],
+    "fsdp": ["--backend", "accelerate", "--fsdp", "full_shard"],
+    "fsdp_grad_op": ["--backend", "accelerate", "--fsdp", "shard_grad_op"],
 }
 
 

@@ -6,7 +6,7 @@ DDP is covered by the kill-and-resume runs of test_exact_resume (reused here, no
 launch). DeepSpeed ZeRO-2 gets its own train + resume per objective. ZeRO-1/3 are covered on
 toy models by test_engine_backends (the time budget of the suite leaves no room for more real
 launches). FSDP (full_shard) trains each objective on 2 processes exactly like DDP (the
-logged metrics of the first checkpoint interval equal the DDP reference run's), writes its
+logged metrics equal those of a DDP run launched beside it), writes its
 shards per rank, and resumes on 1 process (2 -> 1; 1 -> 2 and shard_grad_op are covered on
 toy models by test_engine_backends).
 """
@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import run_pipeline
 from tests.integration.test_exact_resume import (
-    EVERY, NUM_STEPS, Launch, killed_run, latest, logged_steps, metric_rows, reference_run, runs_root, train_args,
+    EVERY, NUM_STEPS, Launch, killed_run, latest, logged_steps, metric_rows, runs_root, train_args,
 )
 
 pytestmark = pytest.mark.integration
@@ -69,20 +69,28 @@ def test_deepspeed_zero2_trains_and_resumes(objective, tmp_path, ising_shards):
     assert rows[8][f"{first}/grad_norm"] > 0
 
 
+# The VDM with a learned schedule and learned endpoints: 0-dim parameters (replicated, not
+# sharded, under FSDP) and gamma(t) read outside forward by the log report.
+FSDP_EXTRA = {"vdm": ["vdm.num_timesteps=0", "vdm.schedule=learned", "vdm.learn_endpoints=true",
+                      "vdm.timestep_sampler=learned-schedule"], "gan": []}
+
+
 @pytest.mark.parametrize("objective", ["vdm", "gan"])
-def test_fsdp_trains_like_ddp_and_resumes_on_one_process(objective, tmp_path, runs_root, ising_shards):
-    run = tmp_path / "run"
-    Launch(train_args(run, ising_shards, objective, "engine.fsdp=full_shard", f"train.num_steps={EVERY}"),
-           tmp_path / "a.log").check(600)
+def test_fsdp_trains_like_ddp_and_resumes_on_one_process(objective, tmp_path, ising_shards):
+    run, ddp_run = tmp_path / "run", tmp_path / "ddp"
+    args = [*FSDP_EXTRA[objective], f"train.num_steps={EVERY}"]
+    fsdp_launch = Launch(train_args(run, ising_shards, objective, "engine.fsdp=full_shard", *args), tmp_path / "a.log")
+    ddp_launch = Launch(train_args(ddp_run, ising_shards, objective, *args), tmp_path / "ddp.log")
+    fsdp_launch.check(600)
+    ddp_launch.check(600)
     manifest = json.loads((run / "checkpoints" / f"step-{EVERY:08d}" / "manifest.json").read_text())
     for phase in PHASES[objective]:
         # torch.distributed.checkpoint: each rank wrote its own shards of model and optimizer.
         assert {f"fsdp-{phase}/__0_0.distcp", f"fsdp-{phase}/__1_0.distcp"} <= set(manifest["files"])
     # Same initial weights (rank 0's), same data, same averaged gradients as DDP: the same
-    # training, up to the order of floating-point sums. The constant LR (warm-up 0, no decay)
-    # makes train.num_steps irrelevant to the first EVERY steps of the 2-process DDP reference.
-    ddp, fsdp = metric_rows(reference_run(objective, runs_root, ising_shards)), metric_rows(run)
-    assert sorted(fsdp) == list(range(1, EVERY + 1))
+    # training, up to the order of floating-point sums.
+    ddp, fsdp = metric_rows(ddp_run), metric_rows(run)
+    assert sorted(fsdp) == sorted(ddp) == list(range(1, EVERY + 1))
     compared = 0
     for step in fsdp:
         for key, value in fsdp[step].items():
@@ -94,8 +102,11 @@ def test_fsdp_trains_like_ddp_and_resumes_on_one_process(objective, tmp_path, ru
                     assert value == pytest.approx(expected, rel=1e-4, abs=1e-6), (step, key)
                 compared += 1
     assert compared > 5 * EVERY
+    if objective == "vdm":  # the learned endpoints moved (their replicated gradients were applied)
+        assert fsdp[EVERY]["vdm/gamma_t0.00"] != fsdp[1]["vdm/gamma_t0.00"]
     # 2 -> 1 process: the shards are resharded onto a world of one.
-    r = run_pipeline(*train_args(run, ising_shards, objective, "engine.fsdp=full_shard", f"train.num_steps={EVERY + 2}"))
+    more = [*FSDP_EXTRA[objective], f"train.num_steps={EVERY + 2}"]
+    r = run_pipeline(*train_args(run, ising_shards, objective, "engine.fsdp=full_shard", *more))
     assert f"resumed from step {EVERY} " in r.stdout
     assert latest(run) == f"step-{EVERY + 2:08d}"
     rows = metric_rows(run)

@@ -25,9 +25,8 @@ EXPECTED = {
     "cpu.yaml": ("MULTI_GPU", 2, {}),
     "gpu.yaml": ("NO", 1, {}),
     "multi_gpu.yaml": ("MULTI_GPU", 8, {}),
-    "fsdp.yaml": ("FSDP", 8, {"ACCELERATE_USE_FSDP": "true", "FSDP_RESHARD_AFTER_FORWARD": "full_shard",
-                              "FSDP_VERSION": "1", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}),  # fmt: skip
-    # DeepSpeed through the project's own backend: a plain multi-process launch.
+    # FSDP and DeepSpeed through the project's own backends: plain multi-process launches.
+    "fsdp.yaml": ("MULTI_GPU", 8, {}),
     "deepspeed_zero2.yaml": ("MULTI_GPU", 8, {}),
     "deepspeed_zero3.yaml": ("MULTI_GPU", 8, {}),
 }
@@ -56,9 +55,9 @@ def test_accelerate_accepts_launch_config(name, monkeypatch):
     args, _, _ = _validate_launch_command(args)
     assert args.num_processes == num_processes
     assert bool(args.multi_gpu) == (kind == "MULTI_GPU")
-    assert bool(args.use_fsdp) == (kind == "FSDP")
+    assert not args.use_fsdp  # the FSDP backend applies fully_shard itself (engine.fsdp)
     assert not args.use_deepspeed  # the DeepSpeed backend calls deepspeed.initialize itself
-    if kind in ("MULTI_GPU", "FSDP"):
+    if kind == "MULTI_GPU":
         worker_env = prepare_multi_gpu_env(args)
         for key, value in env.items():
             assert worker_env.get(key) == value, key

@@ -15,7 +15,7 @@ Measured side by side in one run, on the same machine, on the quickstart model (
   interval (``train.checkpoint_every_steps``, default 100) of the 2-process run:
   save / (interval x step time + save). Target <= 0.02.
 * ``peak_rss_mb``: peak resident memory (VmHWM) per rank, max over ranks, of 2-process runs
-  under DDP, DeepSpeed ZeRO-2 and ZeRO-3.
+  under DDP, DeepSpeed ZeRO-2, ZeRO-3 and FSDP (full_shard).
 
 Steps/s of a run is read from its metrics.jsonl (``perf/step_time_s`` per logging interval):
 the median over intervals after the first (start-up and the first batch excluded; an
@@ -45,6 +45,7 @@ BACKENDS = {
     "ddp": ["engine.backend=accelerate"],
     "zero2": ["engine.backend=deepspeed", "engine.zero_stage=2"],
     "zero3": ["engine.backend=deepspeed", "engine.zero_stage=3"],
+    "fsdp": ["engine.backend=accelerate", "engine.fsdp=full_shard"],
 }
 
 

@@ -49,5 +49,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """Entry point of the `pipeline` command and of `python -m pipeline` (also under
+    `accelerate launch`): :func:`main`, then exit with its code, skipping interpreter
+    finalisation after a distributed run (see :func:`pipeline.train.engine.exit_process`).
+    ``main`` itself never exits, so it can be called in-process."""
+    code = main()
+    engine = sys.modules.get("pipeline.train.engine")
+    if engine is not None:
+        engine.exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

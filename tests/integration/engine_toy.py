@@ -30,7 +30,7 @@ from pipeline.config import EngineConfig, TrainConfig
 from pipeline.objectives.base import StepContext
 from pipeline.train.checkpoint import Checkpointer
 from pipeline.train.ema import EMA, full_parameters
-from pipeline.train.engine import AccelerateEngine, Engine, PreparedPhase
+from pipeline.train.engine import AccelerateEngine, Engine, PreparedPhase, exit_process
 from pipeline.train.phases import Phase
 from pipeline.train.state import TrainState
 
@@ -311,3 +311,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # as `pipeline train` does: no interpreter finalisation after collectives

@@ -10,6 +10,13 @@ penalty needs per-sample gradients, both of which batch statistics would couple
 
 Conditioning: G concatenates a label embedding to h; D is a projection discriminator
 (Miyato & Koyama 2018, eq. 3): D(x, y) = psi(phi(x)) + <embed(y), phi(x)>.
+
+Lattice observables (``lattice_observables=True``, spin data): phi(x) also carries each
+lattice's bond and magnetisation densities (:func:`lattice_observables`). Through the
+projection, D's logit then contains a temperature-dependent quadratic function of the
+nearest-neighbour correlation, i.e. of the energy per spin, so D can tell a wrong mean
+energy *or* a wrong energy spread (specific heat) at each temperature directly, which a
+small conv net's pooled features resolve only coarsely.
 """
 
 from __future__ import annotations
@@ -51,6 +58,26 @@ class LabelEmbedding(nn.Module):
             return self.embed(y.long())
         t = (y.float().reshape(-1, 1) - self.label_mean) / self.label_std
         return self.embed(t.to(self.embed[0].weight.dtype))  # bf16 when a backend converted weights
+
+
+NUM_LATTICE_OBSERVABLES = 6
+
+
+def lattice_observables(x: torch.Tensor) -> torch.Tensor:
+    """[B, 1, H, W] spins (or G's tanh output) on a periodic lattice -> [B, 6] per-lattice
+    densities: nearest-neighbour correlation c1 = <s_i s_j>_nn (energy per spin = -2 c1 for
+    J = 1), c1^2, the next-nearest (diagonal) and distance-2 axial correlations, |m| and m^2.
+    Differentiable in x, so G's gradient through D reaches them."""
+    assert x.dim() == 4 and x.shape[1] == 1, f"lattice_observables needs [B, 1, H, W], got {tuple(x.shape)}"
+
+    def corr(dy: int, dx: int) -> torch.Tensor:
+        return (x * torch.roll(x, shifts=(dy, dx), dims=(2, 3))).mean(dim=(1, 2, 3))
+
+    c1 = 0.5 * (corr(1, 0) + corr(0, 1))
+    c_diag = 0.5 * (corr(1, 1) + corr(1, -1))
+    c2 = 0.5 * (corr(2, 0) + corr(0, 2))
+    m = x.mean(dim=(1, 2, 3))
+    return torch.stack([c1, c1 * c1, c_diag, c2, m.abs(), m * m], dim=1)
 
 
 def _maybe_sn(m: nn.Module, use: bool) -> nn.Module:
@@ -112,10 +139,15 @@ class ConvDiscriminator(_Discriminator):
 
     def __init__(self, sample_shape: tuple[int, ...], channels: list[int], num_outputs: int = 1,
                  label_embedding: LabelEmbedding | None = None, spectral_norm: bool = False,
-                 padding_mode: PaddingMode = "zeros"):
+                 padding_mode: PaddingMode = "zeros", lattice_observables: bool = False):
         super().__init__()
         if len(sample_shape) != 3:
             raise ValueError(f"ConvDiscriminator needs samples of shape (C, H, W), got {sample_shape}")
+        if lattice_observables and (sample_shape[0] != 1 or padding_mode != "circular"):
+            raise ValueError(
+                "lattice observables need single-channel spin lattices with periodic (circular) padding; "
+                f"got sample shape {sample_shape}, padding {padding_mode!r}"
+            )
         if not channels:
             raise ValueError("ConvDiscriminator needs at least one entry in channels")
         c, h, w = sample_shape
@@ -131,12 +163,16 @@ class ConvDiscriminator(_Discriminator):
             c, h, w = width, h // 2, w // 2
         self.net = nn.Sequential(*layers)
         self.pool = padding_mode == "circular"
-        feat_dim = c if self.pool else c * h * w
+        self.observables = lattice_observables
+        feat_dim = (c if self.pool else c * h * w) + (NUM_LATTICE_OBSERVABLES if lattice_observables else 0)
         self._init_head(feat_dim, num_outputs, label_embedding, spectral_norm)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         f = self.net(x)
-        return f.mean(dim=(2, 3)) if self.pool else f.flatten(1)
+        f = f.mean(dim=(2, 3)) if self.pool else f.flatten(1)
+        if self.observables:
+            f = torch.cat([f, lattice_observables(x).to(f.dtype)], dim=1)
+        return f
 
 
 class _Generator(nn.Module):
@@ -179,12 +215,27 @@ class MLPGenerator(_Generator):
 class ConvGenerator(_Generator):
     """Linear to a (channels[-1], H/2^n, W/2^n) map, then n stages of nearest 2x upsampling +
     3x3 conv + ReLU (upsample+conv avoids the checkerboard of transposed convolutions,
-    Odena et al. 2016), then a 3x3 conv to the sample's channels."""
+    Odena et al. 2016), then a 3x3 conv to the sample's channels.
+
+    ``film=True`` (conditional G): the label embedding also scales and shifts every stage's
+    conv output, x -> x * (1 + gamma(e)) + beta(e) (FiLM, Perez et al. 2018), so the label
+    reaches the fine scales directly instead of only through the first linear layer.
+    gamma and beta start at 0: an untrained FiLM G computes what the plain one does.
+
+    ``noise_inputs=True``: per-site Gaussian noise maps, one per stage at that stage's
+    resolution, are added to the stage's features with a learned per-channel strength
+    (StyleGAN's noise inputs, Karras et al. 2019, Sec. 3.2; strengths start at 0). They give
+    G independent randomness at every site and scale, the stochastic detail a vector latent
+    pushed through upsampling renders only as smooth blobs (e.g. thermal spin flips and small
+    clusters in Ising lattices). The maps are the last ``latent_dim - vector_latent_dim``
+    entries of h: ``G.latent_dim`` counts them, so seeded sampling stays reproducible."""
 
     def __init__(self, latent_dim: int, sample_shape: tuple[int, ...], channels: list[int], bounded: bool,
                  label_embedding: LabelEmbedding | None = None, label_dim: int = 0,
-                 padding_mode: PaddingMode = "zeros"):
+                 padding_mode: PaddingMode = "zeros", film: bool = False, noise_inputs: bool = False):
         super().__init__()
+        if film and label_embedding is None:
+            raise ValueError("FiLM conditioning needs a conditional generator (a label embedding)")
         if len(sample_shape) != 3:
             raise ValueError(f"ConvGenerator needs samples of shape (C, H, W), got {sample_shape}")
         if not channels:
@@ -208,10 +259,39 @@ class ConvGenerator(_Generator):
             c = width
         layers.append(nn.Conv2d(c, c_out, 3, padding=1, padding_mode=padding_mode))
         self.net = nn.Sequential(*layers)
+        self.film = None
+        if film:
+            self.film = nn.ModuleList(nn.Linear(label_dim, 2 * width) for width in widths)
+            for lin in self.film:
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+        self.vector_latent_dim = latent_dim
+        self.noise_shapes: list[tuple[int, int]] = []
+        self.noise_strength = None
+        if noise_inputs:
+            self.noise_shapes = [(h // 2 ** (n - 1 - i), w // 2 ** (n - 1 - i)) for i in range(n)]
+            self.noise_strength = nn.ParameterList(nn.Parameter(torch.zeros(1, width, 1, 1)) for width in widths)
+            self.latent_dim = latent_dim + sum(a * b for a, b in self.noise_shapes)
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        x = F.relu(self.fc(self._input(h, labels))).reshape(-1, *self.start_shape)
-        return self._output(self.net(x))
+        x = F.relu(self.fc(self._input(h[:, :self.vector_latent_dim], labels))).reshape(-1, *self.start_shape)
+        if self.film is None and self.noise_strength is None:
+            return self._output(self.net(x))
+        e = self.label_embedding(labels).to(x.dtype) if self.film is not None else None
+        offset = self.vector_latent_dim
+        for i in range(len(self.net) // 3):  # stages of (upsample, conv, ReLU) in self.net
+            up, conv, act = self.net[3 * i:3 * i + 3]
+            x = conv(up(x))
+            if self.film is not None:
+                gamma, beta = self.film[i](e)[:, :, None, None].chunk(2, dim=1)
+                x = x * (1.0 + gamma) + beta
+            if self.noise_strength is not None:
+                a, b = self.noise_shapes[i]
+                noise = h[:, offset:offset + a * b].reshape(-1, 1, a, b).to(x.dtype)
+                x = x + self.noise_strength[i] * noise
+                offset += a * b
+            x = act(x)
+        return self._output(self.net[-1](x))
 
 
 def build_gan_nets(
@@ -228,6 +308,9 @@ def build_gan_nets(
     spectral_norm: bool = False,
     padding_mode: PaddingMode = "zeros",
     label_dim: int = 16,
+    lattice_observables: bool = False,
+    g_film: bool = False,
+    g_noise_inputs: bool = False,
 ) -> tuple[nn.Module, nn.Module]:
     """(G, D). ``label_kind != "none"`` builds the conditional variants."""
 
@@ -242,13 +325,18 @@ def build_gan_nets(
         return LabelEmbedding(label_kind, dim, num_classes, mean, std)
 
     if arch == "conv":
-        g = ConvGenerator(latent_dim, sample_shape, widths, bounded, embedding(label_dim), label_dim, padding_mode)
+        g = ConvGenerator(latent_dim, sample_shape, widths, bounded, embedding(label_dim), label_dim, padding_mode,
+                          film=g_film, noise_inputs=g_noise_inputs)
         d_feat = widths[-1]
         if padding_mode != "circular":
             c, h, w = sample_shape
             d_feat = widths[-1] * (h // 2 ** len(widths)) * (w // 2 ** len(widths))
-        d = ConvDiscriminator(sample_shape, widths, d_outputs, embedding(d_feat), spectral_norm, padding_mode)
+        d_feat += NUM_LATTICE_OBSERVABLES if lattice_observables else 0
+        d = ConvDiscriminator(sample_shape, widths, d_outputs, embedding(d_feat), spectral_norm, padding_mode,
+                              lattice_observables)
     elif arch == "mlp":
+        if lattice_observables or g_film or g_noise_inputs:
+            raise ValueError("lattice observables, FiLM and noise inputs need the conv networks (arch='conv')")
         g = MLPGenerator(latent_dim, sample_shape, widths, bounded, embedding(label_dim), label_dim)
         d = MLPDiscriminator(sample_shape, list(reversed(widths)), d_outputs, embedding(widths[0]), spectral_norm)
     else:

@@ -73,6 +73,30 @@ class GANConfig:
     # auto: circular (periodic boundary) padding for spins, zeros otherwise.
     padding: Literal["auto", "zeros", "circular"] = "auto"
     spectral_norm: bool = False  # on D's layers (Miyato et al. 2018)
+    # Spin lattices only: D's features also carry each lattice's nearest-neighbour, diagonal
+    # and distance-2 correlations and |m| (pipeline.models.gan_nets.lattice_observables),
+    # so D measures the energy per spin and its spread at every temperature directly.
+    d_lattice_observables: bool = False
+    # Spin lattices only: how G's tanh output y in (-1, 1) becomes spins. sign: D sees y
+    # itself and samples are sign(y); real lattices are exactly +-1, so D can tell fakes by
+    # their non-saturated sites and G is pushed to saturate (hard, too ordered lattices).
+    # bernoulli: y is each site's mean spin; spins are drawn independently given y
+    # (P(s = +1) = (1 + y) / 2), D sees the drawn +-1 lattice, and G's gradient passes
+    # straight through the draw (Bengio et al. 2013; exact for D linear in s, since E[s | y] = y).
+    # Isolated thermal flips then cost G nothing to express. Samples are drawn the same way.
+    spin_output: Literal["sign", "bernoulli"] = "sign"
+    # Conditional conv G: the label also scales and shifts every stage's features (FiLM),
+    # not only G's input (pipeline.models.gan_nets.ConvGenerator).
+    g_film: bool = False
+    # Conv G: per-site noise maps added at every stage (StyleGAN's noise inputs); the latent
+    # then has latent_dim + (number of sites over all stages) entries, all from latent_prior.
+    g_noise_inputs: bool = False
+    # Spin lattices: weight of a feature-matching term in G's loss (Salimans et al. 2016,
+    # Sec. 3.1) on the lattice observables (pipeline.models.gan_nets.lattice_observables):
+    # per label in the batch, the squared distance between the fakes' and the reals' mean
+    # observables (c1, c1^2, ..., |m|, m^2: means and second moments, so energy, specific
+    # heat and susceptibility). 0 = off. Logged as g/observable_matching.
+    g_observable_matching: float = 0.0
     # Semi-supervised GAN (Salimans et al. 2016, Sec. 5): a K-class discriminator whose implicit
     # (K+1)-th class is "fake". labelled: every training sample's label is used; unlabelled:
     # none; mixed: a fraction labelled_fraction of samples. Needs class labels in the data.
@@ -103,6 +127,8 @@ class GANConfig:
             raise ConfigError(f"gan.latent_seed must be null or a non-negative integer, got {self.latent_seed}")
         if self.gp_weight < 0:
             raise ConfigError(f"gan.gp_weight must be >= 0, got {self.gp_weight}")
+        if self.g_observable_matching < 0:
+            raise ConfigError(f"gan.g_observable_matching must be >= 0, got {self.g_observable_matching}")
         if self.r1_weight < 0:
             raise ConfigError(f"gan.r1_weight must be >= 0, got {self.r1_weight}")
         if self.r1_weight > 0 and self.loss not in ("minimax", "non-saturating"):
@@ -230,6 +256,7 @@ class GANOutput:
     # and never saturates, so "D wins" does not starve G of gradient there.
     d_dominates: torch.Tensor | None = None
     diversity_ratio: torch.Tensor | None = None  # mean pairwise distance, fakes / reals
+    observable_matching: torch.Tensor | None = None  # G's feature-matching term, without its weight
     g_collapsed: torch.Tensor | None = None  # 1.0 / 0.0
     # Semi-supervised: supervised loss and per-batch counts of correct classifications. The
     # loop averages metrics over steps, so the pooled accuracy is *_correct / *_count (a
@@ -277,6 +304,36 @@ class _DataMap:
         if self.kind == "levels":
             return ((y + 1.0) * (0.5 * (self.num_levels - 1))).round().clamp(0, self.num_levels - 1)
         return y
+
+
+def observable_matching(fake: torch.Tensor, real: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Sum over the labels present in the batch (all samples if ``labels`` is None) of
+    ||mean lattice_observables(fake) - mean lattice_observables(real)||^2 within that label,
+    weighted by the label's share of the batch. Fakes and reals are paired by label (the
+    fakes are drawn with the real batch's labels), so every group has samples of both.
+    Computed on each rank's share of the batch: being quadratic in the group means, it is not
+    split-invariant, so 2 ranks x B train close to, not exactly like, 1 process x 2B."""
+    from pipeline.models.gan_nets import lattice_observables
+
+    assert fake.shape == real.shape, (fake.shape, real.shape)
+    f, r = lattice_observables(fake), lattice_observables(real)
+    if labels is None:
+        return ((f.mean(0) - r.mean(0)) ** 2).sum()
+    total = torch.zeros((), device=fake.device)
+    for value in labels.unique():
+        sel = labels == value
+        total = total + sel.float().mean() * ((f[sel].mean(0) - r[sel].mean(0)) ** 2).sum()
+    return total
+
+
+def _latent_dim(G: nn.Module, cfg: GANConfig) -> int:
+    """Entries of G's input h: gan.latent_dim, plus any per-site noise maps (gan.g_noise_inputs)."""
+    return int(getattr(G, "latent_dim", cfg.latent_dim))
+
+
+def _draw_spins(y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """+-1 spins with mean y: +1 where u < (1 + y) / 2, for u ~ U(0, 1) of y's shape."""
+    return torch.where(u < (1.0 + y.float()) / 2.0, 1.0, -1.0).to(y.dtype)
 
 
 class _Unregistered:
@@ -395,12 +452,26 @@ class _GANStep(nn.Module):
         return _Noise(torch.Generator().manual_seed(seed), ctx.rank, ctx.world_size)
 
     def _latent(self, n: int, device: torch.device, G: nn.Module, noise: "_Noise") -> torch.Tensor:
+        dim = _latent_dim(G, self.cfg)
         if noise.generator is None:
-            h = sample_latent(n, self.cfg.latent_dim, self.cfg.latent_prior, device)
+            h = sample_latent(n, dim, self.cfg.latent_prior, device)
         else:
-            h = noise.slice(sample_latent(n * noise.world_size, self.cfg.latent_dim, self.cfg.latent_prior,
+            h = noise.slice(sample_latent(n * noise.world_size, dim, self.cfg.latent_prior,
                                           "cpu", noise.generator), n).to(device)
         return h.to(_param_dtype(G))
+
+    def _spins(self, y: torch.Tensor, noise: "_Noise") -> torch.Tensor:
+        """G's output as D sees it: y itself, or (gan.spin_output=bernoulli) +-1 spins drawn
+        with mean y, carrying y's gradient straight through."""
+        if self.cfg.spin_output != "bernoulli":
+            return y
+        n = y.shape[0]
+        if noise.generator is None:
+            u = torch.rand(y.shape, device=y.device)
+        else:
+            u = noise.slice(torch.rand((n * noise.world_size, *y.shape[1:]), generator=noise.generator), n)
+        # s + (y - y.detach()): exactly s forward (y + (s - y) is not, in floating point), dy backward
+        return _draw_spins(y.detach(), u.to(y.device)) + (y - y.detach())
 
     def _real_fake_logit(self, d_out: torch.Tensor) -> torch.Tensor:
         # float32 before the losses: under autocast D's output may be bf16/fp16.
@@ -429,7 +500,7 @@ class DStep(_GANStep):
         labels = self._labels(batch)
         noise = self._noise(ctx)
         with torch.no_grad():  # G is frozen in this phase; no graph through it
-            fake = self.G(self._latent(n, real.device, self.G, noise), labels).to(real.dtype)
+            fake = self._spins(self.G(self._latent(n, real.device, self.G, noise), labels), noise).to(real.dtype)
 
         use_gp = self.cfg.loss == "wgan-gp" and torch.is_grad_enabled()
         use_r1 = self.cfg.r1_weight > 0 and not self.critic
@@ -560,7 +631,9 @@ class GStep(_GANStep):
         n = batch["x"].shape[0]
         device = batch["x"].device
         labels = self._labels(batch)
-        fake = self.G(self._latent(n, device, self.G, self._noise(ctx)), labels)  # tanh output for discrete data: differentiable
+        noise = self._noise(ctx)
+        # tanh output for discrete data: differentiable (through the draw with spin_output=bernoulli)
+        fake = self._spins(self.G(self._latent(n, device, self.G, noise), labels), noise)
         f = self._real_fake_logit(self.D(fake.to(_param_dtype(self.D)), labels))
         if self.cfg.loss == "minimax":
             loss = g_loss_minimax(f)
@@ -570,12 +643,18 @@ class GStep(_GANStep):
             loss = g_loss_critic(f)
         o = GANOutput(loss=loss, loss_g=loss.detach())
         o.d_fake = (f if self.critic else torch.sigmoid(f)).mean().detach()
+        if self.cfg.g_observable_matching > 0:
+            real = self.data_map.to_model(batch["x"]).float()
+            fm = observable_matching(fake.float(), real, labels)
+            o.loss = loss + self.cfg.g_observable_matching * fm
+            o.observable_matching = fm.detach()
         return o
 
     @torch.no_grad()
     def sample(self, num_samples: int, labels: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """``num_samples`` samples in data space: +-1 spins (sign of tanh), levels
+        """``num_samples`` samples in data space: +-1 spins (sign of tanh, or drawn with mean
+        tanh for gan.spin_output=bernoulli), levels
         0..L-1 (rounded), or raw continuous values. Conditional G: ``labels`` [num_samples]
         (class indices or e.g. temperatures); None draws classes uniformly / cycles over the
         data's label values."""
@@ -591,8 +670,12 @@ class GStep(_GANStep):
                 warnings.warn("unconditional GAN: labels passed to sample() are ignored", stacklevel=2)
                 self._warned_labels = True
             labels = None
-        h = sample_latent(num_samples, self.cfg.latent_dim, self.cfg.latent_prior, device, generator)
-        return self.data_map.to_data(self.G(h.to(_param_dtype(self.G)), labels).float())
+        h = sample_latent(num_samples, _latent_dim(self.G, self.cfg), self.cfg.latent_prior, device, generator)
+        y = self.G(h.to(_param_dtype(self.G)), labels).float()
+        if self.cfg.spin_output == "bernoulli":
+            u = torch.rand(y.shape, device=generator.device if generator is not None else device, generator=generator)
+            y = _draw_spins(y, u.to(device))
+        return self.data_map.to_data(y)
 
     def _sample_labels(self, n: int, labels: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
         m = self.meta
@@ -626,6 +709,21 @@ def build_nets(cfg: GANConfig, meta: DataMeta) -> tuple[nn.Module, nn.Module]:
         raise ValueError("gan.conditional=true but the data has no labels (DataMeta.label_kind='none')")
     if cfg.conditional and meta.label_kind == "class" and not meta.num_classes:
         raise ValueError("gan.conditional=true with class labels needs DataMeta.num_classes")
+    if cfg.spin_output != "sign" and meta.data_kind != "spins":
+        raise ValueError(f"gan.spin_output={cfg.spin_output!r} needs spin data; this data is {meta.data_kind!r} "
+                         f"(use gan.spin_output=sign)")
+    if cfg.g_noise_inputs and arch != "conv":
+        raise ValueError(f"gan.g_noise_inputs=true needs the conv networks (gan.arch={arch!r})")
+    if cfg.g_film and (not cfg.conditional or arch != "conv"):
+        raise ValueError(f"gan.g_film=true needs gan.conditional=true and the conv networks (gan.arch={arch!r})")
+    if cfg.g_observable_matching > 0 and (meta.data_kind != "spins" or len(shape) != 3 or shape[0] != 1):
+        raise ValueError(f"gan.g_observable_matching > 0 needs spin lattices of shape (1, H, W); this data is "
+                         f"{meta.data_kind!r} of shape {shape}")
+    if cfg.d_lattice_observables and (meta.data_kind != "spins" or arch != "conv"):
+        raise ValueError(
+            f"gan.d_lattice_observables=true needs spin lattices (data kind 'spins', shape (1, H, W)) and "
+            f"the conv networks; this data is {meta.data_kind!r} of shape {shape} with gan.arch={arch!r}"
+        )
     d_outputs = 1
     if cfg.semi_supervised != "off":
         if meta.label_kind != "class" or not meta.num_classes or meta.num_classes < 2:
@@ -646,6 +744,9 @@ def build_nets(cfg: GANConfig, meta: DataMeta) -> tuple[nn.Module, nn.Module]:
         label_values=meta.label_values,
         spectral_norm=cfg.spectral_norm,
         padding_mode=padding,
+        lattice_observables=cfg.d_lattice_observables,
+        g_film=cfg.g_film,
+        g_noise_inputs=cfg.g_noise_inputs,
     )
 
 

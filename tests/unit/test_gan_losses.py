@@ -23,6 +23,7 @@ from pipeline.objectives.gan import (
     g_loss_minimax,
     g_loss_non_saturating,
     gradient_penalty,
+    sample_latent,
     ssl_unsupervised_logit,
 )
 
@@ -377,3 +378,84 @@ def test_data_mismatches_are_value_errors():
         _phases(meta=DataMeta(sample_shape=(5,), data_kind="continuous"), arch="conv")
     with pytest.raises(ValueError, match="divisible"):
         _phases(meta=DataMeta(sample_shape=(1, 6, 6), data_kind="spins"))
+
+
+def test_bernoulli_spin_output_draws_spins_with_mean_y_and_passes_g_gradient_straight_through():
+    from pipeline.objectives.gan import _draw_spins
+
+    # Independent reference: the drawn spins' mean at each site is y (binomial frequency).
+    y = torch.tensor([-0.9, -0.3, 0.0, 0.5, 0.95]).repeat(20000, 1)
+    s = _draw_spins(y, torch.rand(y.shape, generator=torch.Generator().manual_seed(0)))
+    assert set(s.unique().tolist()) == {-1.0, 1.0}
+    stderr = (1 - y[0] ** 2).sqrt() / 20000 ** 0.5
+    assert ((s.mean(0) - y[0]).abs() < 4 * stderr + 1e-9).all()
+
+    (d, g), _ = _phases(spin_output="bernoulli")
+    D, G = d.module.D, g.module.G
+    seen = []
+    hook = D.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    x = torch.randint(0, 2, (6, 1, 8, 8)).float() * 2 - 1
+    d.module({"x": x}, None)
+    D.requires_grad_(False)
+    g.module({"x": x}, None).loss.backward()
+    D.requires_grad_(True)
+    hook.remove()
+    for fake in (seen[0][6:], seen[1]):  # D sees +-1 lattices in both phases
+        assert set(fake.unique().tolist()) <= {-1.0, 1.0}
+    assert sum(p.grad.abs().sum() for p in G.parameters()) > 0
+    # sample(): +-1 spins, reproducible from the generator, not sign(y): with y = tanh of a
+    # fresh G's output near 0, a draw differs from sign(y) at many sites.
+    a = g.module.sample(8, generator=torch.Generator().manual_seed(1))
+    b = g.module.sample(8, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and set(a.unique().tolist()) <= {-1.0, 1.0}
+    h = sample_latent(8, 4, "uniform", "cpu", torch.Generator().manual_seed(1))
+    assert not torch.equal(a, torch.where(G(h) >= 0, 1.0, -1.0))
+
+
+def test_spin_options_refuse_other_data():
+    meta = DataMeta(sample_shape=(1, 8, 8), data_kind="levels", num_levels=4)
+    with pytest.raises(ValueError, match="spin_output='bernoulli' needs spin data"):
+        _phases(meta=meta, spin_output="bernoulli")
+    with pytest.raises(ValueError, match="d_lattice_observables=true needs spin lattices"):
+        _phases(meta=meta, d_lattice_observables=True)
+
+
+def test_noise_input_generator_trains_and_samples_with_its_longer_latent():
+    (d, g), _ = _phases(g_noise_inputs=True)
+    G = g.module.G
+    assert G.latent_dim == 4 + 4 * 4 + 8 * 8
+    x = torch.randint(0, 2, (3, 1, 8, 8)).float() * 2 - 1
+    d.module({"x": x}, None)
+    g.module({"x": x}, None).loss.backward()
+    assert all(s.grad is not None for s in G.noise_strength)
+    a = g.module.sample(5, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (5, 1, 8, 8) and torch.equal(a, g.module.sample(5, generator=torch.Generator().manual_seed(0)))
+
+
+def test_observable_matching_is_the_label_weighted_squared_gap_of_mean_observables():
+    from pipeline.models.gan_nets import lattice_observables
+    from pipeline.objectives.gan import observable_matching
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.where(torch.rand(10, 1, 6, 6, generator=g) < 0.8, 1.0, -1.0)
+    fake = torch.tanh(torch.randn(10, 1, 6, 6, generator=g)).requires_grad_(True)
+    labels = torch.tensor([2.0] * 3 + [3.0] * 7)
+    # brute force: group by hand
+    fo, ro = lattice_observables(fake).detach(), lattice_observables(real)
+    want = 0.3 * ((fo[:3].mean(0) - ro[:3].mean(0)) ** 2).sum() + 0.7 * ((fo[3:].mean(0) - ro[3:].mean(0)) ** 2).sum()
+    got = observable_matching(fake, real, labels)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    got.backward()
+    assert fake.grad.abs().sum() > 0
+    # matching within each label, not across: swapping the groups' reals changes the value
+    assert observable_matching(real, real, labels).item() == 0.0
+    swapped = torch.cat([real[7:], real[:7]])
+    assert observable_matching(real, swapped, labels).item() > 0
+    # the G phase adds it to its loss and reports it
+    meta = DataMeta(sample_shape=(1, 8, 8), data_kind="spins", label_kind="continuous", label_values=(2.0, 3.0))
+    (_, gp), _ = _phases(meta=meta, conditional=True, g_observable_matching=2.0)
+    x = torch.randint(0, 2, (4, 1, 8, 8)).float() * 2 - 1
+    o = gp.module({"x": x, "label": torch.tensor([2.0, 3.0, 2.0, 3.0])}, None)
+    assert o.loss.item() == pytest.approx(o.loss_g.item() + 2.0 * o.observable_matching.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="g_observable_matching"):
+        _phases(meta=DataMeta(sample_shape=(1, 8, 8), data_kind="levels", num_levels=4), g_observable_matching=1.0)

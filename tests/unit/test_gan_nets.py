@@ -110,3 +110,94 @@ def test_shape_errors():
     with pytest.raises(ValueError, match="single output"):
         MLPDiscriminator((3,), [4], num_outputs=3, label_embedding=LabelEmbedding("class", 4, 3))
     assert MLPGenerator(2, (3,), [4], bounded=False)(torch.zeros(1, 2)).shape == (1, 3)
+
+
+def test_lattice_observables_match_the_numpy_observables_and_brute_force_correlations():
+    import numpy as np
+
+    from pipeline.models.gan_nets import lattice_observables
+    from pipeline.physics.observables import abs_magnetisation, energy_per_spin
+
+    rng = np.random.default_rng(0)
+    s = np.where(rng.random((5, 6, 6)) < 0.7, 1, -1).astype(np.int8)
+    s[0] = 1  # all up: c1 = c_diag = c2 = |m| = 1
+    s[1] = np.indices((6, 6)).sum(axis=0) % 2 * 2 - 1  # checkerboard: c1 = -1, c_diag = c2 = +1, m = 0
+    f = lattice_observables(torch.tensor(s, dtype=torch.float64)[:, None]).numpy()
+    # Independent references: the evaluator's energy (E/N = -2 c1 for J = 1) and |m|, and a
+    # brute-force loop over sites for the diagonal and distance-2 correlations.
+    np.testing.assert_allclose(-2 * f[:, 0], energy_per_spin(s), atol=1e-12)
+    np.testing.assert_allclose(f[:, 1], f[:, 0] ** 2, atol=1e-12)
+    np.testing.assert_allclose(f[:, 4], abs_magnetisation(s), atol=1e-12)
+    np.testing.assert_allclose(f[:, 5], s.mean(axis=(1, 2)) ** 2, atol=1e-12)
+    for b in range(5):
+        diag = [s[b, i, j] * s[b, (i + 1) % 6, (j + 1) % 6] for i in range(6) for j in range(6)]
+        anti = [s[b, i, j] * s[b, (i + 1) % 6, (j - 1) % 6] for i in range(6) for j in range(6)]
+        d2 = [s[b, i, j] * (s[b, (i + 2) % 6, j] + s[b, i, (j + 2) % 6]) / 2 for i in range(6) for j in range(6)]
+        assert f[b, 2] == pytest.approx((np.mean(diag) + np.mean(anti)) / 2, abs=1e-12)
+        assert f[b, 3] == pytest.approx(np.mean(d2), abs=1e-12)
+    np.testing.assert_allclose(f[0], [1, 1, 1, 1, 1, 1])
+    np.testing.assert_allclose(f[1], [-1, 1, 1, 1, 0, 0])
+
+
+def test_discriminator_with_lattice_observables_sees_them_and_checks_its_input():
+    torch.manual_seed(0)
+    kw = dict(sample_shape=(1, 8, 8), latent_dim=4, widths=[4, 8], arch="conv", bounded=True,
+              padding_mode="circular", label_kind="continuous", label_values=(2.0, 3.0))
+    _, d = build_gan_nets(**kw, lattice_observables=True)
+    _, d_plain = build_gan_nets(**kw)
+    x = torch.randn(3, 1, 8, 8)
+    t = torch.tensor([2.0, 3.0, 2.0])
+    assert d(x, t).shape == (3, 1)
+    assert d.features(x).shape[1] == d_plain.features(x).shape[1] + 6
+    # D's output depends on the observables: zeroing their head weights changes it.
+    before = d(x, t).detach()
+    with torch.no_grad():
+        d.head.weight[:, -6:] = 0
+        d.label_embedding.embed[-1].weight[-6:] = 0
+        d.label_embedding.embed[-1].bias[-6:] = 0
+    assert not torch.allclose(before, d(x, t))
+    with pytest.raises(ValueError, match="circular"):
+        build_gan_nets(**{**kw, "padding_mode": "zeros"}, lattice_observables=True)
+    with pytest.raises(ValueError, match="conv networks"):
+        build_gan_nets(**{**kw, "arch": "mlp", "widths": [8]}, lattice_observables=True)
+
+
+def test_film_generator_starts_as_the_plain_one_and_then_conditions_every_stage():
+    torch.manual_seed(0)
+    kw = dict(sample_shape=(1, 8, 8), latent_dim=4, widths=[4, 8], arch="conv", bounded=True,
+              padding_mode="circular", label_kind="continuous", label_values=(2.0, 3.0))
+    g_film, _ = build_gan_nets(**kw, g_film=True)
+    torch.manual_seed(0)
+    g_plain, _ = build_gan_nets(**kw)
+    h, t = torch.randn(3, 4), torch.tensor([2.0, 3.0, 2.5])
+    # gamma = beta = 0 at init: same weights -> the same output as without FiLM
+    torch.testing.assert_close(g_film(h, t), g_plain(h, t))
+    with torch.no_grad():
+        g_film.film[-1].weight.normal_()
+    assert not torch.allclose(g_film(h, t), g_plain(h, t))
+    loss = g_film(h, t).sum()
+    loss.backward()
+    assert all(lin.weight.grad.abs().sum() > 0 for lin in g_film.film)
+    with pytest.raises(ValueError, match="conditional"):
+        ConvGenerator(4, (1, 8, 8), [4], bounded=True, film=True)
+
+
+def test_noise_inputs_extend_the_latent_start_silent_and_reach_every_stage():
+    torch.manual_seed(0)
+    g = ConvGenerator(4, (1, 16, 16), [4, 8], bounded=True, padding_mode="circular", noise_inputs=True)
+    assert g.noise_shapes == [(8, 8), (16, 16)] and g.latent_dim == 4 + 64 + 256
+    h = torch.randn(3, g.latent_dim)
+    h2 = h.clone()
+    h2[:, 4:] = torch.randn(3, 320)  # only the noise maps differ
+    torch.testing.assert_close(g(h), g(h2))  # strengths start at 0
+    g(h).sum().backward()
+    assert all(s.grad.abs().sum() > 0 for s in g.noise_strength)
+    with torch.no_grad():
+        for s in g.noise_strength:
+            s.fill_(1.0)
+    assert not torch.allclose(g(h), g(h2))
+    # each stage's map acts there: changing only the 16x16 map changes the output
+    h3 = h.clone()
+    h3[:, 4 + 64:] = torch.randn(3, 256)
+    assert not torch.allclose(g(h), g(h3))
+

@@ -84,6 +84,9 @@ def test_two_ranks_train_like_one_rank_with_the_doubled_batch(tmp_path, data, ca
 
     common = ["train", "--config", "configs/gan_ising.yaml", f"data.train_urls={data['one_batch']}",
               "data.label_key=null", "gan.conditional=false", "gan.latent_seed=7", "gan.r1_weight=1.0",
+              # FiLM needs labels; feature matching is per rank (not split-invariant). The
+              # Bernoulli draws, noise inputs and D's lattice observables stay on: split-invariant.
+              "gan.g_film=false", "gan.g_observable_matching=0",
               "train.num_steps=3",
               "train.checkpoint_every_steps=1", *TINY]
     one, two = tmp_path / "one", tmp_path / "two"

@@ -432,25 +432,41 @@ def test_noise_input_generator_trains_and_samples_with_its_longer_latent():
     assert a.shape == (5, 1, 8, 8) and torch.equal(a, g.module.sample(5, generator=torch.Generator().manual_seed(0)))
 
 
-def test_observable_matching_is_the_label_weighted_squared_gap_of_mean_observables():
+def test_observable_matching_is_an_unbiased_label_weighted_squared_gap_of_mean_observables():
     from pipeline.models.gan_nets import lattice_observables
-    from pipeline.objectives.gan import observable_matching
+    from pipeline.objectives.gan import MATCHED_OBSERVABLES, observable_matching
 
     g = torch.Generator().manual_seed(0)
     real = torch.where(torch.rand(10, 1, 6, 6, generator=g) < 0.8, 1.0, -1.0)
     fake = torch.tanh(torch.randn(10, 1, 6, 6, generator=g)).requires_grad_(True)
     labels = torch.tensor([2.0] * 3 + [3.0] * 7)
-    # brute force: group by hand
-    fo, ro = lattice_observables(fake).detach(), lattice_observables(real)
-    want = 0.3 * ((fo[:3].mean(0) - ro[:3].mean(0)) ** 2).sum() + 0.7 * ((fo[3:].mean(0) - ro[3:].mean(0)) ** 2).sum()
+    assert MATCHED_OBSERVABLES == (0, 2, 3, 5)  # c1, c_diag, c2, m^2 (see lattice_observables)
+    fo, ro = (lattice_observables(x).detach().double()[:, [0, 2, 3, 5]] for x in (fake, real))
+
+    def brute(a, b):  # squared linear-kernel MMD from explicit pairs i != j (Gretton et al. 2012, eq. 3)
+        n = len(a)
+        k = lambda x, y: sum(float(x[i] @ y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+        return k(a, a) + k(b, b) - 2 * k(a, b)
+
+    want = 0.3 * brute(fo[:3], ro[:3]) + 0.7 * brute(fo[3:], ro[3:])
     got = observable_matching(fake, real, labels)
-    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert got.item() == pytest.approx(want, rel=1e-5)
     got.backward()
     assert fake.grad.abs().sum() > 0
-    # matching within each label, not across: swapping the groups' reals changes the value
-    assert observable_matching(real, real, labels).item() == 0.0
-    swapped = torch.cat([real[7:], real[:7]])
-    assert observable_matching(real, swapped, labels).item() > 0
+    # Unbiased: averaged over many batches drawn from one distribution it is ~0, while the
+    # plain squared gap of the batch means is ~ 2 Var(mean) > 0.
+    p = torch.full((4000, 1, 6, 6), 0.7)
+    a = torch.where(torch.rand(p.shape, generator=g) < p, 1.0, -1.0)
+    b = torch.where(torch.rand(p.shape, generator=g) < p, 1.0, -1.0)
+    values = torch.stack([observable_matching(a[i:i + 8], b[i:i + 8], None) for i in range(0, 4000, 8)])
+    plain = torch.stack([((lattice_observables(a[i:i + 8])[:, [0, 2, 3, 5]].mean(0)
+                           - lattice_observables(b[i:i + 8])[:, [0, 2, 3, 5]].mean(0)) ** 2).sum()
+                         for i in range(0, 4000, 8)])
+    assert abs(values.mean()) < 3 * values.std() / len(values) ** 0.5
+    assert plain.mean() > 10 * plain.std() / len(plain) ** 0.5
+    # matching is within each label, not across: reals of another label give a positive gap
+    far = torch.where(torch.rand(10, 1, 6, 6, generator=g) < 0.5, 1.0, -1.0)
+    assert observable_matching(real, torch.cat([real[:3], far[3:]]), labels).item() > 0
     # the G phase adds it to its loss and reports it
     meta = DataMeta(sample_shape=(1, 8, 8), data_kind="spins", label_kind="continuous", label_values=(2.0, 3.0))
     (_, gp), _ = _phases(meta=meta, conditional=True, g_observable_matching=2.0)

@@ -275,8 +275,6 @@ class ConvGenerator(_Generator):
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = F.relu(self.fc(self._input(h[:, :self.vector_latent_dim], labels))).reshape(-1, *self.start_shape)
-        if self.film is None and self.noise_strength is None:
-            return self._output(self.net(x))
         e = self.label_embedding(labels).to(x.dtype) if self.film is not None else None
         offset = self.vector_latent_dim
         for i in range(len(self.net) // 3):  # stages of (upsample, conv, ReLU) in self.net

@@ -319,9 +319,8 @@ MATCHED_OBSERVABLES = (0, 2, 3, 5)
 def observable_matching(fake: torch.Tensor, real: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
     """Per label in the batch (all samples if ``labels`` is None), an unbiased estimate of
     ||E obs(fake) - E obs(real)||^2, obs = the MATCHED_OBSERVABLES of lattice_observables:
-    the squared MMD with a
-    linear kernel (Gretton et al. 2012, eq. 3), sums over pairs i != j only - weighted by the
-    label's share of the batch; labels with fewer than 2 fakes add nothing. The plain squared
+    the squared MMD with a linear kernel (Gretton et al. 2012, eq. 3), sums over pairs
+    i != j only - weighted by the label's share of the batch; labels with fewer than 2 fakes add nothing. The plain squared
     gap of the batch means would add Var(mean of the fakes) and so reward G for shrinking
     its observables' fluctuations (the specific heat and susceptibility) by O(1/group size).
     Fakes and reals are paired by label (the fakes are drawn with the real batch's labels).
@@ -349,7 +348,8 @@ def observable_matching(fake: torch.Tensor, real: torch.Tensor, labels: torch.Te
 
 
 def _latent_dim(G: nn.Module, cfg: GANConfig) -> int:
-    """Entries of G's input h: gan.latent_dim, plus any per-site noise maps (gan.g_noise_inputs)."""
+    """Entries of G's input h: G.latent_dim where G declares it (a conv G with per-site noise
+    maps, gan.g_noise_inputs, needs more than gan.latent_dim), else gan.latent_dim (any G)."""
     return int(getattr(G, "latent_dim", cfg.latent_dim))
 
 
@@ -487,11 +487,11 @@ class _GANStep(nn.Module):
         with mean y, carrying y's gradient straight through."""
         if self.cfg.spin_output != "bernoulli":
             return y
-        n = y.shape[0]
-        if noise.generator is None:
+        n, g = y.shape[0], noise.generator
+        if g is None:
             u = torch.rand(y.shape, device=y.device)
         else:
-            u = noise.slice(torch.rand((n * noise.world_size, *y.shape[1:]), generator=noise.generator), n)
+            u = noise.slice(torch.rand((n * noise.world_size, *y.shape[1:]), generator=g, device=g.device), n)
         # s + (y - y.detach()): exactly s forward (y + (s - y) is not, in floating point), dy backward
         return _draw_spins(y.detach(), u.to(y.device)) + (y - y.detach())
 
@@ -693,10 +693,7 @@ class GStep(_GANStep):
                 self._warned_labels = True
             labels = None
         h = sample_latent(num_samples, _latent_dim(self.G, self.cfg), self.cfg.latent_prior, device, generator)
-        y = self.G(h.to(_param_dtype(self.G)), labels).float()
-        if self.cfg.spin_output == "bernoulli":
-            u = torch.rand(y.shape, device=generator.device if generator is not None else device, generator=generator)
-            y = _draw_spins(y, u.to(device))
+        y = self._spins(self.G(h.to(_param_dtype(self.G)), labels).float(), _Noise(generator, 0, 1))
         return self.data_map.to_data(y)
 
     def _sample_labels(self, n: int, labels: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:

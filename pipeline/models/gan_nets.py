@@ -215,15 +215,17 @@ class MLPGenerator(_Generator):
 class ConvGenerator(_Generator):
     """Linear to a (channels[-1], H/2^n, W/2^n) map, then n stages of nearest 2x upsampling +
     3x3 conv + ReLU (upsample+conv avoids the checkerboard of transposed convolutions,
-    Odena et al. 2016), then a 3x3 conv to the sample's channels.
+    Odena et al. 2016), then a 3x3 conv to the sample's channels. ``convs_per_stage`` > 1 adds
+    3x3 conv + ReLU units at each stage's resolution (StyleGAN2's G has two per resolution):
+    more depth where the fine structure is drawn, e.g. the short-range bond correlations.
 
     ``film=True`` (conditional G): the label embedding also scales and shifts every stage's
     conv output, x -> x * (1 + gamma(e)) + beta(e) (FiLM, Perez et al. 2018), so the label
     reaches the fine scales directly instead of only through the first linear layer.
     gamma and beta start at 0: an untrained FiLM G computes what the plain one does.
+    (Here and below "every stage" means every conv unit.)
 
-    ``noise_inputs=True``: per-site Gaussian noise maps, one per stage at that stage's
-    resolution, are added to the stage's features with a learned per-channel strength
+    ``noise_inputs=True``: per-site Gaussian noise maps, one per conv unit at its resolution, are added to the stage's features with a learned per-channel strength
     (StyleGAN's noise inputs, Karras et al. 2019, Sec. 3.2; strengths start at 0). They give
     G independent randomness at every site and scale, the stochastic detail a vector latent
     pushed through upsampling renders only as smooth blobs (e.g. thermal spin flips and small
@@ -232,7 +234,8 @@ class ConvGenerator(_Generator):
 
     def __init__(self, latent_dim: int, sample_shape: tuple[int, ...], channels: list[int], bounded: bool,
                  label_embedding: LabelEmbedding | None = None, label_dim: int = 0,
-                 padding_mode: PaddingMode = "zeros", film: bool = False, noise_inputs: bool = False):
+                 padding_mode: PaddingMode = "zeros", film: bool = False, noise_inputs: bool = False,
+                 convs_per_stage: int = 1):
         super().__init__()
         if film and label_embedding is None:
             raise ValueError("FiLM conditioning needs a conditional generator (a label embedding)")
@@ -240,6 +243,8 @@ class ConvGenerator(_Generator):
             raise ValueError(f"ConvGenerator needs samples of shape (C, H, W), got {sample_shape}")
         if not channels:
             raise ValueError("ConvGenerator needs at least one entry in channels")
+        if convs_per_stage < 1:
+            raise ValueError(f"ConvGenerator needs convs_per_stage >= 1, got {convs_per_stage}")
         c_out, h, w = sample_shape
         n = len(channels)
         if h % 2**n or w % 2**n:
@@ -251,17 +256,25 @@ class ConvGenerator(_Generator):
         widths = list(reversed(channels))
         self.start_shape = (widths[0], h // 2**n, w // 2**n)
         self.fc = nn.Linear(d, math.prod(self.start_shape))
+        # Units of (upsample or identity, conv, ReLU): one upsampling unit per stage, then
+        # convs_per_stage - 1 at its resolution. With 1 per stage the layer indices (and so
+        # the state_dict keys) are those of the plain upsample + conv G.
         layers: list[nn.Module] = []
+        unit_widths: list[int] = []
+        unit_shapes: list[tuple[int, int]] = []
         c = widths[0]
-        for width in widths:
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"),
-                       nn.Conv2d(c, width, 3, padding=1, padding_mode=padding_mode), nn.ReLU()]
-            c = width
+        for i, width in enumerate(widths):
+            for j in range(convs_per_stage):
+                layers += [nn.Upsample(scale_factor=2, mode="nearest") if j == 0 else nn.Identity(),
+                           nn.Conv2d(c, width, 3, padding=1, padding_mode=padding_mode), nn.ReLU()]
+                unit_widths.append(width)
+                unit_shapes.append((h // 2 ** (n - 1 - i), w // 2 ** (n - 1 - i)))
+                c = width
         layers.append(nn.Conv2d(c, c_out, 3, padding=1, padding_mode=padding_mode))
         self.net = nn.Sequential(*layers)
         self.film = None
         if film:
-            self.film = nn.ModuleList(nn.Linear(label_dim, 2 * width) for width in widths)
+            self.film = nn.ModuleList(nn.Linear(label_dim, 2 * width) for width in unit_widths)
             for lin in self.film:
                 nn.init.zeros_(lin.weight)
                 nn.init.zeros_(lin.bias)
@@ -269,15 +282,15 @@ class ConvGenerator(_Generator):
         self.noise_shapes: list[tuple[int, int]] = []
         self.noise_strength = None
         if noise_inputs:
-            self.noise_shapes = [(h // 2 ** (n - 1 - i), w // 2 ** (n - 1 - i)) for i in range(n)]
-            self.noise_strength = nn.ParameterList(nn.Parameter(torch.zeros(1, width, 1, 1)) for width in widths)
+            self.noise_shapes = unit_shapes
+            self.noise_strength = nn.ParameterList(nn.Parameter(torch.zeros(1, width, 1, 1)) for width in unit_widths)
             self.latent_dim = latent_dim + sum(a * b for a, b in self.noise_shapes)
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = F.relu(self.fc(self._input(h[:, :self.vector_latent_dim], labels))).reshape(-1, *self.start_shape)
         e = self.label_embedding(labels).to(x.dtype) if self.film is not None else None
         offset = self.vector_latent_dim
-        for i in range(len(self.net) // 3):  # stages of (upsample, conv, ReLU) in self.net
+        for i in range(len(self.net) // 3):  # units of (upsample or identity, conv, ReLU) in self.net
             up, conv, act = self.net[3 * i:3 * i + 3]
             x = conv(up(x))
             if self.film is not None:
@@ -309,6 +322,7 @@ def build_gan_nets(
     lattice_observables: bool = False,
     g_film: bool = False,
     g_noise_inputs: bool = False,
+    g_convs_per_stage: int = 1,
 ) -> tuple[nn.Module, nn.Module]:
     """(G, D). ``label_kind != "none"`` builds the conditional variants."""
 
@@ -324,7 +338,7 @@ def build_gan_nets(
 
     if arch == "conv":
         g = ConvGenerator(latent_dim, sample_shape, widths, bounded, embedding(label_dim), label_dim, padding_mode,
-                          film=g_film, noise_inputs=g_noise_inputs)
+                          film=g_film, noise_inputs=g_noise_inputs, convs_per_stage=g_convs_per_stage)
         d_feat = widths[-1]
         if padding_mode != "circular":
             c, h, w = sample_shape
@@ -333,8 +347,9 @@ def build_gan_nets(
         d = ConvDiscriminator(sample_shape, widths, d_outputs, embedding(d_feat), spectral_norm, padding_mode,
                               lattice_observables)
     elif arch == "mlp":
-        if lattice_observables or g_film or g_noise_inputs:
-            raise ValueError("lattice observables, FiLM and noise inputs need the conv networks (arch='conv')")
+        if lattice_observables or g_film or g_noise_inputs or g_convs_per_stage != 1:
+            raise ValueError("lattice observables, FiLM, noise inputs and g_convs_per_stage > 1 need the conv "
+                             "networks (arch='conv')")
         g = MLPGenerator(latent_dim, sample_shape, widths, bounded, embedding(label_dim), label_dim)
         d = MLPDiscriminator(sample_shape, list(reversed(widths)), d_outputs, embedding(widths[0]), spectral_norm)
     else:

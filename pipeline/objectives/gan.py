@@ -91,10 +91,15 @@ class GANConfig:
     # Conv G: per-site noise maps added at every stage (StyleGAN's noise inputs); the latent
     # then has latent_dim + (number of sites over all stages) entries, all from latent_prior.
     g_noise_inputs: bool = False
+    # Conv G: 3x3 conv + ReLU units per upsampling stage (StyleGAN2 uses 2), each with its own
+    # FiLM and noise map; > 1 deepens G at every resolution, the finest included.
+    g_convs_per_stage: int = 1
     # Spin lattices: weight of a feature-matching term in G's loss (Salimans et al. 2016,
     # Sec. 3.1) on the lattice observables (pipeline.models.gan_nets.lattice_observables):
     # per label in the batch, an unbiased estimate of the squared distance between the fakes'
     # and the reals' mean bond correlations (so the energy) and m^2 (see observable_matching).
+    # With spin_output=bernoulli the fakes' observables are their exact expectations over the
+    # draw given G's means (matched_observables), not the drawn lattice's.
     # 0 = off. Logged as g/observable_matching (can be slightly negative: it is unbiased).
     g_observable_matching: float = 0.0
     # Semi-supervised GAN (Salimans et al. 2016, Sec. 5): a K-class discriminator whose implicit
@@ -127,6 +132,8 @@ class GANConfig:
             raise ConfigError(f"gan.latent_seed must be null or a non-negative integer, got {self.latent_seed}")
         if self.gp_weight < 0:
             raise ConfigError(f"gan.gp_weight must be >= 0, got {self.gp_weight}")
+        if self.g_convs_per_stage < 1:
+            raise ConfigError(f"gan.g_convs_per_stage must be >= 1, got {self.g_convs_per_stage}")
         if self.g_observable_matching < 0:
             raise ConfigError(f"gan.g_observable_matching must be >= 0, got {self.g_observable_matching}")
         if self.r1_weight < 0:
@@ -306,33 +313,51 @@ class _DataMap:
         return y
 
 
-# Which lattice_observables are matched: the correlations c1, c_diag, c2 and m^2, all sums of
-# products of distinct spins (m^2 up to its constant i = j terms). For independent draws
-# given G's means y, such a product's straight-through gradient is unbiased (E[s_j] = y_j
-# stands in for s_j); c1^2 and |m| are not multilinear and their straight-through gradients
-# are biased. (Measured: at weight 30 this subset did slightly better than all six on two
-# seeds; at any weight >= 100 high-temperature lattices end up too disordered either way,
-# docs/model_zoo.md.)
+# Which lattice_observables are matched: the correlations c1, c_diag, c2 and m^2 - all sums of
+# products of spins, so their expectations over gan.spin_output=bernoulli's independent draws
+# are exact functions of G's means (matched_observables). c1^2 and |m| are not. (Measured: at
+# weight 30 this subset did slightly better than all six on two seeds, docs/model_zoo.md.)
 MATCHED_OBSERVABLES = (0, 2, 3, 5)
 
 
-def observable_matching(fake: torch.Tensor, real: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    """Per label in the batch (all samples if ``labels`` is None), an unbiased estimate of
-    ||E obs(fake) - E obs(real)||^2, obs = the MATCHED_OBSERVABLES of lattice_observables:
-    the squared MMD with a linear kernel (Gretton et al. 2012, eq. 3), sums over pairs
-    i != j only - weighted by the label's share of the batch; labels with fewer than 2 fakes add nothing. The plain squared
-    gap of the batch means would add Var(mean of the fakes) and so reward G for shrinking
-    its observables' fluctuations (the specific heat and susceptibility) by O(1/group size).
-    Fakes and reals are paired by label (the fakes are drawn with the real batch's labels).
-    Computed on each rank's share of the batch: being quadratic in the samples, it is not
-    split-invariant, so 2 ranks x B train close to, not exactly like, 1 process x 2B."""
+def matched_observables(x: torch.Tensor, spin_means: bool = False) -> torch.Tensor:
+    """[B, 1, H, W] lattices -> [B, 4]: c1, c_diag, c2 and m^2 (MATCHED_OBSERVABLES of
+    lattice_observables). ``spin_means``: x holds the means y of independent +-1 spins
+    (gan.spin_output=bernoulli) and the result is the observables' exact expectation over
+    the draw: a product of distinct sites averages to the product of the means
+    (E s_i s_j = y_i y_j; the lattice is periodic and > 2 sites wide, so the correlations pair
+    distinct sites), and m^2 adds its i = j terms, s_i^2 = 1: E m^2 = m(y)^2 + (1 - mean y^2) / N.
+    Differentiating this expectation instead of the drawn lattice's observables through the
+    straight-through estimator is Rao-Blackwellisation: no draw noise, and no bias from m^2's
+    i = j terms, whose straight-through gradient 2 s_i has mean 2 y_i where the exact one is 0
+    (it shrinks |y| - more disordered lattices - the more weight the matching has)."""
     from pipeline.models.gan_nets import lattice_observables
 
-    assert fake.shape == real.shape, (fake.shape, real.shape)
-    f, r = (lattice_observables(x)[:, MATCHED_OBSERVABLES] for x in (fake, real))
+    obs = lattice_observables(x)[:, MATCHED_OBSERVABLES]
+    if not spin_means:
+        return obs
+    assert min(x.shape[2:]) > 2, "distance-2 correlations of a lattice <= 2 wide pair a site with itself"
+    n_sites = x.shape[2] * x.shape[3]
+    m2 = obs[:, 3] + (1.0 - (x * x).mean(dim=(1, 2, 3))) / n_sites
+    return torch.cat([obs[:, :3], m2[:, None]], dim=1)
+
+
+def observable_matching(fake_obs: torch.Tensor, real_obs: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """Per label in the batch (all samples if ``labels`` is None), an unbiased estimate of
+    ||E obs(fake) - E obs(real)||^2 from per-sample observables [B, k] (matched_observables):
+    the squared MMD with a linear kernel (Gretton et al. 2012, eq. 3), sums over pairs
+    i != j only, weighted by the label's share of the batch; labels with fewer than 2 samples
+    add nothing. The plain squared gap of the batch means would add Var(mean of the fakes)
+    and so reward G for shrinking its observables' fluctuations (the specific heat and
+    susceptibility) by O(1/group size). Fakes and reals are paired by label (the fakes are
+    drawn with the real batch's labels). Computed on each rank's share of the batch: being
+    quadratic in the samples, it is not split-invariant, so 2 ranks x B train close to, not
+    exactly like, 1 process x 2B."""
+    assert fake_obs.shape == real_obs.shape and fake_obs.dim() == 2, (fake_obs.shape, real_obs.shape)
+    f, r = fake_obs, real_obs
     groups = [torch.ones(len(f), dtype=torch.bool, device=f.device)] if labels is None else \
         [labels == value for value in labels.unique()]
-    total = torch.zeros((), device=fake.device)
+    total = torch.zeros((), device=f.device)
     for sel in groups:
         n = int(sel.sum())
         if n < 2:
@@ -655,7 +680,8 @@ class GStep(_GANStep):
         labels = self._labels(batch)
         noise = self._noise(ctx)
         # tanh output for discrete data: differentiable (through the draw with spin_output=bernoulli)
-        fake = self._spins(self.G(self._latent(n, device, self.G, noise), labels), noise)
+        y = self.G(self._latent(n, device, self.G, noise), labels)
+        fake = self._spins(y, noise)
         f = self._real_fake_logit(self.D(fake.to(_param_dtype(self.D)), labels))
         if self.cfg.loss == "minimax":
             loss = g_loss_minimax(f)
@@ -667,7 +693,9 @@ class GStep(_GANStep):
         o.d_fake = (f if self.critic else torch.sigmoid(f)).mean().detach()
         if self.cfg.g_observable_matching > 0:
             real = self.data_map.to_model(batch["x"]).float()
-            fm = observable_matching(fake.float(), real, labels)
+            bernoulli = self.cfg.spin_output == "bernoulli"  # y are the drawn spins' means
+            fm = observable_matching(matched_observables((y if bernoulli else fake).float(), spin_means=bernoulli),
+                                     matched_observables(real), labels)
             o.loss = loss + self.cfg.g_observable_matching * fm
             o.observable_matching = fm.detach()
         return o
@@ -733,6 +761,8 @@ def build_nets(cfg: GANConfig, meta: DataMeta) -> tuple[nn.Module, nn.Module]:
                          f"(use gan.spin_output=sign)")
     if cfg.g_noise_inputs and arch != "conv":
         raise ValueError(f"gan.g_noise_inputs=true needs the conv networks (gan.arch={arch!r})")
+    if cfg.g_convs_per_stage != 1 and arch != "conv":
+        raise ValueError(f"gan.g_convs_per_stage > 1 needs the conv networks (gan.arch={arch!r})")
     if cfg.g_film and (not cfg.conditional or arch != "conv"):
         raise ValueError(f"gan.g_film=true needs gan.conditional=true and the conv networks (gan.arch={arch!r})")
     if cfg.g_observable_matching > 0 and (meta.data_kind != "spins" or len(shape) != 3 or shape[0] != 1):
@@ -766,6 +796,7 @@ def build_nets(cfg: GANConfig, meta: DataMeta) -> tuple[nn.Module, nn.Module]:
         lattice_observables=cfg.d_lattice_observables,
         g_film=cfg.g_film,
         g_noise_inputs=cfg.g_noise_inputs,
+        g_convs_per_stage=cfg.g_convs_per_stage,
     )
 
 

@@ -366,6 +366,8 @@ def test_config_errors_name_the_key_and_allowed_values():
         GANConfig(n_critic=0).validate()
     with pytest.raises(ConfigError, match="channels"):
         GANConfig(channels=[]).validate()
+    with pytest.raises(ConfigError, match="g_convs_per_stage must be >= 1"):
+        GANConfig(g_convs_per_stage=0).validate()
     assert build(GANConfig, {"betas": [0.0, 0.9]}).betas == (0.0, 0.9)
 
 
@@ -432,16 +434,40 @@ def test_noise_input_generator_trains_and_samples_with_its_longer_latent():
     assert a.shape == (5, 1, 8, 8) and torch.equal(a, g.module.sample(5, generator=torch.Generator().manual_seed(0)))
 
 
-def test_observable_matching_is_an_unbiased_label_weighted_squared_gap_of_mean_observables():
+def test_matched_observables_of_spin_means_are_the_exact_expectation_over_the_draw():
+    from itertools import product
+
     from pipeline.models.gan_nets import lattice_observables
-    from pipeline.objectives.gan import MATCHED_OBSERVABLES, observable_matching
+    from pipeline.objectives.gan import matched_observables
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.where(torch.rand(3, 1, 5, 4, generator=g) < 0.6, 1.0, -1.0)
+    assert torch.equal(matched_observables(x), lattice_observables(x)[:, [0, 2, 3, 5]])  # c1, c_diag, c2, m^2
+    # Reference: all 2^9 spin configurations of a 3x3 periodic lattice, each weighted by its
+    # probability under independent sites with means y - the expectation and its gradient.
+    y = (torch.rand(2, 1, 3, 3, generator=g, dtype=torch.float64) * 1.8 - 0.9).requires_grad_(True)
+    configs = torch.tensor(list(product([-1.0, 1.0], repeat=9)), dtype=torch.float64).view(-1, 1, 3, 3)
+    p_up = (1 + y) / 2  # [2, 1, 3, 3]
+    prob = torch.where(configs[None] > 0, p_up[:, None], 1 - p_up[:, None]).flatten(2).prod(dim=2)  # [2, 512]
+    want = prob @ lattice_observables(configs)[:, [0, 2, 3, 5]]
+    got = matched_observables(y, spin_means=True)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(4, dtype=torch.float64, generator=g)
+    (grad_want,) = torch.autograd.grad((want * weights).sum(), y)
+    (grad_got,) = torch.autograd.grad((got * weights).sum(), y)
+    assert torch.allclose(grad_got, grad_want, rtol=1e-10, atol=1e-12)
+    # m^2 of the means alone would miss the i = j terms (s_i^2 = 1)
+    assert not torch.allclose(matched_observables(y)[:, 3], want[:, 3], atol=1e-3)
+
+
+def test_observable_matching_is_an_unbiased_label_weighted_squared_gap_of_mean_observables():
+    from pipeline.objectives.gan import matched_observables, observable_matching
 
     g = torch.Generator().manual_seed(0)
     real = torch.where(torch.rand(10, 1, 6, 6, generator=g) < 0.8, 1.0, -1.0)
     fake = torch.tanh(torch.randn(10, 1, 6, 6, generator=g)).requires_grad_(True)
     labels = torch.tensor([2.0] * 3 + [3.0] * 7)
-    assert MATCHED_OBSERVABLES == (0, 2, 3, 5)  # c1, c_diag, c2, m^2 (see lattice_observables)
-    fo, ro = (lattice_observables(x).detach().double()[:, [0, 2, 3, 5]] for x in (fake, real))
+    fo, ro = (matched_observables(x).detach().double() for x in (fake, real))
 
     def brute(a, b):  # squared linear-kernel MMD from explicit pairs i != j (Gretton et al. 2012, eq. 3)
         n = len(a)
@@ -449,24 +475,22 @@ def test_observable_matching_is_an_unbiased_label_weighted_squared_gap_of_mean_o
         return k(a, a) + k(b, b) - 2 * k(a, b)
 
     want = 0.3 * brute(fo[:3], ro[:3]) + 0.7 * brute(fo[3:], ro[3:])
-    got = observable_matching(fake, real, labels)
+    got = observable_matching(matched_observables(fake), matched_observables(real), labels)
     assert got.item() == pytest.approx(want, rel=1e-5)
     got.backward()
     assert fake.grad.abs().sum() > 0
     # Unbiased: averaged over many batches drawn from one distribution it is ~0, while the
     # plain squared gap of the batch means is ~ 2 Var(mean) > 0.
     p = torch.full((4000, 1, 6, 6), 0.7)
-    a = torch.where(torch.rand(p.shape, generator=g) < p, 1.0, -1.0)
-    b = torch.where(torch.rand(p.shape, generator=g) < p, 1.0, -1.0)
+    a, b = (matched_observables(torch.where(torch.rand(p.shape, generator=g) < p, 1.0, -1.0)) for _ in range(2))
     values = torch.stack([observable_matching(a[i:i + 8], b[i:i + 8], None) for i in range(0, 4000, 8)])
-    plain = torch.stack([((lattice_observables(a[i:i + 8])[:, [0, 2, 3, 5]].mean(0)
-                           - lattice_observables(b[i:i + 8])[:, [0, 2, 3, 5]].mean(0)) ** 2).sum()
-                         for i in range(0, 4000, 8)])
+    plain = torch.stack([((a[i:i + 8].mean(0) - b[i:i + 8].mean(0)) ** 2).sum() for i in range(0, 4000, 8)])
     assert abs(values.mean()) < 3 * values.std() / len(values) ** 0.5
     assert plain.mean() > 10 * plain.std() / len(plain) ** 0.5
     # matching is within each label, not across: reals of another label give a positive gap
     far = torch.where(torch.rand(10, 1, 6, 6, generator=g) < 0.5, 1.0, -1.0)
-    assert observable_matching(real, torch.cat([real[:3], far[3:]]), labels).item() > 0
+    assert observable_matching(matched_observables(real), matched_observables(torch.cat([real[:3], far[3:]])),
+                               labels).item() > 0
     # the G phase adds it to its loss and reports it
     meta = DataMeta(sample_shape=(1, 8, 8), data_kind="spins", label_kind="continuous", label_values=(2.0, 3.0))
     (_, gp), _ = _phases(meta=meta, conditional=True, g_observable_matching=2.0)

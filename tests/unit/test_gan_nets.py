@@ -201,3 +201,31 @@ def test_noise_inputs_extend_the_latent_start_silent_and_reach_every_stage():
     h3[:, 4 + 64:] = torch.randn(3, 256)
     assert not torch.allclose(g(h), g(h3))
 
+
+
+def test_convs_per_stage_adds_units_at_each_resolution_with_their_own_noise_and_film():
+    kw = dict(sample_shape=(1, 16, 16), latent_dim=4, widths=[4, 8], arch="conv", bounded=True,
+              padding_mode="circular", label_kind="continuous", label_values=(2.0, 3.0))
+    g1, _ = build_gan_nets(**kw, g_film=True, g_noise_inputs=True)
+    g2, _ = build_gan_nets(**kw, g_film=True, g_noise_inputs=True, g_convs_per_stage=2)
+    # one plain unit per stage keeps the plain G's layers (and state_dict keys)
+    assert [type(m).__name__ for m in g1.net] == ["Upsample", "Conv2d", "ReLU"] * 2 + ["Conv2d"]
+    assert [type(m).__name__ for m in g2.net] == (["Upsample", "Conv2d", "ReLU", "Identity", "Conv2d", "ReLU"] * 2
+                                                  + ["Conv2d"])
+    assert [m.out_channels for m in g2.net if isinstance(m, torch.nn.Conv2d)] == [8, 8, 4, 4, 1]
+    assert g2.noise_shapes == [(8, 8), (8, 8), (16, 16), (16, 16)] and g2.latent_dim == 4 + 2 * 64 + 2 * 256
+    assert len(g2.film) == 4 and [lin.out_features for lin in g2.film] == [16, 16, 8, 8]
+    h, t = torch.randn(3, g2.latent_dim), torch.tensor([2.0, 3.0, 2.5])
+    y = g2(h, t)
+    assert y.shape == (3, 1, 16, 16) and y.abs().max() < 1
+    with torch.no_grad():
+        for s in g2.noise_strength:
+            s.fill_(1.0)
+    # the second 16x16 unit's noise map (the last 256 entries) acts at the finest resolution
+    h2 = h.clone()
+    h2[:, -256:] = torch.randn(3, 256)
+    assert not torch.allclose(g2(h, t), g2(h2, t))
+    with pytest.raises(ValueError, match="convs_per_stage"):
+        ConvGenerator(4, (1, 8, 8), [4], bounded=True, convs_per_stage=0)
+    with pytest.raises(ValueError, match="conv networks"):
+        build_gan_nets(**{**kw, "arch": "mlp", "widths": [8]}, g_convs_per_stage=2)

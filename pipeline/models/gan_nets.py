@@ -225,11 +225,12 @@ class ConvGenerator(_Generator):
     gamma and beta start at 0: an untrained FiLM G computes what the plain one does.
     (Here and below "every stage" means every conv unit.)
 
-    ``noise_inputs=True``: per-site Gaussian noise maps, one per conv unit at its resolution, are added to the stage's features with a learned per-channel strength
-    (StyleGAN's noise inputs, Karras et al. 2019, Sec. 3.2; strengths start at 0). They give
-    G independent randomness at every site and scale, the stochastic detail a vector latent
-    pushed through upsampling renders only as smooth blobs (e.g. thermal spin flips and small
-    clusters in Ising lattices). The maps are the last ``latent_dim - vector_latent_dim``
+    ``noise_inputs=True``: per-site Gaussian noise maps, one per conv unit at its resolution,
+    are added to the unit's features with a learned per-channel strength (StyleGAN's noise
+    inputs, Karras et al. 2019, Sec. 3.2; strengths start at 0). They give G independent
+    randomness at every site and scale, the stochastic detail a vector latent pushed through
+    upsampling renders only as smooth blobs (e.g. thermal spin flips and small clusters in
+    Ising lattices). The maps are the last ``latent_dim - vector_latent_dim``
     entries of h: ``G.latent_dim`` counts them, so seeded sampling stays reproducible."""
 
     def __init__(self, latent_dim: int, sample_shape: tuple[int, ...], channels: list[int], bounded: bool,

@@ -693,8 +693,8 @@ class GStep(_GANStep):
         o.d_fake = (f if self.critic else torch.sigmoid(f)).mean().detach()
         if self.cfg.g_observable_matching > 0:
             real = self.data_map.to_model(batch["x"]).float()
-            bernoulli = self.cfg.spin_output == "bernoulli"  # y are the drawn spins' means
-            fm = observable_matching(matched_observables((y if bernoulli else fake).float(), spin_means=bernoulli),
+            # y is what D sees (spin_output=sign) or the drawn spins' means (bernoulli)
+            fm = observable_matching(matched_observables(y.float(), spin_means=self.cfg.spin_output == "bernoulli"),
                                      matched_observables(real), labels)
             o.loss = loss + self.cfg.g_observable_matching * fm
             o.observable_matching = fm.detach()

@@ -202,7 +202,6 @@ def test_noise_inputs_extend_the_latent_start_silent_and_reach_every_stage():
     assert not torch.allclose(g(h), g(h3))
 
 
-
 def test_convs_per_stage_adds_units_at_each_resolution_with_their_own_noise_and_film():
     kw = dict(sample_shape=(1, 16, 16), latent_dim=4, widths=[4, 8], arch="conv", bounded=True,
               padding_mode="circular", label_kind="continuous", label_values=(2.0, 3.0))

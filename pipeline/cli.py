@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from pipeline.errors import ConfigError
+
 # (module, description): each module has ``register(subparsers)``.
 _COMMANDS = [
     ("pipeline.data.cli", "write WebDataset shards from a source"),
@@ -38,8 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.config import ConfigError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

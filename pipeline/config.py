@@ -26,13 +26,10 @@ import re
 
 import yaml
 
+from pipeline.errors import ConfigError  # noqa: F401  (re-exported: the config's error)
 from pipeline.data.config import DataConfig
 from pipeline.objectives.gan import GANConfig
 from pipeline.objectives.vdm import VDMConfig
-
-
-class ConfigError(ValueError):
-    """A configuration value the user gave is not allowed."""
 
 
 class _Loader(yaml.SafeLoader):

@@ -108,6 +108,7 @@ _EPOCH_RSS = """
 import json, resource, sys
 from pipeline.data.config import DataConfig
 from pipeline.data.stream import build_stream
+from pipeline.errors import ConfigError
 cfg = DataConfig(train_urls=sys.argv[1], batch_per_rank=64, num_workers=int(sys.argv[2]), shuffle_buffer=int(sys.argv[3]))
 s = build_stream(cfg, rank=0, world_size=1, seed=0)
 it = iter(s)
@@ -235,8 +236,6 @@ def register(bench_subparsers) -> None:
 
 
 def _main(args) -> int:
-    from pipeline.config import ConfigError
-
     for name in ("size", "num_samples", "batch_size", "num_batches", "train_steps", "rss_samples"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -54,6 +54,7 @@ import torch
 
 from pipeline.objectives.base import StepContext
 from pipeline.objectives.vdm import VDM, VDMConfig, exact_elbo
+from pipeline.errors import ConfigError
 
 SAMPLERS = ("uniform", "stratified", "importance", "learned-schedule")
 FORMS = ("denoising_matching", "consistency")
@@ -259,7 +260,6 @@ def measure(module: VDM, batches: list[EvalBatch], *, num_repeats: int, seed: in
 def load_pool(run_dir: Path, info: dict, data: str | None) -> tuple[torch.Tensor, torch.Tensor | None, str, str]:
     """The held-out samples (and labels) to measure on: ``data`` or the run's train_urls,
     validation split when the set has one."""
-    from pipeline.config import ConfigError
     from pipeline.eval.reference import has_split, load_reference
 
     data_cfg = info["config"].get("data") or {}
@@ -300,7 +300,6 @@ def run(
     samplers: tuple[str, ...] | None = None,
     grads: bool = True,
 ) -> dict[str, Any]:
-    from pipeline.config import ConfigError
     from pipeline.train.export import load_export
 
     t0 = time.perf_counter()
@@ -416,8 +415,6 @@ def register(bench_subparsers) -> None:
 
 
 def _main(args) -> int:
-    from pipeline.config import ConfigError
-
     if args.quadrature_points < 1:
         raise ConfigError(f"--quadrature-points must be >= 1, got {args.quadrature_points}")
     samplers = tuple(s.strip() for s in args.samplers.split(",")) if args.samplers else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pipeline.errors import ConfigError
 
 
 @dataclass
@@ -23,8 +24,6 @@ class DataConfig:
     verify: str = "size"
 
     def validate(self) -> None:
-        from pipeline.config import ConfigError
-
         if self.batch_per_rank <= 0:
             raise ConfigError(f"data.batch_per_rank must be a positive integer, got {self.batch_per_rank}")
         if self.num_workers < 0:

@@ -48,6 +48,7 @@ from pipeline.data import tario
 from pipeline.data.config import DataConfig
 from pipeline.data.meta import DataMeta
 from pipeline.data.shards import MANIFEST_NAME, meta_from_dict, read_manifest, verify
+from pipeline.errors import ConfigError
 
 log = logging.getLogger("pipeline.data")
 
@@ -88,7 +89,6 @@ def resolve_shards(urls: str, *, split: str = "train", verify_mode: str = "size"
     a tar path, brace notation, or a ``pipe:`` command. Shards listed in a manifest next to
     them get their counts from it; other shards are scanned once here to count samples.
     """
-    from pipeline.config import ConfigError  # a ValueError: the urls are a config value
 
     if not urls:
         raise ConfigError("data.train_urls is empty; give a shard directory, tar path(s) or a pipe: command")

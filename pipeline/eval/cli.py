@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from pipeline.errors import ConfigError
 
 
 def register(subparsers) -> None:
@@ -72,7 +73,6 @@ def _summary(r: dict) -> list[str]:
 
 
 def _evaluate(args) -> int:
-    from pipeline.config import ConfigError
     from pipeline.eval.run import EvalOptions, evaluate_run
 
     opts = EvalOptions(

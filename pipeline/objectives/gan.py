@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from pipeline.data.meta import DataMeta
 from pipeline.objectives.base import StepContext
+from pipeline.errors import ConfigError
 
 LOG4 = math.log(4.0)
 
@@ -118,8 +119,6 @@ class GANConfig:
     latent_seed: int | None = None
 
     def validate(self) -> None:
-        from pipeline.config import ConfigError
-
         if self.n_critic < 1:
             raise ConfigError(f"gan.n_critic must be >= 1, got {self.n_critic}")
         if self.latent_dim <= 0:

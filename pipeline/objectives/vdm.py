@@ -62,6 +62,7 @@ from pipeline.models import MLP, UNet
 from pipeline.objectives.base import AllGather, StepContext
 from pipeline.objectives.schedules import LearnedSchedule, build_schedule
 from pipeline.objectives.timesteps import ImportanceSampler, build_timestep_sampler
+from pipeline.errors import ConfigError
 
 
 @dataclass
@@ -88,8 +89,6 @@ class VDMConfig:
     sample_steps: int | None = None  # default ancestral steps for continuous time (discrete: T - 1)
 
     def validate(self) -> None:
-        from pipeline.config import ConfigError
-
         T = self.num_timesteps
         if T != 0 and T < 2:
             raise ConfigError(f"vdm.num_timesteps must be 0 (continuous time) or >= 2, got {T}")
@@ -236,8 +235,6 @@ class VDM(nn.Module):
         super().__init__()
         cfg.validate()
         if cfg.data_kind != "auto" and cfg.data_kind != meta.data_kind:
-            from pipeline.config import ConfigError
-
             raise ConfigError(f"vdm.data_kind={cfg.data_kind!r} but the data's manifest says {meta.data_kind!r}")
         self.cfg, self.meta = cfg, meta
         self.sample_shape = tuple(meta.sample_shape)

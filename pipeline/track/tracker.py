@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
-from pipeline.config import ConfigError, TrackConfig
+from pipeline.config import TrackConfig
+from pipeline.errors import ConfigError
 from pipeline.track.images import save_grid_png
 from pipeline.track.metrics import TimeProfile
 from pipeline.track.secrets import Scrubber

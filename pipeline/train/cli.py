@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from pipeline.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +46,6 @@ def _train(args) -> int:
 def _sample(args) -> int:
     import numpy as np
 
-    from pipeline.config import ConfigError
     from pipeline.train.export import load_export, sample_from
     from pipeline.train.sampling import default_labels
 

@@ -39,6 +39,7 @@ import torch.nn as nn
 from pipeline.config import EngineConfig, TrainConfig
 from pipeline.train.engine import Engine, PreparedPhase, lr_lambda
 from pipeline.train.phases import Phase
+from pipeline.errors import ConfigError
 
 TAG = "state"  # fixed DeepSpeed checkpoint tag: one DeepSpeed checkpoint per Checkpointer dir
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -65,7 +66,6 @@ def load_base_config(path: str | None) -> dict:
     ZeRO tuning knobs (bucket sizes, prefetch, overlap) that the training config has no keys for."""
     if path is None:
         return {}
-    from pipeline.config import ConfigError
 
     try:
         with open(path) as f:

@@ -18,6 +18,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from pipeline.data.meta import DataMeta
+from pipeline.errors import ConfigError
 
 
 def write_export(run_dir: Path, module: nn.Module, config: dict[str, Any], meta: DataMeta, step: int) -> Path:
@@ -40,7 +41,7 @@ def write_export(run_dir: Path, module: nn.Module, config: dict[str, Any], meta:
 
 def load_export(run_dir: Path) -> tuple[nn.Module, DataMeta, dict[str, Any]]:
     """Rebuild the sampled module (the phase with ``ema=True``) with the exported weights."""
-    from pipeline.config import ConfigError, config_from_dict
+    from pipeline.config import config_from_dict
     from pipeline.objectives import build_phases
 
     d = Path(run_dir) / "export"

@@ -1,0 +1,105 @@
+"""The first 20 steps of every preset, on 1 process and on 2 (DDP, ZeRO-2, FSDP), as a record.
+
+A refactoring must not change what training computes: ``test_preset_golden.py`` runs these
+cases and compares every deterministic metric of every step bitwise with
+``preset_metrics.json``, recorded by ``python -m tests.golden.presets --record`` on the
+commit before the architecture change (issue 14). Timing and memory metrics are left out:
+they vary from run to run. Float bitwise equality holds on one machine kind with one torch
+build and one thread per process (the test environment); on another machine re-record at a
+known-good commit, never to make a failing refactor pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.conftest import accelerate_launch, run_pipeline
+
+GOLDEN = Path(__file__).with_name("preset_metrics.json")
+NUM_STEPS = 20
+
+# name -> `pipeline shards` arguments; small, seeded, written once per session.
+DATASETS = {
+    "ising-T3.0-L16": ["ising", "--temperature", "3.0", "--size", "16", "--num-samples", "512", "--seed", "0",
+                       "--samples-per-shard", "128"],
+    "ising-multiT-L16": ["ising", "--temperature", "1.8", "2.0", "2.2", "2.4", "2.6", "3.0", "--size", "16",
+                         "--num-samples", "96", "--seed", "0", "--samples-per-shard", "128"],
+    "digits": ["digits"],
+    "gmm-d2-k8": ["gmm", "--dim", "2", "--num-components", "8", "--num-samples", "4096", "--seed", "0"],
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    preset: str
+    data: str
+    num_processes: int = 1
+    overrides: tuple[str, ...] = ()
+
+
+CASES = [
+    Case("quickstart", "quickstart", "ising-T3.0-L16"),
+    Case("vdm_ising", "vdm_ising", "ising-T3.0-L16"),
+    Case("vdm_digits", "vdm_digits", "digits"),
+    Case("gan_ising", "gan_ising", "ising-multiT-L16"),
+    Case("gan_digits", "gan_digits", "digits"),
+    Case("gan_gmm", "gan_gmm", "gmm-d2-k8"),
+    Case("quickstart-ddp2", "quickstart", "ising-T3.0-L16", 2),
+    Case("gan_gmm-ddp2", "gan_gmm", "gmm-d2-k8", 2),
+    Case("quickstart-zero2", "quickstart", "ising-T3.0-L16", 2, ("engine.backend=deepspeed", "engine.zero_stage=2")),
+    Case("gan_gmm-fsdp2", "gan_gmm", "gmm-d2-k8", 2, ("engine.fsdp=full_shard",)),
+]
+
+_VOLATILE_PREFIXES = ("perf/", "sys/", "mem/")
+
+
+def deterministic(row: dict) -> dict:
+    """A metrics row without what varies between identical runs (time, memory, data waits)."""
+    return {k: v for k, v in row.items()
+            if k != "time" and not k.startswith(_VOLATILE_PREFIXES) and not k.endswith("data_wait_s")}
+
+
+def write_datasets(root: Path) -> dict[str, Path]:
+    out = {}
+    for name, args in DATASETS.items():
+        out[name] = root / name
+        if not (out[name] / "manifest.json").is_file():
+            run_pipeline("shards", *args, "--out", str(out[name]))
+    return out
+
+
+def run_case(case: Case, data: Path, run_dir: Path) -> list[dict]:
+    args = ["train", "--config", f"configs/{case.preset}.yaml", f"run.dir={run_dir}", f"data.train_urls={data}",
+            f"train.num_steps={NUM_STEPS}", "train.warmup_steps=0", "train.log_every_steps=1",
+            f"train.checkpoint_every_steps={NUM_STEPS}", "track.wandb=off",
+            *case.overrides]
+    if case.num_processes == 1:
+        run_pipeline(*args)
+    else:
+        accelerate_launch(case.num_processes, *args)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [deterministic(r) for r in rows if "event" not in r]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--record", action="store_true", help=f"write {GOLDEN.name}")
+    p.add_argument("--work", type=Path, required=True, help="scratch directory for data and runs")
+    a = p.parse_args(argv)
+    data = write_datasets(a.work / "data")
+    result = {c.name: run_case(c, data[c.data], a.work / "runs" / c.name) for c in CASES}
+    if a.record:
+        GOLDEN.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {GOLDEN}")
+    else:
+        print(json.dumps({k: len(v) for k, v in result.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,18 +1,33 @@
 """The contract between objectives and the training loop.
 
-An objective is an ``nn.Module`` whose ``forward(batch, ctx)`` returns an output with a
-scalar ``loss`` to back-propagate and ``metrics()`` (floats to log). It knows nothing of
-processes or backends: the loop hands it a :class:`StepContext` with the few integers that
-cross-rank schemes (stratified time steps) need, and an ``all_gather`` callable when it has
-state that must agree across ranks.
+An objective is an ``nn.Module`` subclassing :class:`Objective`. The loop may call exactly
+what is declared here, nothing else (it never probes with ``hasattr``):
+
+- ``forward(batch, ctx)`` -> an :class:`ObjectiveOutput`: a scalar ``loss`` to back-propagate
+  and ``metrics()`` (floats to log: every ELBO term, or the adversarial balance);
+- ``after_micro_step(output, all_gather)``: after each micro batch's backward (e.g. a time-step
+  sampler's loss history, which must agree across ranks); no-op by default;
+- ``after_optimizer_step(all_gather)``: after each optimizer step of this objective's phase;
+  no-op by default;
+- ``report()`` -> :class:`Report`: views for logging at each logging step (per-t profiles,
+  sampler state); empty by default. The loop calls it with the phase's full weights in place
+  (an FSDP-sharded parameter such as a learned schedule's is gathered first);
+- ``sample(...)``, on the objective whose weights are kept as EMA and exported
+  (:class:`SampledObjective`).
+
+Objectives know nothing of processes or backends: the loop hands them a :class:`StepContext`
+with the few integers that cross-rank schemes (stratified time steps) need, and an
+``all_gather`` callable when they have state that must agree across ranks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Protocol
+from abc import ABCMeta, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
 
 import torch
+import torch.nn as nn
 
 AllGather = Callable[[torch.Tensor], torch.Tensor]  # concatenates a tensor over ranks along dim 0
 
@@ -30,3 +45,43 @@ class ObjectiveOutput(Protocol):
     loss: torch.Tensor  # scalar, what is back-propagated
 
     def metrics(self) -> dict[str, float]: ...
+
+
+class Profile(Protocol):
+    """A per-t curve for the tracker (e.g. :class:`pipeline.track.metrics.TimeProfile`)."""
+
+    def as_dict(self) -> dict[str, list]: ...
+
+
+@dataclass
+class Report:
+    metrics: dict[str, float] = field(default_factory=dict)  # logged with the step's metrics
+    profiles: dict[str, Profile] = field(default_factory=dict)  # name -> curve, logged as events
+
+
+class Objective(nn.Module, metaclass=ABCMeta):
+    """A module the loop trains as one phase (see the module docstring for the contract)."""
+
+    @abstractmethod
+    def forward(self, batch: dict[str, torch.Tensor], ctx: StepContext | None = None) -> ObjectiveOutput: ...
+
+    def after_micro_step(self, output: Any, all_gather: AllGather) -> None:
+        """Called after each micro batch's backward with that micro batch's output."""
+
+    def after_optimizer_step(self, all_gather: AllGather) -> None:
+        """Called after each optimizer step of this objective's phase (skipped steps included)."""
+
+    def report(self) -> Report:
+        """Views since the last report, for logging; called on every rank at a logging step."""
+        return Report()
+
+
+class SampledObjective(Objective):
+    """An objective whose module is sampled from (the EMA copy, and the export)."""
+
+    @abstractmethod
+    def sample(self, num_samples: int, labels: torch.Tensor | None = None, num_steps: int | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """``num_samples`` samples in data space. ``num_steps``: the sampler's number of steps
+        where it has one (a VDM); an objective that samples in one pass raises ValueError for
+        any other value than None."""

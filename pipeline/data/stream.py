@@ -35,6 +35,7 @@ were corrupt. Each filled slot counts once in ``corrupt_count``.
 from __future__ import annotations
 
 import logging
+import signal
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -479,6 +480,7 @@ class Stream:
             # global torch RNG without one; that draw would shift the training noise of a resumed
             # run against an uninterrupted one. Decoding is seeded per window, not per worker.
             generator=torch.Generator().manual_seed(0),
+            worker_init_fn=_ignore_job_signals,
         )
         self._loader_iter = iter(loader)
         self._current = next(self._loader_iter)
@@ -559,6 +561,19 @@ class Stream:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def _ignore_job_signals(worker_id: int) -> None:
+    """DataLoader workers ignore the scheduler's stop signals (SIGTERM, SIGUSR1).
+
+    SLURM (``scancel``, time limit), ``timeout`` and Kubernetes signal every process of the job,
+    workers included. A worker killed by it makes the main process raise "DataLoader worker
+    ... is killed by signal: Terminated" before it can write its preemption checkpoint. The
+    main process decides what a signal means (PreemptionFlag in pipeline/train/loop.py) and
+    stops the workers normally (Stream.close); a worker whose main process dies anyway exits
+    by the DataLoader's own parent watchdog. Seeds nothing: decoding is seeded per window."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def build_stream(cfg: DataConfig, *, rank: int, world_size: int, seed: int, split: str = "train") -> Stream:

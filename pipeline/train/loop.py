@@ -8,6 +8,7 @@ checkpoints, and a collective check for a preemption signal.
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import time
@@ -21,13 +22,17 @@ from pipeline.data.stream import build_stream, read_meta
 from pipeline.objectives import build_phases
 from pipeline.objectives.base import StepContext
 from pipeline.track.metrics import memory_metrics
-from pipeline.train.checkpoint import Checkpointer
+from pipeline.train.checkpoint import LATEST, Checkpointer, atomic_write_text
 from pipeline.train.ema import EMA
 from pipeline.train.engine import Engine, PreparedPhase, build_engine
 from pipeline.train.export import write_export
 from pipeline.train.state import RNGState, TrainState, seed_everything
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal, asks the launcher to requeue
+# Written into run.dir by rank 0 once the preemption checkpoint is complete. `accelerate
+# launch` does not pass the ranks' 75 on (its elastic agent exits 128 + 15 on SIGTERM), so
+# slurm/train.sbatch and launch/requeue_exit.sh read this file to exit 75 themselves.
+PREEMPTED_MARKER = "preempted.json"
 
 
 class TrainingDiverged(RuntimeError):
@@ -44,6 +49,14 @@ class PreemptionFlag:
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
+
+    @staticmethod
+    def record(run_dir: Path, step: int, checkpoints: Path) -> None:
+        """Say in run.dir that the preemption checkpoint of ``step`` is complete: written after
+        it (``latest`` names it by then), atomically, so a reader never sees half a file."""
+        name = (checkpoints / LATEST).read_text().strip()
+        atomic_write_text(run_dir / PREEMPTED_MARKER,
+                          json.dumps({"step": step, "checkpoint": name, "exit_code": REQUEUE_EXIT_CODE}))
 
     def ignore_further(self) -> None:
         """Once the checkpoint is written, a second signal must not kill the process on its way
@@ -196,6 +209,7 @@ def train(cfg: Config) -> int:
                 if state.step % cfg.train.checkpoint_every_steps != 0:
                     save()
                 if engine.is_main:
+                    PreemptionFlag.record(run_dir, state.step, ckpt.root)
                     print(f"preempted: checkpoint at step {state.step}; exiting {REQUEUE_EXIT_CODE} to requeue",
                           file=sys.stderr, flush=True)
                 preempt.ignore_further()

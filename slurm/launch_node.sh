@@ -79,4 +79,8 @@ echo "launch_node.sh: node ${SLURMD_NODENAME:-?} rank $SLURM_NODEID/$SLURM_NNODE
 # not handle SIGUSR1 (default action: die). Ignoring it here is inherited through exec by
 # the launcher; the training processes install their own handler, which replaces this.
 trap '' USR1
+# On SIGTERM (scancel, time limit) the agent SIGTERMs its ranks and SIGKILLs them after
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT (torch's default 30 s); give them the checkpoint grace
+# period instead. SLURM's KillWait still bounds it (SIGKILL to the whole job).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-${PIPELINE_CHECKPOINT_WAIT_S:-150}}"
 exec "$python" "${args[@]}"

@@ -1,4 +1,5 @@
-"""Real SLURM: a 2-node job, slurm/train.sbatch on 2 nodes, and preemption -> requeue -> resume.
+"""Real SLURM: a 2-node job, slurm/train.sbatch on 2 nodes, preemption -> requeue -> resume, and
+`scancel` (SIGTERM to every process of the job) -> checkpoint, exit 75 -> resume in a new job.
 
 Needs a running cluster with at least 2 nodes (locally: `bash .ci/slurm-up.sh` as root,
 which .ci/run calls). Without `sinfo` these tests skip, except under CI (CI=true), where a
@@ -154,3 +155,52 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path, ising
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{num_steps:08d}"
     starts = json.loads((run / f"slurm-{job}.json").read_text())["starts"]
     assert [s["restart_count"] for s in starts] == [0, 1]
+
+
+def test_scancel_checkpoints_on_every_rank_and_the_job_resumes(cluster, tmp_path, ising_shards):
+    """`scancel` (as the time limit) SIGTERMs every process of the job, DataLoader workers
+    included: both ranks checkpoint at the step that was running, the batch script exits 75
+    and does not requeue, and a new job with the same run.dir resumes from that checkpoint."""
+    from pipeline.train.checkpoint import validate
+    from pipeline.train.loop import PREEMPTED_MARKER
+
+    run = tmp_path / "run"
+    common = ["configs/quickstart.yaml", "train.checkpoint_every_steps=1000", f"run.dir={run}",
+              f"data.train_urls={ising_shards}", *TINY, "data.num_workers=1"]  # fmt: skip
+    job = _submit("--nodes=2", "--time=20", f"--output={tmp_path}/%x-%j.out", "slurm/train.sbatch", *common,
+                  "train.num_steps=3000")  # fmt: skip
+    log = tmp_path / f"pipeline-train-{job}.out"
+    try:
+        deadline = time.monotonic() + 300
+        while not ((run / "metrics.jsonl").exists() and any(s >= 5 for s in _steps(run))):
+            state = _job(job)["JobState"]
+            assert state not in TERMINAL, f"job ended ({state}) before training started:\n{log.read_text()[-5000:]}"
+            assert time.monotonic() < deadline, f"training did not start:\n{log.read_text()[-5000:] if log.exists() else ''}"
+            time.sleep(0.5)
+        r = subprocess.run(["scancel", job], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        info = _wait(job, 300, log)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    text = log.read_text()
+    # SLURM records the batch script's exit code, 75, even for a cancelled job.
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("CANCELLED", "75:0", "0"), text[-5000:]
+    assert "killed by signal" not in text, text[-5000:]
+    preempted = re.findall(r"preempted: checkpoint at step (\d+)", text)
+    assert len(preempted) == 1, text[-5000:]
+    k = int(preempted[0])
+    assert 5 <= k < 3000 and max(_steps(run)) == k
+    manifest = validate(run / "checkpoints" / f"step-{k:08d}")
+    assert manifest["step"] == k and manifest["world_size"] == 2
+    assert json.loads((run / PREEMPTED_MARKER).read_text())["step"] == k
+    assert "preemption checkpoint written" in text and "exiting 75" in text, text[-5000:]
+    assert "requeueing job" not in text, text[-5000:]  # scancel stops the job
+
+    again = _submit("--nodes=2", "--time=15", f"--output={tmp_path}/%x-%j.out", "slurm/train.sbatch", *common,
+                    f"train.num_steps={k + 3}")  # fmt: skip
+    log2 = tmp_path / f"pipeline-train-{again}.out"
+    info = _wait(again, 300, log2)
+    text2 = log2.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text2[-5000:]
+    assert f"resumed from step {k} " in text2, text2[-5000:]
+    assert _steps(run) == list(range(1, k + 4))  # every step once across both jobs

@@ -82,7 +82,9 @@ def classify_meta(old: dict[str, Any], new: DataMeta) -> tuple[list[Change], lis
     """(errors, warnings) between the data meta of the run's export and the new data's."""
     errors, warnings = [], []
     for key, b in dataclasses.asdict(new).items():
-        a, b = old.get(key), list(b) if isinstance(b, tuple) else b  # JSON has lists for tuples
+        if key not in old:  # an export written before the field existed: nothing to compare
+            continue
+        a, b = old[key], list(b) if isinstance(b, tuple) else b  # JSON has lists for tuples
         if a != b:
             (errors if key in _SHAPE_META_FIELDS else warnings).append(Change(f"data meta {key}", a, b))
     return errors, warnings

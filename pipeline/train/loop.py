@@ -225,6 +225,8 @@ def train(cfg: Config, meta: DataMeta | None = None) -> int:
         # exception, e.g. TrainingDiverged, exits 1), so the tracker records the failure
         # instead of a success (issue 15 item 4).
         exit_code = 2 if isinstance(e, ConfigError) else 1
+        if tracker is not None:  # the reason beside the flag (scrubbed like every event field)
+            tracker.log_event("error", error=f"{type(e).__name__}: {e}")
         raise
     finally:
         if tracker is not None:

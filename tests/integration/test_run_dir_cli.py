@@ -99,6 +99,8 @@ def test_a_diverged_run_is_recorded_as_failed(tmp_path):
     assert r.returncode == 1 and "TrainingDiverged" in r.stderr, r.stderr[-3000:]
     (close,) = _close_events(rd)
     assert close["failed"] is True and close["exit_code"] == 1
+    (error,) = [d for d in map(json.loads, rd.metrics.read_text().splitlines()) if d.get("event") == "error"]
+    assert error["error"].startswith("TrainingDiverged: 2 consecutive steps with NaN/Inf")
     assert _wandb_exit_codes(rd) == [1]
 
 

@@ -117,6 +117,10 @@ class Config:
 
     def validate(self) -> None:
         """Cross-field checks: combinations that each value alone does not rule out."""
+        if not self.run.dir.strip():
+            # An empty run.dir resolves to the current directory: the run's checkpoints,
+            # config.yaml and metrics.jsonl would land among whatever is there (issue 15 item 6).
+            raise ConfigError(f"run.dir={self.run.dir!r} is empty; give the run directory, e.g. run.dir=runs/r1")
         t = self.train
         _positive("train.num_steps", t.num_steps)
         _positive("train.grad_accum_steps", t.grad_accum_steps)
@@ -171,12 +175,40 @@ class Config:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Hash of what determines the training trajectory (the run dir and tracking excluded)."""
-        d = self.to_dict()
-        for k in ("run", "track"):
-            d.pop(k)
-        d["seed"] = self.run.seed
+        """Hash of what determines the training trajectory: every key but those a resume may
+        change silently (:data:`RESUME_SILENT_KEYS`: run length, cadence, tracking, where)."""
+        unused = "gan." if self.objective == "vdm" else "vdm."  # the other objective's section is never read
+        d = {k: v for k, v in flatten(self.to_dict()).items() if not (is_resume_silent(k) or k.startswith(unused))}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Keys a resume may change without a word (see pipeline/train/resume.py for the others):
+# extending a run with a larger train.num_steps is the documented way to train longer; how
+# often it logs, samples and checkpoints, what it keeps, what tracks it and where it lives do
+# not change what it computes. Every other key changes the model, the objective, the data
+# order or the optimisation.
+RESUME_SILENT_KEYS = frozenset({
+    "run.dir", "run.name", "train.num_steps", "train.log_every_steps", "train.checkpoint_every_steps",
+    "train.keep_last_checkpoints", "train.keep_every_steps", "train.sample_every_steps",
+    "train.num_sample_images", "train.max_bad_steps", "data.verify", "engine.timeout_s",
+})
+RESUME_SILENT_SECTIONS = ("track",)
+
+
+def is_resume_silent(key: str) -> bool:
+    return key in RESUME_SILENT_KEYS or key.split(".", 1)[0] in RESUME_SILENT_SECTIONS
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}`` (dotted keys, as in overrides); lists stay values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def _positive(name: str, value: int) -> None:
@@ -345,6 +377,22 @@ def config_from_dict(d: dict[str, Any]) -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """The config as save_config writes it (lists for tuples), flattened to dotted keys."""
+    return flatten(_plain(cfg.to_dict()))
+
+
+def read_saved_config(path: str | Path) -> dict[str, Any]:
+    """A ``config.yaml`` written by :func:`save_config`, flattened to dotted keys, with today's
+    defaults filled in (so a key added since is not a change); as written, where it no longer
+    builds (a key since removed or renamed)."""
+    raw = _yaml_load(Path(path).read_text()) or {}
+    try:
+        return flat_config(build(Config, raw))
+    except ConfigError:
+        return flatten(raw)
 
 
 def _plain(x: Any) -> Any:

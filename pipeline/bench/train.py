@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.run_dir import RunDir
+
 DEFAULT_CHECKPOINT_EVERY_STEPS = 100  # TrainConfig's default interval
 BACKENDS = {
     "ddp": ["engine.backend=accelerate"],
@@ -138,7 +140,7 @@ def run_train(run_dir: Path, config: Path, shards: Path, overrides: list[str], *
 
 
 def read_run(run_dir: Path) -> dict[str, float]:
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in RunDir(run_dir).metrics.read_text().splitlines()]
     intervals = [r for r in rows if "event" not in r]
     saves = [r["seconds"] for r in rows if r.get("event") == "checkpoint"]
     if len(intervals) < 2:

@@ -576,10 +576,12 @@ def _ignore_job_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def build_stream(cfg: DataConfig, *, rank: int, world_size: int, seed: int, split: str = "train") -> Stream:
+def build_stream(cfg: DataConfig, *, rank: int, world_size: int, seed: int, split: str = "train",
+                 meta: DataMeta | None = None) -> Stream:
     """The batch stream of ``rank`` out of ``world_size`` for ``cfg.train_urls`` (or, with
     ``split="validation"``, ``cfg.val_urls``, defaulting to the validation shards of the
-    ``train_urls`` manifest directory)."""
+    ``train_urls`` manifest directory). ``meta``: the data's :func:`read_meta`, when the
+    caller has it already (training reads it once, before the process group starts)."""
     cfg.validate()
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
@@ -587,7 +589,7 @@ def build_stream(cfg: DataConfig, *, rank: int, world_size: int, seed: int, spli
         raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
     urls = cfg.train_urls if split == "train" else (cfg.val_urls or cfg.train_urls)
     shard_set = resolve_shards(urls, split=split, verify_mode=cfg.verify)
-    meta = shard_set.meta or read_meta(urls)
+    meta = meta if meta is not None else (shard_set.meta or read_meta(urls))
     n = sum(shard_set.num_samples)
     if n < world_size:
         raise ValueError(f"{urls} has {n} samples, fewer than world_size={world_size}")

@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 from pipeline.errors import ConfigError
+from pipeline.run_dir import RunDir
 
 
 def register(subparsers) -> None:
@@ -80,7 +81,7 @@ def _evaluate(args) -> int:
         elbo_num_samples=args.elbo_num_samples, elbo_noise_samples=args.elbo_noise_samples,
         z_max=args.z_max, alpha=args.alpha,
     )
-    if not (Path(args.run) / "export").is_dir():
+    if not RunDir(args.run).export.is_dir():
         raise ConfigError(f"--run {args.run}: no export/ directory (is it a run directory that saved a checkpoint?)")
     try:
         result = evaluate_run(args.run, args.data, opts)

@@ -25,6 +25,7 @@ import torch
 from pipeline.data.meta import DataMeta
 from pipeline.eval.ising import DEFAULT_ALPHA, DEFAULT_Z_MAX
 from pipeline.eval.reference import ReferenceSet, has_split, load_reference
+from pipeline.run_dir import RunDir
 
 
 @dataclass
@@ -265,14 +266,15 @@ def evaluate_digits_run(module, meta, info, urls, reference, opts, run_dir: Path
                  batch_size=opts.sample_batch_size)
     t_sample = time.perf_counter() - t0
     t0 = time.perf_counter()
-    net = load_or_train_digits_features(Path(run_dir) / "eval")
+    cache = RunDir(run_dir).eval_cache
+    net = load_or_train_digits_features(cache)
     rep = evaluate_digits(x, reference.x, net, labels=None if labels is None else labels.numpy(), seed=opts.seed)
     t_fd = time.perf_counter() - t0
     t0 = time.perf_counter()
     lik = _vdm_likelihood(module, urls, reference, opts, notes, labels_from_cls=meta.label_kind == "class")
     result = {"evaluation": "digits", **rep.to_dict(), **lik}
     result["notes"] = notes + [f"Fréchet distance in the hidden-layer features of an MLP trained on sklearn digits "
-                               f"(cached in {Path(run_dir) / 'eval'}); compare with frechet_distance_baseline"]
+                               f"(cached in {cache}); compare with frechet_distance_baseline"]
     result["timings_s"] = {"sample_s": t_sample, "frechet_s": t_fd, "elbo_s": time.perf_counter() - t0}
     return result
 

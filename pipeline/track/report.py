@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.track.tracker import METRICS_FILE, SAMPLES_DIR
+from pipeline.run_dir import RunDir
 
 ELBO_KEYS = ["vdm/bits_per_dim", "vdm/recon_bpd", "vdm/prior_bpd", "vdm/diffusion_bpd"]
 # (panel title, keys): a panel is drawn when any of its keys was logged.
@@ -158,7 +158,7 @@ def _training_panels(log: RunLog) -> list[tuple[str, list[str]]]:
 
 
 def latest_sample_grid(run_dir: Path) -> Path | None:
-    pngs = list((run_dir / SAMPLES_DIR).glob("*-[0-9][0-9][0-9][0-9][0-9][0-9][0-9].png"))
+    pngs = list(RunDir(run_dir).samples.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9][0-9].png"))
     if not pngs:
         return None
     return max(pngs, key=lambda p: (int(p.stem.rsplit("-", 1)[1]), p.stat().st_mtime))
@@ -175,13 +175,14 @@ def make_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"run directory {str(run_dir)!r} does not exist")
-    metrics_path = run_dir / METRICS_FILE
+    rd = RunDir(run_dir)
+    metrics_path = rd.metrics
     if not metrics_path.is_file():
-        raise ValueError(f"{str(run_dir)!r} has no {METRICS_FILE}: not a run directory, or the run never logged")
+        raise ValueError(f"{str(run_dir)!r} has no {metrics_path.name}: not a run directory, or the run never logged")
     log = read_metrics(metrics_path)
     if not (log.series or log.profiles or log.images):
         raise ValueError(f"{metrics_path} holds no metrics ({log.num_bad_lines} unreadable lines)")
-    out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    out = Path(out_dir) if out_dir is not None else rd.report
     out.mkdir(parents=True, exist_ok=True)
     written = [
         plot_elbo(log, out / "elbo.png"),

@@ -19,7 +19,9 @@ REDACTED = "<redacted>"
 
 # Names (of env vars, config keys, CLI flags) whose values are secrets, matched on the words
 # of the name (split at "_", "-", ".", camelCase) so that "tokenizer" or "author" are not.
-_SECRET_WORDS = {"token", "secret", "password", "passwd", "pwd", "credential", "credentials", "apikey",
+# Not "pwd": the shell's $PWD and $OLDPWD hold directories, and with it every path under the
+# working directory was redacted, losing the run's provenance (issue 15 item 7).
+_SECRET_WORDS = {"token", "secret", "password", "passwd", "passphrase", "credential", "credentials", "apikey",
                  "authorization", "auth"}
 _SECRET_PAIRS = {("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key")}
 # Shapes of well-known credentials, independent of where they appear.

@@ -36,13 +36,12 @@ from urllib.parse import urlparse
 
 from pipeline.config import TrackConfig
 from pipeline.errors import ConfigError
+from pipeline.run_dir import RunDir
 from pipeline.track.images import save_grid_png
+from pipeline.track.jsonl import atomic_write_json, json_line, last_step_in_jsonl, repair_torn_tail
 from pipeline.track.metrics import TimeProfile
 from pipeline.track.secrets import Scrubber
 
-METRICS_FILE = "metrics.jsonl"
-STATE_FILE = "track.json"
-SAMPLES_DIR = "samples"
 _WANDB_MODES = ("auto", "online", "offline", "off")
 _RESERVED_KEYS = {"step", "time", "event"}
 _ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
@@ -110,49 +109,6 @@ def _to_number(key: str, value: Any) -> float | int | None:
     return f if math.isfinite(f) else None  # strict JSON has no NaN/Inf: written as null
 
 
-def _json_line(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, allow_nan=False, default=str, separators=(",", ":")) + "\n"
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def _last_step_in_jsonl(path: Path, tail_bytes: int = 1 << 16) -> int:
-    """Largest "step" among the last complete lines of metrics.jsonl (-1 if none)."""
-    if not path.is_file():
-        return -1
-    with path.open("rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - tail_bytes))
-        lines = f.read().split(b"\n")
-    best = -1
-    for line in lines:
-        try:
-            step = json.loads(line).get("step")
-        except (ValueError, AttributeError):
-            continue
-        if isinstance(step, int):
-            best = max(best, step)
-    return best
-
-
-def _repair_torn_tail(path: Path) -> None:
-    """Cut a half-written last line (crash mid-write) so appended lines stay parseable."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
-    with path.open("rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n":
-            return
-        f.seek(0)
-        data = f.read()
-        f.truncate(data.rfind(b"\n") + 1)
-
-
 def _format_duration(seconds: float) -> str:
     if not math.isfinite(seconds) or seconds < 0:
         return "?"
@@ -179,6 +135,7 @@ class Tracker:
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.paths = RunDir(run_dir)
         self.is_main = is_main
         self.total_steps = int(total_steps)
         self.mode = resolve_wandb_mode(cfg.wandb)
@@ -195,18 +152,18 @@ class Tracker:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.scrub = Scrubber()
-        metrics_path = self.run_dir / METRICS_FILE
-        state_path = self.run_dir / STATE_FILE
+        metrics_path = self.paths.metrics
+        state_path = self.paths.track_state
         state = json.loads(state_path.read_text()) if resume and state_path.is_file() else {}
         if resume:
-            _repair_torn_tail(metrics_path)
-            self.resume_step = max(int(state.get("last_step", -1)), _last_step_in_jsonl(metrics_path))
+            repair_torn_tail(metrics_path)
+            self.resume_step = max(int(state.get("last_step", -1)), last_step_in_jsonl(metrics_path))
         else:
             self.resume_step = -1
             if metrics_path.exists():  # a fresh start in a used directory: keep, don't mix
                 aside = metrics_path.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
                 metrics_path.rename(aside)
-                print(f"[track] fresh start: previous {METRICS_FILE} moved to {aside.name}", flush=True)
+                print(f"[track] fresh start: previous {metrics_path.name} moved to {aside.name}", flush=True)
         self.last_step = self.resume_step
         self.run_id = self._choose_run_id(state, resume)
         self.meta = self.scrub.value(
@@ -228,7 +185,7 @@ class Tracker:
             "last_step": self.last_step,
             "segments": [*state.get("segments", []), self.meta],
         }
-        _atomic_write_json(state_path, self._state)
+        atomic_write_json(state_path, self._state)
         self._file = metrics_path.open("a", encoding="utf-8")
         self._pending_wandb: dict[str, float] = {}
         self._event_counts: dict[str, int] = {}
@@ -278,7 +235,7 @@ class Tracker:
             name=self.scrub.text(run_cfg.get("name") or self.run_dir.resolve().name),
             id=self.run_id,
             resume="allow",
-            dir=str(self.run_dir),
+            dir=str(self.run_dir),  # W&B makes its own wandb/ inside (RunDir.wandb)
             config={**self.config, "meta": self.meta},
             # x_disable_meta: W&B's metadata holds the raw argv and the git remote URL (either
             # can carry a token); ours above is scrubbed. console="off": stdout is the job log.
@@ -298,7 +255,7 @@ class Tracker:
     # ---------------------------------------------------------------- logging
 
     def _write(self, obj: dict[str, Any]) -> None:
-        self._file.write(_json_line(obj))
+        self._file.write(json_line(obj))
         self._file.flush()
 
     def _accept_step(self, step: int, what: str) -> bool:
@@ -317,7 +274,7 @@ class Tracker:
         if step > self.last_step:
             self.last_step = step
             self._state["last_step"] = step
-            _atomic_write_json(self.run_dir / STATE_FILE, self._state)
+            atomic_write_json(self.paths.track_state, self._state)
 
     def _print(self, line: str) -> None:
         if self._bar is not None and not self._bar.disable:
@@ -346,7 +303,7 @@ class Tracker:
         clean = {}
         for k, v in metrics.items():
             if k in _RESERVED_KEYS:
-                raise ValueError(f"metric name {k!r} is reserved in {METRICS_FILE}; rename it")
+                raise ValueError(f"metric name {k!r} is reserved in {self.paths.metrics.name}; rename it")
             clean[str(k)] = _to_number(k, v)
         if not self._accept_step(step, "metrics"):
             return
@@ -379,7 +336,7 @@ class Tracker:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
         arr = images.detach().cpu().numpy() if hasattr(images, "detach") else images
         tile = max(arr.shape[-2:])
-        path = save_grid_png(arr, self.run_dir / SAMPLES_DIR / f"{safe}-{step:07d}.png",
+        path = save_grid_png(arr, self.paths.samples / f"{safe}-{step:07d}.png",
                              scale=max(1, math.ceil(64 / tile)), pad_px=2)
         self._write({"event": "image", "step": step, "time": time.time(), "name": name,
                      "path": str(path.relative_to(self.run_dir)), "num_images": int(arr.shape[0])})
@@ -428,8 +385,15 @@ class Tracker:
 
     # ---------------------------------------------------------------- teardown
 
-    def close(self, failed: bool = False) -> None:
-        """Flush files and finish W&B (offline files complete). Idempotent; safe in ``finally``."""
+    def close(self, failed: bool = False, exit_code: int | None = None) -> None:
+        """Flush files and finish W&B (offline files complete). Idempotent; safe in ``finally``.
+
+        ``failed`` and ``exit_code`` (the process's, default 1 if failed else 0) go into the
+        closing line of metrics.jsonl and to ``wandb.finish``, so a crashed run is not
+        recorded as a success (W&B marks a run with a non-zero exit code as failed)."""
+        if exit_code is None:
+            exit_code = 1 if failed else 0
+        assert not (failed and exit_code == 0), "a failed run must not report exit code 0"
         if self._closed:
             return
         self._closed = True
@@ -441,7 +405,7 @@ class Tracker:
                 if self._pending_wandb and self.last_step > self.resume_step:
                     self._wandb_run.log(self._pending_wandb, step=self.last_step)  # same row: merged
                 self._pending_wandb = {}
-                self._wandb_run.finish(exit_code=1 if failed else 0)
+                self._wandb_run.finish(exit_code=exit_code)
         except Exception as e:  # noqa: BLE001 -- closing must not mask the run's own outcome
             errors.append(f"W&B finish failed: {type(e).__name__}: {self.scrub.text(str(e))}")
         finally:
@@ -451,7 +415,7 @@ class Tracker:
         if self._file is not None:
             try:
                 self._write({"event": "close", "step": self.last_step, "time": time.time(),
-                             "failed": failed, "num_dropped_steps": self.num_dropped_steps})
+                             "failed": failed, "exit_code": exit_code, "num_dropped_steps": self.num_dropped_steps})
                 os.fsync(self._file.fileno())
             finally:
                 self._file.close()

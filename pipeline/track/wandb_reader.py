@@ -21,6 +21,8 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline.run_dir import RunDir
+
 _IDENT = b":W&B"
 _MAGIC = 0xBEE1
 _FILE_HEADER = struct.Struct("<4sHB")
@@ -116,7 +118,7 @@ def history_of_file(path: str | Path) -> list[dict[str, Any]]:
 def find_run_files(run_dir: str | Path) -> list[Path]:
     """All ``run-*.wandb`` files under ``run_dir/wandb`` (one per segment of a resumed run),
     oldest segment first (by the run's start time recorded in the file, then path)."""
-    root = Path(run_dir) / "wandb"
+    root = RunDir(run_dir).wandb
     files = sorted(root.glob("*run-*/run-*.wandb"))
 
     def start_time(path: Path) -> tuple[float, str]:

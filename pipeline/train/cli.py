@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 from pipeline.errors import ConfigError
 
@@ -37,10 +39,18 @@ def _train(args) -> int:
     cfg = load_config(args.config, args.overrides)  # every config error surfaces here, before any process group
     from pipeline.data.stream import read_meta
 
-    read_meta(cfg.data.train_urls)  # a missing data set is reported before the process group starts
+    # Read once, here: a missing data set is reported before the process group starts, and
+    # the loop and the stream use this copy (without a manifest, each read scans the shards).
+    meta = read_meta(cfg.data.train_urls)
+    from pipeline.train.resume import check_resume
+
+    # Before anything is written: an incompatible config leaves the run directory as it is.
+    for warning in check_resume(cfg, meta):
+        if os.environ.get("RANK", "0") == "0":  # every rank checks; one says so
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     from pipeline.train.loop import train
 
-    return train(cfg)
+    return train(cfg, meta)
 
 
 def _sample(args) -> int:

@@ -19,18 +19,22 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.data.meta import DataMeta
 from pipeline.errors import ConfigError
+from pipeline.run_dir import RunDir
+
+EXPORT_INFO = "export.json"  # inside RunDir.export, beside the weights
+EXPORT_WEIGHTS = "weights.safetensors"
 
 
 def write_export(run_dir: Path, module: nn.Module, config: dict[str, Any], meta: DataMeta, step: int) -> Path:
-    final = Path(run_dir) / "export"
-    tmp = Path(run_dir) / ".export.partial"
+    rd = RunDir(run_dir)
+    final, tmp = rd.export, rd.export_partial
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    save_file(tensors, str(tmp / "weights.safetensors"))
+    save_file(tensors, str(tmp / EXPORT_WEIGHTS))
     info = {"step": step, "config": config, "meta": dataclasses.asdict(meta)}
-    (tmp / "export.json").write_text(json.dumps(info, indent=1, default=str))
-    old = Path(run_dir) / ".export.old"
+    (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1, default=str))
+    old = rd.export_old
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.rename(final, old)
@@ -44,15 +48,15 @@ def load_export(run_dir: Path) -> tuple[nn.Module, DataMeta, dict[str, Any]]:
     from pipeline.config import config_from_dict
     from pipeline.objectives import build_phases
 
-    d = Path(run_dir) / "export"
-    if not (d / "export.json").is_file():
-        raise ConfigError(f"{run_dir}: no export found (expected {d}/export.json; has the run saved a checkpoint?)")
-    info = json.loads((d / "export.json").read_text())
+    d = RunDir(run_dir).export
+    if not (d / EXPORT_INFO).is_file():
+        raise ConfigError(f"{run_dir}: no export found (expected {d / EXPORT_INFO}; has the run saved a checkpoint?)")
+    info = json.loads((d / EXPORT_INFO).read_text())
     cfg = config_from_dict(info["config"])
     m = info["meta"]
     meta = DataMeta(**{k: tuple(v) if isinstance(v, list) else v for k, v in m.items()})
     (phase,) = [p for p in build_phases(cfg, meta) if p.ema]
-    phase.module.load_state_dict(load_file(str(d / "weights.safetensors")))
+    phase.module.load_state_dict(load_file(str(d / EXPORT_WEIGHTS)))
     phase.module.eval()
     info["config_obj"] = cfg
     return phase.module, meta, info

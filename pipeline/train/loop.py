@@ -18,9 +18,12 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config, TrainConfig, save_config
+from pipeline.data.meta import DataMeta
 from pipeline.data.stream import build_stream, read_meta
+from pipeline.errors import ConfigError
 from pipeline.objectives import build_phases
 from pipeline.objectives.base import StepContext
+from pipeline.run_dir import RunDir
 from pipeline.track.metrics import memory_metrics
 from pipeline.train.checkpoint import LATEST, Checkpointer, atomic_write_text
 from pipeline.train.ema import EMA
@@ -124,25 +127,29 @@ def optimizer_step(ph: PreparedPhase, batches, state: TrainState, engine: Engine
     return dict(metrics)
 
 
-def train(cfg: Config) -> int:
+def train(cfg: Config, meta: DataMeta | None = None) -> int:
+    """Train ``cfg`` to ``train.num_steps``; return the process's exit code (0, or
+    :data:`REQUEUE_EXIT_CODE` when preempted). ``meta``: the data's metadata as the CLI read
+    it (read here when None)."""
     from pipeline.track.tracker import Tracker
 
     engine = build_engine(cfg.engine)
-    run_dir = Path(cfg.run.dir)
+    run_dir = RunDir(cfg.run.dir)
     tracker = stream = None
+    exit_code: int | None = None  # set on the way out; an exception leaves it None until caught
     try:
         if engine.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
+            run_dir.root.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.run.seed * 1000 + engine.rank)
-        meta = read_meta(cfg.data.train_urls)
+        if meta is None:
+            meta = read_meta(cfg.data.train_urls)
         phases = [engine.prepare(p, cfg.train) for p in build_phases(cfg, meta)]
         sampled = next(p for p in phases if p.phase.ema)
         ema = EMA(sampled.raw, cfg.train.ema_decay)
-        stream = build_stream(cfg.data, rank=engine.rank, world_size=engine.world_size, seed=cfg.run.seed)
+        stream = build_stream(cfg.data, rank=engine.rank, world_size=engine.world_size, seed=cfg.run.seed, meta=meta)
         state, rng = TrainState(), RNGState()
         ckpt = Checkpointer(
-            run_dir / "checkpoints",
+            run_dir.checkpoints,
             engine,
             keep_last=cfg.train.keep_last_checkpoints,
             keep_every=cfg.train.keep_every_steps,
@@ -152,8 +159,12 @@ def train(cfg: Config) -> int:
         manifest = ckpt.restore(phases, shared, per_rank)
         if manifest is not None and engine.is_main:
             print(f"resumed from step {state.step} ({manifest['step']})", flush=True)
+        if engine.is_main:
+            # Only now, with the checkpoint loaded (or none there): until a resume is accepted,
+            # config.yaml is the config that produced the checkpoints (see train/resume.py).
+            save_config(cfg, run_dir.config)
         tracker = Tracker(
-            cfg.track, run_dir, cfg.to_dict(), is_main=engine.is_main,
+            cfg.track, run_dir.root, cfg.to_dict(), is_main=engine.is_main,
             total_steps=cfg.train.num_steps, resume=manifest is not None,
         )
 
@@ -161,7 +172,7 @@ def train(cfg: Config) -> int:
             t0 = time.perf_counter()
             path = ckpt.save(state.step, phases, shared, per_rank)
             if engine.is_main:
-                write_export(run_dir, ema.module, cfg.to_dict(), meta, state.step)
+                write_export(run_dir.root, ema.module, cfg.to_dict(), meta, state.step)
                 tracker.log_event("checkpoint", step=state.step, path=str(path), seconds=time.perf_counter() - t0)
 
         preempt = PreemptionFlag()
@@ -213,17 +224,28 @@ def train(cfg: Config) -> int:
                     print(f"preempted: checkpoint at step {state.step}; exiting {REQUEUE_EXIT_CODE} to requeue",
                           file=sys.stderr, flush=True)
                 preempt.ignore_further()
-                return REQUEUE_EXIT_CODE
+                exit_code = REQUEUE_EXIT_CODE
+                return exit_code
         if engine.is_main:
             path = _sample_and_observe(ema.module, meta, cfg, tracker, reference, state.step)
-            print(f"run: {run_dir.resolve()}")
+            print(f"run: {run_dir.root.resolve()}")
             print(f"samples: {Path(path).resolve() if path else None}")
             print(f"checkpoint: {ckpt.find_latest_valid()[0].resolve()}")
         engine.barrier()  # ranks leave together: none tears down the process group mid-sampling
-        return 0
+        exit_code = 0
+        return exit_code
+    except BaseException as e:
+        # What the process will exit with (pipeline.cli: 2 for a ConfigError; an uncaught
+        # exception, e.g. TrainingDiverged, exits 1), so the tracker records the failure
+        # instead of a success (issue 15 item 4).
+        exit_code = 2 if isinstance(e, ConfigError) else 1
+        if tracker is not None:  # the reason beside the flag (scrubbed like every event field)
+            tracker.log_event("error", error=f"{type(e).__name__}: {e}")
+        raise
     finally:
         if tracker is not None:
-            tracker.close()
+            failed = exit_code not in (0, REQUEUE_EXIT_CODE)  # preempted: checkpointed, to be resumed
+            tracker.close(failed=failed, exit_code=exit_code)
         if stream is not None:
             stream.close()
         engine.close()

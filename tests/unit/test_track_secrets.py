@@ -84,3 +84,32 @@ def test_no_secret_in_any_file_of_an_offline_run(offline_wandb, monkeypatch, tmp
     config_keys = {item.key for item in run_record.config.update}
     assert {"run", "data", "notes", "meta"} <= config_keys
     assert FAKE_KEY not in "".join(capsys.readouterr().out.splitlines()[:-1])  # tracker's own stdout lines
+
+
+@pytest.mark.parametrize("name", ["PWD", "OLDPWD", "pwd_dir", "run.pwd"])
+def test_directory_names_are_not_secret_names(name):
+    assert is_secret_name(name) is False
+
+
+def test_paths_under_pwd_survive_in_every_run_file_and_tokens_do_not(monkeypatch, tmp_path):
+    """Issue 15 item 7: $PWD (and a directory named after it) is provenance, not a credential."""
+    work = tmp_path / "my_pwd_checkout"  # a directory whose name holds "pwd"
+    run = work / "runs" / "r1"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PWD", str(work))
+    monkeypatch.setenv("OLDPWD", str(tmp_path / "pwd-old"))
+    monkeypatch.setenv("HF_TOKEN", FAKE_KEY)
+    monkeypatch.setenv("DB_PASSWD", "hunter2-is-long")
+    monkeypatch.setattr(sys, "argv", ["pipeline", "train", f"run.dir={run}", f"data.train_urls={work}/data"])
+    config = {"run": {"dir": str(run)}, "data": {"train_urls": f"{work}/data"}, "pwd_dir": str(work),
+              "notes": f"token {FAKE_KEY} and password hunter2-is-long"}
+    with Tracker(TrackConfig(wandb="off", progress_bar=False), run, config, is_main=True, total_steps=2,
+                 resume=False) as tr:
+        tr.log({"vdm/bits_per_dim": 1.0}, step=1)
+        tr.log_event("checkpoint", step=1, path=run / "checkpoints" / "step-00000001")
+        assert tr.config["run"]["dir"] == str(run) and tr.config["pwd_dir"] == str(work)  # what W&B gets
+    text = (run / "metrics.jsonl").read_text() + (run / "track.json").read_text()
+    assert f"{run}/checkpoints/step-00000001" in text  # event field under $PWD
+    assert f"run.dir={run}" in text and f"data.train_urls={work}/data" in text  # command line in track.json
+    assert FAKE_KEY not in text and FAKE_KEY not in str(tr.config)
+    assert "hunter2-is-long" not in str(tr.config) and REDACTED in tr.config["notes"]

@@ -121,8 +121,25 @@ def test_close_twice_and_after_exception(tmp_path):
     tr.close()
     tr.log({"loss": 2.0}, step=2)  # after close: ignored, no error
     closes = [d for d in _lines(tmp_path) if d.get("event") == "close"]
-    assert len(closes) == 1 and closes[0]["failed"] is True
+    assert len(closes) == 1 and closes[0]["failed"] is True and closes[0]["exit_code"] == 1
     assert _metric_steps(tmp_path) == [1]
+
+
+@pytest.mark.parametrize("failed, exit_code, expected", [(False, None, 0), (False, 75, 75), (True, None, 1),
+                                                          (True, 2, 2)])
+def test_close_records_failure_and_exit_code(tmp_path, failed, exit_code, expected):
+    tr = Tracker(_cfg(), tmp_path, {}, is_main=True, total_steps=10, resume=False)
+    tr.close(failed=failed, exit_code=exit_code)
+    (close,) = [d for d in _lines(tmp_path) if d.get("event") == "close"]
+    assert close["failed"] is failed and close["exit_code"] == expected
+
+
+def test_a_failure_cannot_claim_exit_code_0(tmp_path):
+    tr = Tracker(_cfg(), tmp_path, {}, is_main=True, total_steps=10, resume=False)
+    with pytest.raises(AssertionError):
+        tr.close(failed=True, exit_code=0)
+    tr.close(failed=True)  # the refused call closed nothing
+    assert [d["exit_code"] for d in _lines(tmp_path) if d.get("event") == "close"] == [1]
 
 
 def test_events_images_and_bad_metrics(tmp_path, capsys):

@@ -1,0 +1,120 @@
+"""May a new config continue the checkpoints already in its run directory? (issue 15 item 3)
+
+Starting `pipeline train` with a ``run.dir`` that holds checkpoints resumes them. Before
+anything is written (``config.yaml`` keeps the config that produced the checkpoints until the
+resume is accepted), the new config is compared key by key with the run's saved
+``config.yaml``, and the data's metadata with the export's:
+
+* error: the objective, and the keys of its section that shape the model or define the loss
+  (``vdm.channels``, ``gan.arch``, ``vdm.schedule``, ...), and the data's shape and kind. A
+  resume would either fail inside ``load_state_dict`` with a raw traceback or continue a
+  different model than the one trained so far.
+* warning: keys that change the data order or the optimisation (``train.lr``,
+  ``data.batch_per_rank``, ``run.seed``, ``gan.lr_d``, ...). Allowed (e.g. fine-tuning at a
+  lower learning rate), but the steps after the resume no longer continue the same
+  trajectory, so each such key is named.
+* silent: :data:`pipeline.config.RESUME_SILENT_KEYS` (run length, logging, sampling and
+  checkpoint cadence, tracking, where the run lives), and the section of the objective the
+  run does not use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import Config, flat_config, is_resume_silent, read_saved_config
+from pipeline.data.meta import DataMeta
+from pipeline.errors import ConfigError
+from pipeline.run_dir import RunDir
+from pipeline.train.export import EXPORT_INFO
+
+# Keys of the objective's own section that tune the optimisation or weight a loss term, but
+# leave every parameter's shape and what the model is as they are. Every other key of the
+# section (architecture, widths, schedule, time discretisation, loss family, ...) is an error.
+TUNABLE_OBJECTIVE_KEYS = frozenset({
+    "vdm.importance_uniform_mix",
+    "gan.n_critic", "gan.lr_g", "gan.lr_d", "gan.betas", "gan.gp_weight", "gan.r1_weight",
+    "gan.g_observable_matching", "gan.labelled_fraction", "gan.heldout_fraction",
+})
+# DataMeta fields whose change changes the model's input/output shapes or the data's
+# likelihood (a discrete decoder for spins vs levels); label_values only adds or drops
+# conditioning values and is a warning.
+_SHAPE_META_FIELDS = ("sample_shape", "data_kind", "num_levels", "label_kind", "num_classes")
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.old!r} -> {self.new!r}"
+
+
+def has_checkpoints(run_dir: RunDir) -> bool:
+    """Whether ``run_dir`` holds a checkpoint directory with a manifest (complete or not:
+    a resume will look at it, so the new config must fit it)."""
+    from pipeline.train.checkpoint import MANIFEST
+
+    return run_dir.checkpoints.is_dir() and any(run_dir.checkpoints.glob(f"step-*/{MANIFEST}"))
+
+
+def classify(old: dict[str, Any], new: dict[str, Any], objective: str) -> tuple[list[Change], list[Change]]:
+    """(errors, warnings) between two flat (dotted) config dicts of a run of ``objective``."""
+    errors, warnings = [], []
+    unused = "gan." if objective == "vdm" else "vdm."
+    missing = object()
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if a == b or is_resume_silent(key) or key.startswith(unused):
+            continue
+        change = Change(key, None if a is missing else a, None if b is missing else b)
+        is_objective = key == "objective" or (key.startswith(f"{objective}.") and key not in TUNABLE_OBJECTIVE_KEYS)
+        (errors if is_objective else warnings).append(change)
+    return errors, warnings
+
+
+def classify_meta(old: dict[str, Any], new: DataMeta) -> tuple[list[Change], list[Change]]:
+    """(errors, warnings) between the data meta of the run's export and the new data's."""
+    errors, warnings = [], []
+    for key, b in dataclasses.asdict(new).items():
+        if key not in old:  # an export written before the field existed: nothing to compare
+            continue
+        a, b = old[key], list(b) if isinstance(b, tuple) else b  # JSON has lists for tuples
+        if a != b:
+            (errors if key in _SHAPE_META_FIELDS else warnings).append(Change(f"data meta {key}", a, b))
+    return errors, warnings
+
+
+def check_resume(cfg: Config, meta: DataMeta) -> list[str]:
+    """Raise :class:`ConfigError` (naming every key, old and new value) when ``cfg`` cannot
+    continue the checkpoints in ``cfg.run.dir``; return the warnings to print otherwise
+    (empty for a fresh run directory). Reads only; writes nothing."""
+    run_dir = RunDir(cfg.run.dir)
+    if not has_checkpoints(run_dir):
+        return []
+    errors: list[Change] = []
+    warnings: list[Change] = []
+    if run_dir.config.is_file():
+        e, w = classify(read_saved_config(run_dir.config), flat_config(cfg), cfg.objective)
+        errors += e
+        warnings += w
+    export_json = run_dir.export / EXPORT_INFO
+    if export_json.is_file():
+        e, w = classify_meta(json.loads(export_json.read_text()).get("meta") or {}, meta)
+        errors += e
+        warnings += w
+    if errors:
+        raise ConfigError(
+            f"run.dir={cfg.run.dir} holds checkpoints of a different model; these keys change the model's "
+            f"shapes or its objective and cannot be resumed: {'; '.join(map(str, errors))}. "
+            "Use a new run.dir, or set them back to the run's values (its config.yaml is unchanged)"
+        )
+    if warnings:
+        return [f"resuming {cfg.run.dir} with a changed data order or optimisation (the run no longer continues "
+                f"the same trajectory): {'; '.join(map(str, warnings))}"]
+    return []

@@ -1,0 +1,78 @@
+"""Which config changes a resume refuses, names, or accepts silently (issue 15 item 3)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.config import ConfigError, flat_config, load_config, save_config
+from pipeline.data.meta import DataMeta
+from pipeline.run_dir import RunDir
+from pipeline.train.resume import check_resume, classify, classify_meta
+
+BASE = ["run.dir=/tmp/r", "data.train_urls=/tmp/d", "train.num_steps=10"]
+META = DataMeta(sample_shape=(1, 8, 8), data_kind="spins")
+
+
+def _diff(*overrides: str, objective: str = "vdm"):
+    old = flat_config(load_config(None, BASE + [f"objective={objective}"]))
+    new = flat_config(load_config(None, BASE + [f"objective={objective}", *overrides]))
+    errors, warnings = classify(old, new, objective)
+    return [c.key for c in errors], [c.key for c in warnings]
+
+
+@pytest.mark.parametrize("override, errors, warnings", [
+    ("vdm.channels=32", ["vdm.channels"], []),
+    ("vdm.schedule=cosine", ["vdm.schedule"], []),
+    ("objective=gan", ["objective"], []),
+    ("train.lr=0.1", [], ["train.lr"]),
+    ("data.batch_per_rank=7", [], ["data.batch_per_rank"]),
+    ("run.seed=3", [], ["run.seed"]),
+    ("vdm.importance_uniform_mix=0.5", [], ["vdm.importance_uniform_mix"]),
+    ("train.num_steps=1000", [], []),
+    ("train.checkpoint_every_steps=7", [], []),
+    ("track.wandb=off", [], []),
+    ("run.dir=/elsewhere", [], []),
+    ("gan.latent_dim=3", [], []),  # the section of the objective this run does not use
+])
+def test_classify(override, errors, warnings):
+    assert _diff(override) == (errors, warnings)
+
+
+def test_classify_gan_section():
+    assert _diff("gan.channels=[8, 16]", "gan.lr_d=0.1", objective="gan") == (["gan.channels"], ["gan.lr_d"])
+
+
+def test_classify_meta_shapes_are_errors_label_values_a_warning():
+    old = {"sample_shape": [1, 8, 8], "data_kind": "spins", "num_levels": None, "label_kind": "continuous",
+           "num_classes": None, "label_values": [2.0, 3.0]}
+    new = DataMeta(sample_shape=(1, 16, 16), data_kind="spins", label_kind="continuous", label_values=(2.0,))
+    errors, warnings = classify_meta(old, new)
+    assert [str(c) for c in errors] == ["data meta sample_shape: [1, 8, 8] -> [1, 16, 16]"]
+    assert [c.key for c in warnings] == ["data meta label_values"]
+
+
+def test_hash_ignores_what_a_resume_may_change_silently():
+    a = load_config(None, BASE)
+    assert a.hash() == load_config(None, BASE + ["train.num_steps=99", "train.log_every_steps=3"]).hash()
+    assert a.hash() != load_config(None, BASE + ["run.seed=1"]).hash()
+
+
+def test_check_resume_reads_only_and_names_keys(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    cfg = load_config(None, BASE + [f"run.dir={rd.root}"])
+    assert check_resume(cfg, META) == []  # no checkpoints: a fresh run, nothing to compare
+    (rd.checkpoints / "step-00000005").mkdir(parents=True)
+    (rd.checkpoints / "step-00000005" / "manifest.json").write_text("{}")
+    save_config(cfg, rd.config)
+    rd.export.mkdir()
+    (rd.export / "export.json").write_text(json.dumps({"meta": {"sample_shape": [1, 8, 8], "data_kind": "spins"}}))
+    saved = rd.config.read_bytes()
+    assert check_resume(load_config(None, BASE + [f"run.dir={rd.root}", "train.num_steps=50"]), META) == []
+    (warning,) = check_resume(load_config(None, BASE + [f"run.dir={rd.root}", "train.lr=0.1"]), META)
+    assert "train.lr: 0.0002 -> 0.1" in warning
+    with pytest.raises(ConfigError, match=r"vdm\.emb_dim: 64 -> 32.*data meta data_kind: 'spins' -> 'levels'"):
+        check_resume(load_config(None, BASE + [f"run.dir={rd.root}", "vdm.emb_dim=32"]),
+                     DataMeta(sample_shape=(1, 8, 8), data_kind="levels", num_levels=2))
+    assert rd.config.read_bytes() == saved

@@ -46,6 +46,9 @@ from pipeline.train.engines.deepspeed_reshard import consolidate, is_zero3_param
 from pipeline.train.phases import Phase
 from pipeline.train.schedule import lr_lambda
 
+TAG = "state"  # fixed DeepSpeed checkpoint tag: one DeepSpeed checkpoint per Checkpointer dir
+
+
 def _import_deepspeed():
     # DeepSpeed picks its accelerator at import time; without CUDA it must be told "cpu"
     # (gloo collectives), or it fails looking for a GPU.

@@ -22,6 +22,22 @@ def is_zero3_param(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id")
 
 
+def _load_optim_shard(path: str) -> dict:
+    """One rank's ZeRO optimizer file, unpickled with ``weights_only=True``.
+
+    Besides tensors and plain containers, DeepSpeed's files hold a few small DeepSpeed objects
+    (the loss scaler, the ZeRO stage enum, ZeRO-1/2's per-parameter fragment addresses: what
+    fp32 ZeRO-2 and ZeRO-3 files hold; DynamicLossScaler is fp16's scaler): those are
+    allow-listed, anything else is refused by torch's restricted unpickler.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def consolidate(ds_dir: Path) -> dict:
     """Full fp32 weights and Adam state of a ZeRO checkpoint directory, at any world size.
 
@@ -34,9 +50,7 @@ def consolidate(ds_dir: Path) -> dict:
 
     model_states = z.parse_model_states(z.get_model_state_files(str(ds_dir)))
     optim_files = z.get_optim_files(str(ds_dir))
-    # DeepSpeed's own shard files pickle DeepSpeed objects, hence weights_only=False (this is
-    # DeepSpeed's format, read from the directory our own Checkpointer validated).
-    shards = [torch.load(f, map_location="cpu", weights_only=False) for f in optim_files]
+    shards = [_load_optim_shard(f) for f in optim_files]
     osd = [s["optimizer_state_dict"] for s in shards]
     stage = osd[0]["zero_stage"]
     world = osd[0]["partition_count"]

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,14 +207,16 @@ def equal(a: dict, b: dict) -> bool:
 
 
 def make_engine(args) -> Engine:
+    ds_json = None
+    if args.backend == "deepspeed":
+        # Partition even tiny parameters under ZeRO-3, so gathering is really exercised: through
+        # the user's route, a base DeepSpeed JSON (one per process, in the test's directory).
+        ds_json = args.ckpt.parent / f"ds-toy-{os.getpid()}.json"
+        ds_json.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
     cfg = EngineConfig(backend=args.backend, fsdp=args.fsdp, zero_stage=args.zero_stage,
-                       offload_optimizer=args.offload, timeout_s=120)
-    if args.backend == "accelerate":
-        return build_engine(cfg)
-    from pipeline.train.engines.deepspeed import DeepSpeedEngine
-
-    # Partition even tiny parameters under ZeRO-3, so gathering is really exercised.
-    return DeepSpeedEngine(cfg, ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+                       offload_optimizer=args.offload, timeout_s=120,
+                       deepspeed_config=None if ds_json is None else str(ds_json))
+    return build_engine(cfg)
 
 
 def setup(engine: Engine, seed: int, ckpt: Path):

@@ -183,7 +183,7 @@ class _DeepSpeedPhase(PreparedPhase):
             model=phase.module,
             model_parameters=params,
             optimizer=opt,
-            config=ds_config(cfg, train, engine.ds_overrides),
+            config=ds_config(cfg, train),
             dist_init_required=False,
         )
         self.base_optimizer = opt
@@ -319,15 +319,13 @@ def _single_process_env() -> None:
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, cfg: EngineConfig, ds_overrides: dict | None = None):
-        """``ds_overrides``: extra DeepSpeed config merged over ours (tests, tuning)."""
+    def __init__(self, cfg: EngineConfig):
         ds = _import_deepspeed()
         from datetime import timedelta
 
         if int(cfg.zero_stage) not in (1, 2, 3):
             raise ValueError(f"engine.zero_stage must be 1, 2 or 3, got {cfg.zero_stage!r}")
         self.cfg = cfg
-        self.ds_overrides = ds_overrides
         if "WORLD_SIZE" not in os.environ:  # plain `python ...`: a world of one
             _single_process_env()
         backend = "nccl" if torch.cuda.is_available() else "gloo"

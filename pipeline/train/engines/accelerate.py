@@ -21,6 +21,9 @@ def _trainable(module: nn.Module) -> list[nn.Parameter]:
 
 
 class _AcceleratePhase(PreparedPhase):
+    """One phase under Accelerate: ``wrapped`` is what forward calls (DDP's wrapper over
+    ``module`` on several processes, ``module`` itself on one)."""
+
     def __init__(self, phase: Phase, train: TrainConfig, accelerator, any_rank):
         super().__init__(phase)
         self.acc = accelerator

@@ -164,6 +164,9 @@ def _forced_overflow(optimizer) -> Iterator[None]:
 
 
 class _DeepSpeedPhase(PreparedPhase):
+    """One phase on its own DeepSpeed engine: ``engine`` is the pipeline's :class:`DeepSpeedEngine`
+    (rank, collectives), ``ds_engine`` DeepSpeed's engine object wrapping ``module``."""
+
     def __init__(self, phase: Phase, train: TrainConfig, cfg: EngineConfig, engine: "DeepSpeedEngine"):
         super().__init__(phase)
         ds = _import_deepspeed()

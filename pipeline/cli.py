@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from pipeline.errors import ConfigError
+from pipeline.train.engines.process_exit import exit_process  # torch-free
 
 # (module, description): each module has ``register(subparsers)``.
 _COMMANDS = [
@@ -52,13 +53,11 @@ def main(argv: list[str] | None = None) -> int:
 def run() -> None:
     """Entry point of the `pipeline` command and of `python -m pipeline` (also under
     `accelerate launch`): :func:`main`, then exit with its code, skipping interpreter
-    finalisation after a distributed run (see :func:`pipeline.train.engine.exit_process`).
-    ``main`` itself never exits, so it can be called in-process."""
-    code = main()
-    engine = sys.modules.get("pipeline.train.engine")
-    if engine is not None:
-        engine.exit_process(code)
-    sys.exit(code)
+    finalisation after a distributed run (see
+    :func:`pipeline.train.engines.process_exit.exit_process`; a plain ``sys.exit`` when no
+    engine tore down a process group). ``main`` itself never exits, so it can be called
+    in-process."""
+    exit_process(main())
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
-from pipeline.train.engine import Engine, PreparedPhase
+from pipeline.train.engines.base import Engine, PreparedPhase
 
 MANIFEST = "manifest.json"
 LATEST = "latest"

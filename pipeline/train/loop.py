@@ -27,7 +27,8 @@ from pipeline.run_dir import RunDir
 from pipeline.track.metrics import memory_metrics
 from pipeline.train.checkpoint import LATEST, Checkpointer, atomic_write_text
 from pipeline.train.ema import EMA
-from pipeline.train.engine import Engine, PreparedPhase, build_engine
+from pipeline.train.engines import build_engine
+from pipeline.train.engines.base import Engine, PreparedPhase
 from pipeline.train.export import write_export
 from pipeline.train.state import RNGState, TrainState, seed_everything
 
@@ -106,10 +107,10 @@ def optimizer_step(ph: PreparedPhase, batches, state: TrainState, engine: Engine
         losses.append(out.loss.detach())
         for k, v in out.metrics().items():
             metrics[k] += v / train.grad_accum_steps
-        if hasattr(ph.raw, "after_step"):  # e.g. a time-step sampler's loss history
-            ph.raw.after_step(out, engine.all_gather)
+        if hasattr(ph.module, "after_step"):  # e.g. a time-step sampler's loss history
+            ph.module.after_step(out, engine.all_gather)
     loss_ok = all(bool(torch.isfinite(x).all()) for x in losses)
-    grad_norm, skipped = ph.step(local_ok=loss_ok, max_norm=train.grad_clip_norm)
+    grad_norm, skipped = ph.step(local_ok=loss_ok)
     metrics["lr"] = ph.lr()
     metrics["skipped"] = float(skipped)
     if not skipped:
@@ -145,7 +146,7 @@ def train(cfg: Config, meta: DataMeta | None = None) -> int:
             meta = read_meta(cfg.data.train_urls)
         phases = [engine.prepare(p, cfg.train) for p in build_phases(cfg, meta)]
         sampled = next(p for p in phases if p.phase.ema)
-        ema = EMA(sampled.raw, cfg.train.ema_decay)
+        ema = EMA(sampled, cfg.train.ema_decay)
         stream = build_stream(cfg.data, rank=engine.rank, world_size=engine.world_size, seed=cfg.run.seed, meta=meta)
         state, rng = TrainState(), RNGState()
         ckpt = Checkpointer(
@@ -187,7 +188,7 @@ def train(cfg: Config, meta: DataMeta | None = None) -> int:
                 with ph.frozen():
                     for _ in range(ph.phase.repeats):
                         meter.add(ph.name, optimizer_step(ph, batches, state, engine, cfg.train))
-            ema.update(sampled.raw)
+            ema.update(sampled)
             state.step += 1
             state.samples_seen += global_batch
             steps_since_log += 1
@@ -201,9 +202,9 @@ def train(cfg: Config, meta: DataMeta | None = None) -> int:
                 metrics["train/samples_seen"] = float(state.samples_seen)
                 metrics.update(memory_metrics())
                 reports = []
-                for ph in (ph for ph in phases if hasattr(ph.raw, "log_report")):
+                for ph in (ph for ph in phases if hasattr(ph.module, "log_report")):
                     with ph.full_weights():  # e.g. gamma(t) of a learned schedule, outside forward
-                        reports.append(ph.raw.log_report())
+                        reports.append(ph.module.log_report())
                 for rep in reports:  # objective-specific views (VDM: per-t profile, p_t, ELBO variance)
                     metrics.update(rep["metrics"])
                 tracker.log(metrics, step=state.step)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +31,10 @@ import torch.nn.functional as F
 from pipeline.config import EngineConfig, TrainConfig
 from pipeline.objectives.base import StepContext
 from pipeline.train.checkpoint import Checkpointer
-from pipeline.train.ema import EMA, full_parameters
-from pipeline.train.engine import AccelerateEngine, Engine, PreparedPhase, exit_process
+from pipeline.train.ema import EMA
+from pipeline.train.engines import build_engine
+from pipeline.train.engines.base import Engine, PreparedPhase
+from pipeline.train.engines.process_exit import exit_process
 from pipeline.train.phases import Phase
 from pipeline.train.state import TrainState
 
@@ -139,24 +143,25 @@ def optimizer_step(ph: PreparedPhase, engine: Engine, step: int, poison_rank: in
             ph.backward(out.loss / GRAD_ACCUM)
         losses.append(out.loss.detach())
     ok = all(bool(torch.isfinite(x).all()) for x in losses)
-    return ph.step(local_ok=ok, max_norm=TRAIN.grad_clip_norm)
+    return ph.step(local_ok=ok)  # clips to TRAIN.grad_clip_norm, given at prepare
 
 
-def full_params(module: nn.Module) -> dict[str, torch.Tensor]:
-    with full_parameters(module) as full:
-        return {k: v.clone() for k, v in full.items()}
+def full_params(ph: PreparedPhase) -> dict[str, torch.Tensor]:
+    names = dict(ph.module.named_parameters())
+    with ph.full_state() as full:
+        return {k: v.clone() for k, v in full.items() if k in names}
 
 
 def full_moments(ph: PreparedPhase) -> dict[str, torch.Tensor]:
     """Adam's exp_avg / exp_avg_sq per parameter name, full (unsharded), on every rank."""
     out = {}
-    if hasattr(ph, "engine"):  # DeepSpeed
+    if hasattr(ph, "ds_engine"):  # DeepSpeed
         from deepspeed.utils import safe_get_full_optimizer_state
 
-        from pipeline.train.deepspeed_engine import link_optimizer_state
+        from pipeline.train.engines.deepspeed_reshard import link_optimizer_state
 
-        link_optimizer_state(ph.engine.optimizer)
-        for name, p in ph.engine.module.named_parameters():
+        link_optimizer_state(ph.ds_engine.optimizer)
+        for name, p in ph.ds_engine.module.named_parameters():
             for key in ("exp_avg", "exp_avg_sq"):
                 v = safe_get_full_optimizer_state(p, key)
                 if v is not None:
@@ -168,7 +173,7 @@ def full_moments(ph: PreparedPhase) -> dict[str, torch.Tensor]:
         from torch.distributed.tensor import DTensor
 
         steps = set()
-        for name, p in ph.raw.named_parameters():
+        for name, p in ph.module.named_parameters():
             st = ph.optimizer.state.get(p, {})
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in st:
@@ -179,7 +184,7 @@ def full_moments(ph: PreparedPhase) -> dict[str, torch.Tensor]:
         out["adam_step"] = torch.tensor(sorted(steps))
         return out
     state = ph.optimizer.state_dict()["state"]
-    names = [n for n, p in ph.raw.named_parameters() if p.requires_grad]
+    names = [n for n, p in ph.module.named_parameters() if p.requires_grad]
     for i, name in enumerate(names):
         for key in ("exp_avg", "exp_avg_sq"):
             if i in state and key in state[i]:
@@ -190,7 +195,7 @@ def full_moments(ph: PreparedPhase) -> dict[str, torch.Tensor]:
 
 def snapshot(phases: list[PreparedPhase], emas: dict[str, EMA]) -> dict:
     return {
-        "params": {ph.name: full_params(ph.raw) for ph in phases},
+        "params": {ph.name: full_params(ph) for ph in phases},
         "moments": {ph.name: full_moments(ph) for ph in phases},
         "lr": {ph.name: ph.lr() for ph in phases},
         "ema": {k: {n: p.detach().clone() for n, p in e.module.named_parameters()} for k, e in emas.items()},
@@ -202,20 +207,22 @@ def equal(a: dict, b: dict) -> bool:
 
 
 def make_engine(args) -> Engine:
+    ds_json = None
+    if args.backend == "deepspeed":
+        # Partition even tiny parameters under ZeRO-3, so gathering is really exercised: through
+        # the user's route, a base DeepSpeed JSON (one per process, in the test's directory).
+        ds_json = args.ckpt.parent / f"ds-toy-{os.getpid()}.json"
+        ds_json.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
     cfg = EngineConfig(backend=args.backend, fsdp=args.fsdp, zero_stage=args.zero_stage,
-                       offload_optimizer=args.offload, timeout_s=120)
-    if args.backend == "accelerate":
-        return AccelerateEngine(cfg)
-    from pipeline.train.deepspeed_engine import DeepSpeedEngine
-
-    # Partition even tiny parameters under ZeRO-3, so gathering is really exercised.
-    return DeepSpeedEngine(cfg, ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+                       offload_optimizer=args.offload, timeout_s=120,
+                       deepspeed_config=None if ds_json is None else str(ds_json))
+    return build_engine(cfg)
 
 
 def setup(engine: Engine, seed: int, ckpt: Path):
     phases = [engine.prepare(p, TRAIN) for p in build_phases(seed)]
     by_name = {ph.name: ph for ph in phases}
-    emas = {"reg": EMA(by_name["reg"].raw, TRAIN.ema_decay), "g": EMA(by_name["g"].raw, TRAIN.ema_decay)}
+    emas = {"reg": EMA(by_name["reg"], TRAIN.ema_decay), "g": EMA(by_name["g"], TRAIN.ema_decay)}
     state = TrainState()
     ck = Checkpointer(ckpt, engine, keep_last=5, keep_every=None, config_hash="toy")
     return phases, emas, state, ck
@@ -226,20 +233,20 @@ def train_steps(engine, phases, emas, state, num_steps: int, report: dict) -> No
     for _ in range(num_steps):
         for ph in phases:
             others = [o for o in phases if o is not ph]
-            before = {o.name: full_params(o.raw) for o in others}
+            before = {o.name: full_params(o) for o in others}
             with ph.frozen():
                 norm, skipped = optimizer_step(ph, engine, state.step)
             assert not skipped, f"unexpected skip in {ph.name} at step {state.step}"
             # the phase trains only its own module: every other module is bitwise untouched
             for o in others:
-                report["frozen_ok"] &= equal(before[o.name], full_params(o.raw))
+                report["frozen_ok"] &= equal(before[o.name], full_params(o))
             report["norms"].append((ph.name, norm))
         for key, ema in emas.items():
             expected_d = min(ema.decay, (2 + ema.num_updates) / (11 + ema.num_updates))
             old = {n: p.detach().clone() for n, p in ema.module.named_parameters()}
-            ema.update(by_name[key].raw)
+            ema.update(by_name[key])
             # independent reference: e <- d e + (1 - d) theta, with the full (gathered) theta
-            cur = full_params(by_name[key].raw)
+            cur = full_params(by_name[key])
             for n, p in ema.module.named_parameters():
                 ref = old[n] * expected_d + cur[n] * (1 - expected_d)
                 report["ema_ok"] &= bool(torch.allclose(p, ref, rtol=1e-6, atol=1e-7))
@@ -283,12 +290,12 @@ def main() -> None:
             # the next good step applies, and only its own gradients (the skipped ones are gone)
             norm2, skipped2 = optimizer_step(reg, engine, 100)
             report["after_nan_skipped"] = skipped2
-            report["after_nan_changed"] = not equal(after["params"]["reg"], full_params(reg.raw))
+            report["after_nan_changed"] = not equal(after["params"]["reg"], full_params(reg))
             del phases, emas, reg
 
             # restart in-process: fresh weights (another seed), then restore
             phases, emas, state, ck = setup(engine, seed=2, ckpt=args.ckpt)
-            report["fresh_differs"] = not equal(full_params(phases[0].raw), report["saved"]["params"]["reg"])
+            report["fresh_differs"] = not equal(full_params(phases[0]), report["saved"]["params"]["reg"])
             manifest = ck.restore(phases, shared(emas, state), {})
             report["restored_step"] = state.step
             report["restored"] = snapshot(phases, emas)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.train.engine import lr_lambda
+from pipeline.train.schedule import lr_lambda
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_toy import TRAIN  # noqa: E402

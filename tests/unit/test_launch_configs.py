@@ -72,7 +72,7 @@ def test_deepspeed_json_is_what_the_backend_runs(stage, tmp_path):
     from deepspeed.runtime.config import DeepSpeedConfig
 
     from pipeline.config import ConfigError, EngineConfig, TrainConfig
-    from pipeline.train.deepspeed_engine import ds_config
+    from pipeline.train.engines.deepspeed import ds_config
 
     assert (LAUNCH / f"deepspeed_zero{stage}.yaml").is_file()
     text = (LAUNCH / f"deepspeed_zero{stage}.yaml").read_text()

@@ -8,11 +8,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.config import TrainConfig
+from pipeline.config import EngineConfig, TrainConfig
 from pipeline.data.meta import DataMeta
 from pipeline.train.ema import EMA
-from pipeline.train.engine import lr_lambda
+from pipeline.train.engines import build_engine
+from pipeline.train.phases import Phase
 from pipeline.train.sampling import default_labels
+from pipeline.train.schedule import lr_lambda
 from pipeline.train.state import RNGState
 
 
@@ -33,18 +35,21 @@ def test_lr_constant_without_decay():
 def test_ema_matches_hand_computed_average():
     torch.manual_seed(0)
     net = nn.Linear(2, 1)
-    ema = EMA(net, decay=0.9)
+    engine = build_engine(EngineConfig())
+    prepare = lambda m: engine.prepare(Phase("m", m, lr=1e-2), TrainConfig(num_steps=10))  # noqa: E731
+    ph = prepare(net)
+    ema = EMA(ph, decay=0.9)
     w0 = net.weight.detach().clone()
     expected = w0.clone()
     for n in range(1, 6):
         with torch.no_grad():
             net.weight.add_(1.0)
-        ema.update(net)
+        ema.update(ph)
         d = min(0.9, (1 + n) / (10 + n))
         expected = d * expected + (1 - d) * net.weight.detach()
     assert torch.allclose(ema.module.weight, expected, atol=1e-6)
     assert not ema.module.weight.requires_grad
-    clone = EMA(nn.Linear(2, 1), decay=0.9)
+    clone = EMA(prepare(nn.Linear(2, 1)), decay=0.9)
     clone.load_state_dict(ema.state_dict())
     assert clone.num_updates == 5 and torch.equal(clone.module.weight, ema.module.weight)
 

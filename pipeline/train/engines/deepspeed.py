@@ -18,7 +18,8 @@ The seam's contract maps onto DeepSpeed like this:
 * checkpoints: ``save_checkpoint`` into ``<dir>/ds-<phase>/`` with a fixed tag and no
   ``latest`` file, so everything stays inside the Checkpointer's directory. Loading onto a
   different world size rebuilds full fp32 weights and Adam moments from the shards
-  (DeepSpeed's zero_to_fp32 merge) and scatters them into the new partitions.
+  (DeepSpeed's zero_to_fp32 merge) and scatters them into the new partitions
+  (``deepspeed_reshard``).
 * ZeRO-3 and frozen modules: a GAN's G loss runs through D, whose parameters D's own engine
   has partitioned. G's phase gathers its frozen modules' parameters around forward and
   backward (``deepspeed.zero.GatheredParameters``) so D runs with full weights.
@@ -27,9 +28,11 @@ The seam's contract maps onto DeepSpeed like this:
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -37,12 +40,13 @@ import torch
 import torch.nn as nn
 
 from pipeline.config import EngineConfig, TrainConfig
-from pipeline.train.engine import Engine, PreparedPhase, lr_lambda
-from pipeline.train.phases import Phase
 from pipeline.errors import ConfigError
+from pipeline.train.engines.base import Engine, PreparedPhase
+from pipeline.train.engines.deepspeed_reshard import consolidate, is_zero3_param, link_optimizer_state, set_full_state
+from pipeline.train.phases import Phase
+from pipeline.train.schedule import lr_lambda
 
 TAG = "state"  # fixed DeepSpeed checkpoint tag: one DeepSpeed checkpoint per Checkpointer dir
-ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def _import_deepspeed():
@@ -159,17 +163,15 @@ def _forced_overflow(optimizer) -> Iterator[None]:
         delattr(optimizer, name)
 
 
-def _is_zero3_param(p: torch.Tensor) -> bool:
-    return hasattr(p, "ds_id")
-
-
 class _DeepSpeedPhase(PreparedPhase):
+    """One phase on its own DeepSpeed engine: ``engine`` is the pipeline's :class:`DeepSpeedEngine`
+    (rank, collectives), ``ds_engine`` DeepSpeed's engine object wrapping ``module``."""
+
     def __init__(self, phase: Phase, train: TrainConfig, cfg: EngineConfig, engine: "DeepSpeedEngine"):
         super().__init__(phase)
         ds = _import_deepspeed()
-        self.owner = engine
+        self.engine = engine
         self.stage = int(cfg.zero_stage)
-        self.max_norm = train.grad_clip_norm
         params = [p for p in phase.module.parameters() if p.requires_grad]
         assert params, f"phase {phase.name!r} has no trainable parameters"
         if cfg.offload_optimizer:
@@ -180,11 +182,11 @@ class _DeepSpeedPhase(PreparedPhase):
         # dicts, so LR changes reach it; and we step it on skipped steps too (DeepSpeed's
         # scheduler hook only runs on applied steps).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))
-        self.engine, self.optimizer, _, _ = ds.initialize(
+        self.ds_engine, self.optimizer, _, _ = ds.initialize(
             model=phase.module,
             model_parameters=params,
             optimizer=opt,
-            config=ds_config(cfg, train, engine.ds_overrides),
+            config=ds_config(cfg, train),
             dist_init_required=False,
         )
         self.base_optimizer = opt
@@ -194,7 +196,7 @@ class _DeepSpeedPhase(PreparedPhase):
     @contextlib.contextmanager
     def _frozen_gathered(self) -> Iterator[None]:
         """Under ZeRO-3, the full weights of the modules this phase runs through but does not train."""
-        frozen = [p for m in self.phase.frozen for p in m.parameters() if _is_zero3_param(p)]
+        frozen = [p for m in self.phase.frozen for p in m.parameters() if is_zero3_param(p)]
         if not frozen:
             yield
             return
@@ -203,30 +205,45 @@ class _DeepSpeedPhase(PreparedPhase):
         with deepspeed.zero.GatheredParameters(frozen, modifier_rank=None):
             yield
 
+    def full_weights(self):
+        """Under ZeRO-3, this phase's own partitioned parameters gathered (read-only) until exit."""
+        params = [p for p in self.module.parameters() if is_zero3_param(p)]
+        if not params:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    def _deepcopy(self, memo: dict[int, object]) -> nn.Module:
+        out = copy.deepcopy(self.module, memo)
+        for m in out.modules():  # a plain module: no ZeRO-3 parameter dict, no ds_* attributes
+            if type(m._parameters) is not OrderedDict and type(m._parameters) is not dict:
+                m._parameters = OrderedDict(m._parameters)  # DeepSpeed's gathering dict
+            for key in [k for k in m.__dict__ if k.startswith("ds_")]:
+                del m.__dict__[key]
+        return out
+
     def forward(self, batch, ctx):
-        return self.engine(batch, ctx)
+        return self.ds_engine(batch, ctx)
 
     def backward(self, loss):
-        self.engine.backward(loss, scale_wrt_gas=False)
+        self.ds_engine.backward(loss, scale_wrt_gas=False)
 
     @contextlib.contextmanager
     def accumulating(self, is_last_micro_step: bool):
-        self.engine.set_gradient_accumulation_boundary(bool(is_last_micro_step))
+        self.ds_engine.set_gradient_accumulation_boundary(bool(is_last_micro_step))
         # Forward and backward both run through the frozen modules (G's loss through D).
         with self._frozen_gathered():
             yield
 
-    def step(self, local_ok, max_norm):
-        if max_norm != self.max_norm:
-            raise ValueError(
-                f"DeepSpeed fixes gradient clipping at initialisation (train.grad_clip_norm={self.max_norm}); "
-                f"step() was asked for max_norm={max_norm}"
-            )
-        bad = self.owner.any_rank(not local_ok)
-        with _forced_overflow(self.engine.optimizer) if bad else contextlib.nullcontext():
-            self.engine.step()
-        skipped = not self.engine.was_step_applied()
-        norm = self.engine.get_global_grad_norm()
+    def step(self, local_ok):
+        # Clipping to train.grad_clip_norm happens inside ds_engine.step() (the DeepSpeed config's
+        # gradient_clipping, fixed at initialisation).
+        bad = self.engine.any_rank(not local_ok)
+        with _forced_overflow(self.ds_engine.optimizer) if bad else contextlib.nullcontext():
+            self.ds_engine.step()
+        skipped = not self.ds_engine.was_step_applied()
+        norm = self.ds_engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
         if skipped:
             norm = norm if not math.isfinite(norm) else float("nan")
@@ -245,22 +262,22 @@ class _DeepSpeedPhase(PreparedPhase):
         sub = self._dir(directory)
         # Every rank writes its own shard; save_latest=False: no 'latest' pointer, the
         # Checkpointer's manifest is the only index.
-        self.engine.save_checkpoint(str(sub), tag=TAG, client_state={}, save_latest=False)
+        self.ds_engine.save_checkpoint(str(sub), tag=TAG, client_state={}, save_latest=False)
         if rank == 0:
-            meta = {"world_size": self.owner.world_size, "zero_stage": self.stage}
+            meta = {"world_size": self.engine.world_size, "zero_stage": self.stage}
             (sub / "meta.json").write_text(json.dumps(meta))
             torch.save(self.scheduler.state_dict(), sub / "scheduler.pt")
 
     def load(self, directory: Path, rank: int) -> None:
         sub = self._dir(directory)
         meta = json.loads((sub / "meta.json").read_text())
-        if meta["world_size"] == self.owner.world_size and meta["zero_stage"] == self.stage:
-            path, _ = self.engine.load_checkpoint(
+        if meta["world_size"] == self.engine.world_size and meta["zero_stage"] == self.stage:
+            path, _ = self.ds_engine.load_checkpoint(
                 str(sub), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
             )
             if path is None:
                 raise RuntimeError(f"DeepSpeed could not load the checkpoint in {sub}")
-            link_optimizer_state(self.engine.optimizer)
+            link_optimizer_state(self.ds_engine.optimizer)
         else:
             self._load_resharded(sub / TAG)
         self.scheduler.load_state_dict(torch.load(sub / "scheduler.pt", map_location="cpu", weights_only=True))
@@ -274,11 +291,11 @@ class _DeepSpeedPhase(PreparedPhase):
         into this run's partitions, so training continues as if uninterrupted.
         """
         full = consolidate(ds_dir)
-        named = dict(self.engine.module.named_parameters())
+        named = dict(self.ds_engine.module.named_parameters())
         missing = sorted(set(named) - set(full["params"]))
         if missing:
             raise RuntimeError(f"{ds_dir}: checkpoint has no weights for {missing}")
-        _set_full_state(self, named, full)
+        set_full_state(self.ds_engine.optimizer, self.base_optimizer, named, full)
 
 
 def _cpu_adam(params, phase: Phase, train: TrainConfig):
@@ -293,124 +310,6 @@ def _cpu_adam(params, phase: Phase, train: TrainConfig):
         ) from e
 
 
-# ---------------------------------------------------------------------------------------
-# World-size change: consolidate the shards, scatter into the new partitions
-
-
-def consolidate(ds_dir: Path) -> dict:
-    """Full fp32 weights and Adam state of a ZeRO checkpoint directory, at any world size.
-
-    Returns {"params": {name: fp32 tensor}, "moments": {key: {name: tensor}}, "step": int|None}.
-    DeepSpeed's zero_to_fp32 merges the fp32 master partitions; the Adam moments are
-    partitioned exactly like the master weights (same flat groups, same padding), so the
-    same merge is applied to them.
-    """
-    from deepspeed.utils import zero_to_fp32 as z
-
-    model_states = z.parse_model_states(z.get_model_state_files(str(ds_dir)))
-    optim_files = z.get_optim_files(str(ds_dir))
-    # DeepSpeed's own shard files pickle DeepSpeed objects, hence weights_only=False (this is
-    # DeepSpeed's format, read from the directory our own Checkpointer validated).
-    shards = [torch.load(f, map_location="cpu", weights_only=False) for f in optim_files]
-    osd = [s["optimizer_state_dict"] for s in shards]
-    stage = osd[0]["zero_stage"]
-    world = osd[0]["partition_count"]
-    world = max(world) if isinstance(world, list) else world
-    assert world == len(shards), f"{ds_dir}: {len(shards)} optimizer shards for world size {world}"
-    key = "single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"
-    paddings = osd[0].get("param_alignment_paddings")
-
-    def merge(flat_groups):
-        if stage <= 2:
-            sd = z._get_fp32_state_dict_from_zero2_checkpoint(world, flat_groups, model_states, False, paddings)
-        else:
-            sd = z._get_fp32_state_dict_from_zero3_checkpoint(world, flat_groups, model_states, False)
-        return z.to_torch_tensor(sd)
-
-    params = merge([o[key] for o in osd])
-    moments: dict[str, dict[str, torch.Tensor]] = {}
-    step = None
-    # The base (torch) optimizer's state_dict, one state entry per flat fp32 group
-    # (ZeRO-1/2 name it base_optimizer_state, ZeRO-3 optimizer_state_dict).
-    base = [o.get("base_optimizer_state", o.get("optimizer_state_dict")) for o in osd]
-    if all(isinstance(b, dict) and b.get("state") for b in base):
-        states = [b["state"] for b in base]
-        groups = sorted(states[0])
-        for mkey in ADAM_MOMENTS:
-            moments[mkey] = merge([[st[g][mkey] for g in groups] for st in states])
-        step = int(states[0][groups[0]]["step"]) if "step" in states[0][groups[0]] else None
-    return {"params": params, "moments": moments, "step": step}
-
-
-def link_optimizer_state(optimizer) -> None:
-    """Point ZeRO-1/2's per-parameter views at the optimizer state.
-
-    DeepSpeed links them lazily after the first step; after a load (or before reading or
-    writing full optimizer state with ``safe_*_full_optimizer_state``) they must be linked
-    by hand. ZeRO-3 reads the state directly and needs nothing.
-    """
-    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state") and optimizer.optimizer.state:
-        optimizer._hp_optimizer_states_linked = False  # relink: a load replaces the state tensors
-        optimizer._lazy_init_hp_params_optimizer_state()
-
-
-def _set_z3_partition(zero_opt, param, value: torch.Tensor, key: str | None) -> None:
-    """This rank's slice of ``value`` into ZeRO-3's fp32 partition (``key=None``) or Adam state.
-
-    DeepSpeed's ``set_full_hp_param`` does not account for the padding of the last
-    partition (a 1-element bias over 2 ranks fails), so the slice is taken here, padding
-    left at zero.
-    """
-    if not param.requires_grad:
-        return
-    part, _ = zero_opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
-    n = part.numel()
-    start = n * zero_opt._get_param_partition_rank(param)
-    flat = value.detach().flatten().to(part.dtype)
-    count = max(0, min(n, flat.numel() - start))
-    part.data.zero_()
-    part.data[:count].copy_(flat[start : start + count])
-
-
-def _set_full_state(ph: _DeepSpeedPhase, named: dict[str, nn.Parameter], full: dict) -> None:
-    import deepspeed
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    base = ph.base_optimizer
-    # Adam state is created lazily on the first step: create it so the moments have a home.
-    zero_opt = ph.engine.optimizer
-    # The flat fp32 partitions Adam steps on (ZeRO-3 swaps them into the param groups per step).
-    flats = getattr(zero_opt, "fp32_partitioned_groups_flat", None) or [
-        flat for group in base.param_groups for flat in group["params"]
-    ]
-    for flat in flats:
-        st = base.state[flat]
-        for mkey in ADAM_MOMENTS:
-            st.setdefault(mkey, torch.zeros_like(flat))
-        if full["step"] is not None:
-            st["step"] = torch.tensor(float(full["step"]))
-    link_optimizer_state(ph.engine.optimizer)
-    params = list(named.values())
-    gather = (
-        deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-        if any(_is_zero3_param(p) for p in params)
-        else contextlib.nullcontext()
-    )
-    with torch.no_grad():
-        for name, p in named.items():
-            if _is_zero3_param(p):
-                _set_z3_partition(zero_opt, p, full["params"][name], None)
-                for mkey, tensors in full["moments"].items():
-                    _set_z3_partition(zero_opt, p, tensors[name], mkey)
-                continue
-            safe_set_full_fp32_param(p, full["params"][name].float())  # the fp32 master copy
-            for mkey, tensors in full["moments"].items():
-                safe_set_full_optimizer_state(p, tensors[name].float(), mkey)
-        with gather:  # the working (module) copy; under ZeRO-3 re-partitioned on exit
-            for name, p in named.items():
-                p.data.copy_(full["params"][name].to(p.dtype).view_as(p.data))
-
-
 def _single_process_env() -> None:
     import socket
 
@@ -423,15 +322,13 @@ def _single_process_env() -> None:
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, cfg: EngineConfig, ds_overrides: dict | None = None):
-        """``ds_overrides``: extra DeepSpeed config merged over ours (tests, tuning)."""
+    def __init__(self, cfg: EngineConfig):
         ds = _import_deepspeed()
         from datetime import timedelta
 
         if int(cfg.zero_stage) not in (1, 2, 3):
             raise ValueError(f"engine.zero_stage must be 1, 2 or 3, got {cfg.zero_stage!r}")
         self.cfg = cfg
-        self.ds_overrides = ds_overrides
         if "WORLD_SIZE" not in os.environ:  # plain `python ...`: a world of one
             _single_process_env()
         backend = "nccl" if torch.cuda.is_available() else "gloo"

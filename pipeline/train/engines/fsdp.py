@@ -1,0 +1,210 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) behind the engine seam, on Accelerate's process group."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import weakref
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from pipeline.config import EngineConfig, TrainConfig
+from pipeline.train.engines.accelerate import AccelerateEngine, _AcceleratePhase, _trainable
+from pipeline.train.engines.base import PreparedPhase
+from pipeline.train.phases import Phase
+
+
+class _FSDPPhase(_AcceleratePhase):
+    """FSDP2 (``torch.distributed.fsdp.fully_shard``): parameters, gradients and Adam state
+    sharded over the ranks. Everything else (LR schedule, collective NaN skip) is DDP's.
+
+    Accelerate's own FSDP plugin is not used: Accelerate 1.15 never enables it without a
+    GPU. ``fully_shard`` works on CPU (gloo) and GPU alike.
+
+    * Sharding unit: the phase's whole module (one ``fully_shard`` on the root). Anything may
+      then read its parameters inside its forward, e.g. the VDM's learned schedule, which is
+      called through ``schedule.net`` and ``endpoints()``, not through its own forward; peak
+      memory still holds one phase's full parameters during its forward and backward, the
+      saving is in gradients and optimizer state at rest (/ world size).
+    * Modules a phase runs through but does not own (``Phase.frozen``: a GAN's D in G's
+      loss) belong to another phase's FSDP module: ``accumulating`` all-gathers them around
+      each micro step (forward and backward), like DeepSpeed ZeRO-3's GatheredParameters.
+      The loop enters it inside ``frozen()``: requires_grad is already off, so FSDP's
+      unsharded copies do not require gradients either and none reach the other phase.
+    * Initial weights: rank 0's, broadcast before sharding, as DDP does.
+    * 0-dim parameters (FSDP2 cannot shard scalars; the learned noise schedule has some)
+      stay replicated, as under DDP: ``_clip`` averages their gradients over the ranks.
+    * Checkpoints: torch.distributed.checkpoint, one file per rank with its shards of model
+      and optimizer, in ``<dir>/fsdp-<phase>/``; loading reshards onto any world size.
+    """
+
+    def __init__(self, phase: Phase, train: TrainConfig, engine: FSDPEngine):
+        self.engine = engine
+        super().__init__(phase, train, engine.acc, engine.any_rank)
+
+    def _wrap(self, phase: Phase, train: TrainConfig):
+        from torch.distributed.fsdp import fully_shard
+
+        module = phase.module.to(self.engine.device)  # fully_shard does not move ignored params
+        if self.engine.world_size > 1:
+            # Rank 0's initial weights everywhere, as DDP does (ranks seed their RNGs apart);
+            # fully_shard itself keeps each rank's own values for its shard.
+            with torch.no_grad():
+                for t in [*module.parameters(), *module.buffers()]:
+                    dist.broadcast(t, src=0)
+        self.replicated = [p for p in module.parameters() if p.dim() == 0]
+        # full_shard frees the gathered parameters after forward (gathered again for backward);
+        # shard_grad_op keeps them until the end of backward: less communication, more memory.
+        # fp32 only: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) would be the way
+        # to bf16 on GPUs, untested without one, so Config.validate refuses it.
+        fully_shard(module, mesh=self.engine.mesh, reshard_after_forward=self.engine.cfg.fsdp == "full_shard",
+                    ignored_params=set(self.replicated))
+        self.engine.fsdp_modules.append(weakref.ref(module))
+        # AdamW over the sharded parameters (DTensors), built after sharding; the replicated
+        # ones in a group of their own (foreach kernels do not mix DTensors and tensors).
+        trainable = _trainable(module)
+        groups = [{"params": [p for p in trainable if p.dim() > 0]}, {"params": [p for p in trainable if p.dim() == 0]}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=phase.lr, betas=phase.betas,
+                                weight_decay=train.weight_decay)
+        return module, opt, opt
+
+    def backward(self, loss):
+        loss.backward()
+
+    @contextlib.contextmanager
+    def accumulating(self, is_last_micro_step: bool):
+        # Inner micro steps accumulate unreduced gradients; the last one reduce-scatters the sum.
+        self.wrapped.set_requires_gradient_sync(is_last_micro_step)
+        with self.engine.gathered(self.phase.frozen):
+            yield
+
+    def full_weights(self):
+        return self.engine.gathered([self.wrapped])
+
+    def _deepcopy(self, memo: dict[int, object]) -> nn.Module:
+        module = self.module
+        for m in module.modules():
+            for key, value in m.__dict__.items():  # FSDP2's composable state (process groups)
+                if key.startswith("__composable_api"):
+                    memo[id(value)] = {}
+        # fully_shard swaps a module's class for an FSDP<Class> subclass whose __deepcopy__
+        # refuses; copy as the original class (the copy is a plain module), then swap back.
+        swapped = [(m, type(m)) for m in module.modules() if _unsharded_class(type(m)) is not type(m)]
+        try:
+            for m, cls in swapped:
+                m.__class__ = _unsharded_class(cls)
+            out = copy.deepcopy(module, memo)
+        finally:
+            for m, cls in swapped:
+                m.__class__ = cls
+        for m in out.modules():
+            for key in [k for k in m.__dict__ if k.startswith("__composable_api")]:
+                del m.__dict__[key]
+        return out
+
+    def _clip(self, max_norm: float) -> float:
+        from torch.distributed.tensor import DTensor
+
+        world = self.engine.world_size
+        rep = [p.grad for p in self.replicated if p.grad is not None]
+        if rep and world > 1:  # FSDP leaves the replicated (ignored) parameters' gradients to us
+            flat = torch.stack([g.reshape(()) for g in rep])
+            dist.all_reduce(flat)
+            for g, v in zip(rep, flat / world):
+                g.copy_(v)
+        grads = [p.grad for p in self.wrapped.parameters() if p.grad is not None]
+        # The global norm: every element of a sharded gradient lives on exactly one rank, so the
+        # squares of the local shards summed over ranks; the replicated ones once.
+        sq = torch.zeros((), device=self.engine.device)
+        for g in grads:
+            if isinstance(g, DTensor):
+                sq += g.to_local().float().pow(2).sum()
+        if world > 1:
+            dist.all_reduce(sq)
+        for g in rep:
+            sq += g.float().pow(2).sum()
+        norm = float(sq.sqrt())
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:  # False for a NaN norm: that step is skipped anyway
+            for g in grads:
+                g.mul_(coef)
+        return norm
+
+    def _dir(self, directory: Path) -> Path:
+        return Path(directory) / f"fsdp-{self.name}"
+
+    def save(self, directory: Path, rank: int) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        # Sharded state dicts (DTensors): each rank writes its own shards of the parameters
+        # and Adam moments (__<rank>_0.distcp), rank 0 the metadata; replicated tensors once.
+        model, optim = get_state_dict(self.wrapped, self.optimizer)
+        dcp.save({"model": model, "optim": optim}, checkpoint_id=self._dir(directory))
+        if rank == 0:
+            torch.save(self.scheduler.state_dict(), self._dir(directory) / "scheduler.pt")
+
+    def load(self, directory: Path, rank: int) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        # Loaded into this run's sharding, which may come from another world size: DCP reads
+        # the slices of the saved shards that each rank now owns.
+        model, optim = get_state_dict(self.wrapped, self.optimizer)
+        state = {"model": model, "optim": optim}
+        dcp.load(state, checkpoint_id=self._dir(directory))
+        set_state_dict(self.wrapped, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(
+            torch.load(self._dir(directory) / "scheduler.pt", map_location="cpu", weights_only=True))
+
+
+def _unsharded_class(cls: type) -> type:
+    """The module's own class under FSDP2's FSDP<Class>(FSDPModule, Class) subclass."""
+    if not any(c.__name__ == "FSDPModule" for c in cls.__mro__[1:]):
+        return cls
+    return next(c for c in cls.__mro__[1:] if c.__name__ != "FSDPModule" and not c.__name__.startswith("FSDP"))
+
+
+class FSDPEngine(AccelerateEngine):
+    """Accelerate's process group (and device choice), every phase sharded with FSDP2."""
+
+    def __init__(self, cfg: EngineConfig):
+        super().__init__(cfg)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if not dist.is_initialized():  # one process without a launcher: a world of one
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timedelta(seconds=cfg.timeout_s))
+        self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        self.fsdp_modules: list[weakref.ref] = []  # every phase's sharded module
+
+    def prepare(self, phase: Phase, train: TrainConfig) -> PreparedPhase:
+        return _FSDPPhase(phase, train, self)
+
+    @contextlib.contextmanager
+    def gathered(self, modules: list[nn.Module]) -> Iterator[None]:
+        """Full parameters of ``modules`` (parts of any phase's FSDP module) until exit.
+
+        Unsharding is per FSDP module: the FSDP modules containing any of ``modules`` are
+        all-gathered. Collective: every rank enters it with the same modules.
+        """
+        owners = []
+        for ref in self.fsdp_modules:
+            owner = ref()
+            if owner is not None and owner not in owners:
+                subs = set(owner.modules())
+                if any(m in subs for m in modules):
+                    owners.append(owner)
+        for owner in owners:
+            owner.unshard()
+        try:
+            yield
+        finally:
+            for owner in owners:
+                owner.reshard()

@@ -50,7 +50,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pipeline.data import tario
+from pipeline.data import schema, tario
 from pipeline.data.config import DataConfig
 from pipeline.data.meta import DataMeta
 from pipeline.data.shards import MANIFEST_NAME, meta_from_dict, read_manifest, verify
@@ -70,6 +70,7 @@ class ShardSet:
     num_samples: list[int]  # per shard
     meta: DataMeta | None  # from a manifest, when there is one
     manifest_dir: Path | None
+    schema: dict[str, Any] | None = None  # the manifest's sample schema, when there is one
 
 
 def _find_manifest(urls: str) -> Path | None:
@@ -118,6 +119,7 @@ def resolve_shards(urls: str, *, split: str = "train", verify_mode: str = "size"
             num_samples=[int(s["num_samples"]) for s in shards],
             meta=meta_from_dict(m["meta"]),
             manifest_dir=mdir,
+            schema=m.get("schema"),
         )
     if Path(urls).is_dir():
         raise ConfigError(
@@ -318,6 +320,12 @@ class _Decoder:
         if len(hw):
             npy_off = idx.offset["npy"][hw]
             xs, ok = tario.decode_npy_batch(buf, npy_off, idx.size["npy"][hw], plan.sample_shape)
+            bad_npy = np.flatnonzero(~ok & (npy_off >= 0))
+            if len(bad_npy):  # name why, from the first such member (e.g. another shape)
+                i = hw[bad_npy[0]]
+                why = schema.npy_mismatch(buf, int(idx.offset["npy"][i]), int(idx.size["npy"][i]), plan.sample_shape)
+                if why:
+                    reasons.append(f"{url} sample {idx.keys[i]!r} key npy: {why}")
             # Samples stored as PNG instead of .npy.
             for j in np.flatnonzero((npy_off < 0) & (idx.offset["png"][hw] >= 0)):
                 i = hw[j]
@@ -617,6 +625,7 @@ def build_stream(cfg: DataConfig, *, rank: int, world_size: int, seed: int, spli
     urls = cfg.train_urls if split == "train" else (cfg.val_urls or cfg.train_urls)
     shard_set = resolve_shards(urls, split=split, verify_mode=cfg.verify)
     meta = shard_set.meta or read_meta(urls)
+    schema.check_label_key(cfg.label_key, shard_set.schema, urls)
     n = sum(shard_set.num_samples)
     if n < world_size:
         raise ValueError(f"{urls} has {n} samples, fewer than world_size={world_size}")

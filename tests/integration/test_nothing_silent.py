@@ -74,3 +74,10 @@ def test_all_checkpoints_damaged_exit_2_and_nothing_deleted(tmp_path, ising_shar
     assert "fresh run.dir" in r.stderr
     after = {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_misspelt_label_key_exits_2_naming_the_keys(tmp_path, ising_shards):
+    r = conftest.run_pipeline(*_args(tmp_path / "run", ising_shards, 2), "data.label_key=temprature", check=False)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "data.label_key='temprature'" in r.stderr and "'temperature'" in r.stderr
+    assert "corrupt" not in r.stderr

@@ -47,7 +47,8 @@ def test_world_size_2_to_1_to_2_warns_and_keeps_the_data_position(tmp_path, isin
     assert s6["order_seed"] != s6["seed"]  # ...which is not the run's first order
 
     r = conftest.accelerate_launch(2, *_args(run, ising_shards, 10))
-    assert "world size 1 -> 2: the data stream's position (32 samples into epoch 0" in r.stderr  # 4 steps into the 1-rank order
+    # The 1-rank run stood 4 steps into its own order at step 8.
+    assert "world size 1 -> 2: the data stream's position (32 samples into epoch 0" in r.stderr
     assert _data(run, 10) == {"global_samples_consumed": 8 * BATCH + 2 * 2 * 2 * BATCH, "world_size": 2, "epoch": 0}
     s10 = [_stream(run, 10, rank) for rank in (0, 1)]
     assert [s["samples_consumed"] for s in s10] == [2 * BATCH, 2 * BATCH]

@@ -33,8 +33,9 @@ from pipeline.objectives.vdm import VDMConfig
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML with YAML 1.2 booleans: only true/false are booleans, so `track.wandb=off` and
-    `wandb: off` stay the string 'off' instead of silently becoming False."""
+    """YAML with YAML 1.2 booleans and floats: only true/false are booleans, so `track.wandb=off`
+    and `wandb: off` stay the string 'off' instead of silently becoming False; and `1e-3`, `2E5`
+    are floats (YAML 1.2 core schema, section 10.3.2) where YAML 1.1 wants `1.0e-3`."""
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -43,6 +44,13 @@ _Loader.yaml_implicit_resolvers = {
 }
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+# YAML 1.1's float pattern needs a dot and a signed exponent; add the 1.2 forms it misses: an
+# exponent after digits without a dot or with an unsigned exponent. Plain integers stay ints.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
 )
 
 

@@ -108,9 +108,13 @@ def register(subparsers) -> None:
     _common(s)
     s.set_defaults(func=_run)
 
-    s = sub.add_parser("verify", help="check shards against their manifest (sizes; sha256 with --sha256)")
+    s = sub.add_parser("verify", help="check shards against their manifest (sizes, the schema of a sample "
+                                      "of members; sha256 with --sha256)")
     s.add_argument("dir", help="shard directory holding manifest.json")
     s.add_argument("--sha256", action="store_true", help="also compare sha256 checksums")
+    s.add_argument("--schema-members", type=int, default=8, metavar="K",
+                   help="members per shard whose shape, dtype and keys are checked against the schema "
+                        "(default 8; 0: none)")
     s.set_defaults(func=_run_verify)
 
 
@@ -177,7 +181,9 @@ def _run(args) -> int:
 
 def _run_verify(args) -> int:
     try:
-        problems = shards_mod.verify(args.dir, checksum=args.sha256)
+        if args.schema_members < 0:
+            raise ValueError(f"--schema-members must be >= 0, got {args.schema_members}")
+        problems = shards_mod.verify(args.dir, checksum=args.sha256, schema_members=args.schema_members)
     except ValueError as e:
         print(f"pipeline shards verify: error: {e}", file=sys.stderr)
         return 2

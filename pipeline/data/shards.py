@@ -89,9 +89,14 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def verify(directory: str | os.PathLike, *, checksum: bool = False, split: str | None = None) -> list[str]:
-    """Problems with the shards a manifest lists: missing files, wrong sizes and, with
-    ``checksum``, wrong sha256. An empty list means the shards are as written."""
+def verify(directory: str | os.PathLike, *, checksum: bool = False, split: str | None = None,
+           schema_members: int = 0) -> list[str]:
+    """Problems with the shards a manifest lists: missing files, wrong sizes, with
+    ``checksum`` wrong sha256, and with ``schema_members`` > 0 samples (that many per shard)
+    whose shape, dtype or keys differ from the manifest's schema. An empty list means the
+    shards are as written."""
+    from pipeline.data import schema  # schema -> tario; kept out of the writer's import path
+
     directory = Path(directory)
     manifest = read_manifest(directory)
     problems = []
@@ -107,6 +112,8 @@ def verify(directory: str | os.PathLike, *, checksum: bool = False, split: str |
             problems.append(f"shard {p} has {size} bytes, the manifest says {s['num_bytes']}")
         elif checksum and sha256_file(p) != s["sha256"]:
             problems.append(f"shard {p} has a different sha256 than the manifest records (modified)")
+        if schema_members > 0:
+            problems += schema.check_shard(p, manifest["schema"], num_members=schema_members)
     return problems
 
 

@@ -26,6 +26,12 @@ and offset follow directly, so ``load_state_dict`` jumps there and decodes one w
 does not replay what came before. All ranks consume the same number of samples, so the
 state is the same on every rank.
 
+Resume on another world size (:meth:`Stream.load_resharded`): a position in one world size's
+order has no counterpart in another's, so the stream keeps the epoch count and restarts that
+epoch from its start in a new order, seeded from (seed, step) so that it is not the run's
+first order again. The checkpointer warns what was lost. ``global_samples_consumed`` (all
+ranks together, over the whole run, across such changes) is what the manifest records.
+
 Corrupt samples (a truncated shard, a member that is not a valid .npy, a missing field)
 are never yielded: their slot is filled with the next valid sample of the same window (in
 window order, cyclically), so positions - and hence resume - do not depend on which samples
@@ -45,7 +51,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pipeline.data import tario
+from pipeline.data import schema, tario
 from pipeline.data.config import DataConfig
 from pipeline.data.meta import DataMeta
 from pipeline.data.shards import MANIFEST_NAME, meta_from_dict, read_manifest, verify
@@ -65,6 +71,7 @@ class ShardSet:
     num_samples: list[int]  # per shard
     meta: DataMeta | None  # from a manifest, when there is one
     manifest_dir: Path | None
+    schema: dict[str, Any] | None = None  # the manifest's sample schema, when there is one
 
 
 def _find_manifest(urls: str) -> Path | None:
@@ -113,6 +120,7 @@ def resolve_shards(urls: str, *, split: str = "train", verify_mode: str = "size"
             num_samples=[int(s["num_samples"]) for s in shards],
             meta=meta_from_dict(m["meta"]),
             manifest_dir=mdir,
+            schema=m.get("schema"),
         )
     if Path(urls).is_dir():
         raise ConfigError(
@@ -313,6 +321,12 @@ class _Decoder:
         if len(hw):
             npy_off = idx.offset["npy"][hw]
             xs, ok = tario.decode_npy_batch(buf, npy_off, idx.size["npy"][hw], plan.sample_shape)
+            bad_npy = np.flatnonzero(~ok & (npy_off >= 0))
+            if len(bad_npy):  # name why, from the first such member (e.g. another shape)
+                i = hw[bad_npy[0]]
+                why = schema.npy_mismatch(buf, int(idx.offset["npy"][i]), int(idx.size["npy"][i]), plan.sample_shape)
+                if why:
+                    reasons.append(f"{url} sample {idx.keys[i]!r} key npy: {why}")
             # Samples stored as PNG instead of .npy.
             for j in np.flatnonzero((npy_off < 0) & (idx.offset["png"][hw] >= 0)):
                 i = hw[j]
@@ -439,7 +453,9 @@ class Stream:
             sample_shape=tuple(meta.sample_shape), label_key=cfg.label_key,
         )
         self.batch_per_rank = cfg.batch_per_rank
-        self._position = 0  # samples consumed by this rank
+        self._seed = seed  # the run's; plan.seed is the order's, which a world-size change reseeds
+        self._position = 0  # samples consumed by this rank, in the current order
+        self._global_base = 0  # global_samples_consumed at position 0 of the current order
         self._corrupt = 0
         self._loader_iter = None
         self._current: dict[str, Any] | None = None  # window being consumed
@@ -459,6 +475,16 @@ class Stream:
     @property
     def epoch(self) -> float:
         return self._position / self.plan.samples_per_rank
+
+    @property
+    def global_samples_consumed(self) -> int:
+        """Samples consumed by all ranks together over the whole run."""
+        return self._global_base + self._position * self.plan.world_size
+
+    def position_record(self) -> dict[str, int]:
+        """Where the stream stands, for a checkpoint manifest."""
+        return {"global_samples_consumed": self.global_samples_consumed, "world_size": self.plan.world_size,
+                "epoch": self._position // self.plan.samples_per_rank}
 
     @property
     def corrupt_count(self) -> int:
@@ -519,7 +545,9 @@ class Stream:
             "version": _STATE_VERSION,
             "samples_consumed": self._position,
             "corrupt_count": self._corrupt,
-            "seed": self.plan.seed,
+            "seed": self._seed,
+            "order_seed": self.plan.seed,
+            "global_samples_consumed": self.global_samples_consumed,
             "world_size": self.plan.world_size,
             "num_samples": self.num_samples,
             "batch_per_rank": self.batch_per_rank,
@@ -532,8 +560,10 @@ class Stream:
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"data stream state version {state.get('version')!r} is not {_STATE_VERSION}")
         position = int(state["samples_consumed"])
+        old_global = int(state.get("global_samples_consumed", position * int(state["world_size"])))
         same = (state["seed"], state["world_size"], state["num_samples"]) == (
-            self.plan.seed, self.plan.world_size, self.num_samples)
+            self._seed, self.plan.world_size, self.num_samples)
+        self.plan.seed = int(state.get("order_seed", state["seed"])) if same else self._seed
         if not same:
             old_per_rank = max(1, int(state["num_samples"]) // int(state["world_size"]))
             next_epoch = -(-position // old_per_rank)
@@ -547,7 +577,29 @@ class Stream:
             position = next_epoch * self.plan.samples_per_rank
         self.close()
         self._position = position
+        self._global_base = old_global - position * self.plan.world_size if same else old_global
         self._corrupt = int(state.get("corrupt_count", 0))
+
+    def load_resharded(self, state: dict[str, Any], *, old_world_size: int, world_size: int, rank: int,
+                       step: int, seed: int) -> str:
+        """Rank 0's state saved on ``old_world_size`` ranks, onto this rank of ``world_size``:
+        keep the epoch, restart it in an order seeded from (seed, step); return what was lost."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"data stream state version {state.get('version')!r} is not {_STATE_VERSION}")
+        assert (world_size, rank) == (self.plan.world_size, self.plan.rank), (world_size, rank)
+        assert int(state["world_size"]) == old_world_size, (state["world_size"], old_world_size)
+        old_position = int(state["samples_consumed"])
+        old_per_rank = max(1, int(state["num_samples"]) // old_world_size)
+        epoch, into = divmod(old_position, old_per_rank)
+        self.close()
+        self.plan.seed = int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0])
+        self._position = epoch * self.plan.samples_per_rank
+        old_global = int(state.get("global_samples_consumed", old_position * old_world_size))
+        self._global_base = old_global - self._position * world_size
+        self._corrupt = int(state.get("corrupt_count", 0))
+        return (f"the data stream's position ({into} samples into epoch {epoch} of the old order) cannot be "
+                f"mapped onto {world_size} rank(s); the stream restarts epoch {epoch} in a new order "
+                f"seeded from (seed={seed}, step={step})")
 
     def close(self) -> None:
         """Stop the workers. The stream can be iterated again afterwards (it restarts them)."""
@@ -590,6 +642,7 @@ def build_stream(cfg: DataConfig, *, rank: int, world_size: int, seed: int, spli
     urls = cfg.train_urls if split == "train" else (cfg.val_urls or cfg.train_urls)
     shard_set = resolve_shards(urls, split=split, verify_mode=cfg.verify)
     meta = meta if meta is not None else (shard_set.meta or read_meta(urls))
+    schema.check_label_key(cfg.label_key, shard_set.schema, urls)
     n = sum(shard_set.num_samples)
     if n < world_size:
         raise ValueError(f"{urls} has {n} samples, fewer than world_size={world_size}")

@@ -16,6 +16,19 @@ directory that looks complete; ``latest`` is replaced atomically afterwards. On 
 manifest is checked (sizes and checksums); a corrupt or truncated checkpoint is reported and
 the newest older valid one is used. Which step a checkpoint holds is read from its manifest,
 never parsed from a file name.
+
+Nothing is lost silently (docs/reliability.md):
+
+- When checkpoints exist but none validates, restore raises :class:`NoValidCheckpointError`
+  naming each one and why (the CLI exits 2); nothing is deleted or overwritten, and starting
+  over is the user's explicit choice of a fresh ``run.dir``.
+- Retention never deletes a checkpoint that does not validate while no newer valid one exists.
+- On a world-size change, per-rank state (data stream position, RNGs) cannot be mapped rank
+  to rank: each object must implement :class:`Reshardable`, which adopts rank 0's saved state
+  as well as it can and says what was lost; the checkpointer emits that as a
+  :class:`ResumeWarning`. An object that cannot reshard stops the resume with an error.
+- The manifest records the data position, ``"data": {"global_samples_consumed": N,
+  "world_size": W, "epoch": E}``, so where a run stands can be read without loading tensors.
 """
 
 from __future__ import annotations
@@ -26,11 +39,13 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from pipeline.errors import ConfigError
 from pipeline.train.engines.base import Engine, PreparedPhase
 
 MANIFEST = "manifest.json"
@@ -43,8 +58,29 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+@runtime_checkable
+class Reshardable(Stateful, Protocol):
+    """Per-rank state that can resume on another world size."""
+
+    def load_resharded(self, state: dict[str, Any], *, old_world_size: int, world_size: int, rank: int,
+                       step: int, seed: int) -> str:
+        """Adopt ``state`` (rank 0's, saved on ``old_world_size`` ranks) on ``rank`` of
+        ``world_size``, deterministically from (seed, step, rank); return one clause saying
+        what could not be carried over and what was done instead."""
+        ...
+
+
 class CheckpointError(RuntimeError):
     pass
+
+
+class NoValidCheckpointError(CheckpointError, ConfigError):
+    """Checkpoints exist and none validates. A ConfigError too, so the CLI reports it in one
+    line with exit 2: the way out is the user's choice (a fresh ``run.dir``), never automatic."""
+
+
+class ResumeWarning(UserWarning):
+    """A resume could not restore some state exactly; the message says what and what was done."""
 
 
 def _sha256(path: Path) -> str:
@@ -93,6 +129,14 @@ def validate(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+def _is_valid(directory: Path) -> bool:
+    try:
+        validate(directory)
+    except CheckpointError:
+        return False
+    return True
+
+
 class Checkpointer:
     def __init__(
         self,
@@ -102,12 +146,16 @@ class Checkpointer:
         keep_last: int,
         keep_every: int | None,
         config_hash: str,
+        seed: int | None = None,
     ):
+        """``seed``: the run's seed, from which per-rank state is re-derived when the world
+        size changes (restoring onto another world size without it is an error)."""
         self.root = Path(root)
         self.engine = engine
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.config_hash = config_hash
+        self.seed = seed
         if engine.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".partial-*"):  # left by a crash mid-write
@@ -122,7 +170,10 @@ class Checkpointer:
         phases: list[PreparedPhase],
         shared: dict[str, Stateful],
         per_rank: dict[str, Stateful],
+        data: dict[str, int] | None = None,
     ) -> Path:
+        """``data``: the data position for the manifest, ``{"global_samples_consumed": N,
+        "world_size": W, "epoch": E}`` (rank 0's; all ranks consume alike)."""
         eng = self.engine
         name = f"step-{step:08d}"
         final = self.root / name
@@ -152,13 +203,16 @@ class Checkpointer:
                 "time": time.time(),
                 "files": files,
             }
+            if data is not None:
+                assert set(data) == {"global_samples_consumed", "world_size", "epoch"}, data
+                manifest["data"] = dict(data)
             atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
             if final.exists():  # same step saved again (e.g. preempted right after a save)
                 shutil.rmtree(final)
             os.rename(tmp, final)
             _fsync_dir(self.root)
             atomic_write_text(self.root / LATEST, name + "\n")
-            self._apply_retention()
+            self._apply_retention(final)
         eng.barrier()
         return final
 
@@ -173,29 +227,56 @@ class Checkpointer:
                     out.append((-1, d))  # unreadable manifest: oldest, validated (and rejected) last
         return sorted(out, key=lambda x: x[0], reverse=True)
 
-    def _apply_retention(self) -> None:
+    def _apply_retention(self, just_saved: Path) -> None:
+        """Newest ``keep_last`` plus every ``keep_every``-th, and never lose the last good state:
+        the newest valid checkpoint stays, and so does a damaged one with nothing valid newer
+        (it may be all that is left of the run; a person decides about it)."""
         done = self._complete()
         keep = {d for _, d in done[: self.keep_last]}
         if self.keep_every:
             keep |= {d for s, d in done if s > 0 and s % self.keep_every == 0}
-        for _, d in done:
-            if d not in keep:
-                shutil.rmtree(d, ignore_errors=True)
+        if all(d in keep for _, d in done):
+            return
+
+        def valid(d: Path) -> bool:  # the checkpoint just written was checksummed a moment ago
+            return d == just_saved or _is_valid(d)
+
+        newest_valid = next(((s, d) for s, d in done if valid(d)), None)
+        if newest_valid is not None:
+            keep.add(newest_valid[1])
+        for s, d in done:
+            if d in keep:
+                continue
+            if (newest_valid is None or s >= newest_valid[0]) and not valid(d):
+                print(f"checkpoint: keeping {d.name} although it does not validate: no newer valid checkpoint",
+                      file=sys.stderr, flush=True)
+                continue
+            shutil.rmtree(d, ignore_errors=True)
 
     # -- restore ----------------------------------------------------------------------
 
     def find_latest_valid(self) -> tuple[Path, dict[str, Any]] | None:
-        """The newest intact checkpoint: ``latest`` first, then older ones, newest first."""
+        """The newest intact checkpoint: ``latest`` first, then older ones, newest first.
+
+        None when there is no checkpoint at all; :class:`NoValidCheckpointError`, naming each
+        rejected checkpoint and why, when there are some and none validates."""
         candidates: list[Path] = []
         pointer = self.root / LATEST
         if pointer.is_file():
             candidates.append(self.root / pointer.read_text().strip())
         candidates += [d for _, d in self._complete() if d not in candidates]
+        rejected = []
         for d in candidates:
             try:
                 return d, validate(d)
             except CheckpointError as e:
                 print(f"checkpoint: skipping {d.name}: {e}", file=sys.stderr, flush=True)
+                rejected.append(f"  {d.name}: {e}")
+        if rejected:
+            raise NoValidCheckpointError(
+                f"{self.root} holds {len(rejected)} checkpoint(s) and none validates:\n" + "\n".join(rejected)
+                + "\nnothing was deleted; to start over, give a fresh run.dir (or move these away)"
+            )
         return None
 
     def restore(
@@ -206,7 +287,15 @@ class Checkpointer:
     ) -> dict[str, Any] | None:
         """Load the newest valid checkpoint into everything; return its manifest, or None."""
         eng = self.engine
-        choice = eng.broadcast_object(self.find_latest_valid() if eng.is_main else None)
+        choice: Any = None
+        if eng.is_main:
+            try:
+                choice = self.find_latest_valid()
+            except NoValidCheckpointError as e:
+                choice = str(e)  # every rank raises it, so none waits on the others
+        choice = eng.broadcast_object(choice)
+        if isinstance(choice, str):
+            raise NoValidCheckpointError(choice)
         if choice is None:
             return None
         directory, manifest = Path(choice[0]), choice[1]
@@ -221,14 +310,34 @@ class Checkpointer:
             ph.load(directory, eng.rank)
         for key, obj in shared.items():
             obj.load_state_dict(torch.load(directory / f"{key}.pt", map_location="cpu", weights_only=True))
-        same_world = manifest["world_size"] == eng.world_size
-        for key, obj in per_rank.items():
-            path = directory / f"{key}-rank{eng.rank:05d}.pt"
-            if same_world and path.is_file():
-                obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            elif hasattr(obj, "load_resharded_state"):
-                # World size changed: the object re-derives its own state from rank 0's.
-                state0 = torch.load(directory / f"{key}-rank00000.pt", map_location="cpu", weights_only=True)
-                obj.load_resharded_state(state0, manifest["world_size"])
+        self._restore_per_rank(directory, manifest, per_rank)
         eng.barrier()
         return manifest
+
+    def _restore_per_rank(self, directory: Path, manifest: dict[str, Any], per_rank: dict[str, Stateful]) -> None:
+        """Each rank's own state on the same world size; otherwise rank 0's, resharded by the
+        object itself, with a :class:`ResumeWarning` saying what was lost. Never skipped."""
+        eng = self.engine
+        old_world = int(manifest["world_size"])
+        same_world = old_world == eng.world_size
+        lost = []
+        for key, obj in per_rank.items():
+            name = f"{key}-rank{eng.rank if same_world else 0:05d}.pt"
+            if name not in manifest["files"]:
+                raise CheckpointError(f"{directory}: holds no per-rank state {name} (this run saves {key!r})")
+            state = torch.load(directory / name, map_location="cpu", weights_only=True)
+            if same_world:
+                obj.load_state_dict(state)
+                continue
+            if not isinstance(obj, Reshardable):
+                raise CheckpointError(
+                    f"{directory}: per-rank state {key!r} was saved on {old_world} ranks and cannot be "
+                    f"carried onto {eng.world_size} ({type(obj).__name__} has no load_resharded)"
+                )
+            if self.seed is None:
+                raise CheckpointError(f"{directory}: resuming {old_world} -> {eng.world_size} ranks needs the run seed")
+            lost.append(obj.load_resharded(state, old_world_size=old_world, world_size=eng.world_size,
+                                           rank=eng.rank, step=int(manifest["step"]), seed=self.seed))
+        if lost and eng.is_main:
+            warnings.warn(ResumeWarning(f"world size {old_world} -> {eng.world_size}: " + "; ".join(lost)),
+                          stacklevel=3)

@@ -155,6 +155,7 @@ def train(cfg: Config, meta: DataMeta | None = None) -> int:
             keep_last=cfg.train.keep_last_checkpoints,
             keep_every=cfg.train.keep_every_steps,
             config_hash=cfg.hash(),
+            seed=cfg.run.seed,
         )
         shared, per_rank = {"trainer": state, "ema": ema}, {"stream": stream, "rng": rng}
         manifest = ckpt.restore(phases, shared, per_rank)
@@ -171,7 +172,7 @@ def train(cfg: Config, meta: DataMeta | None = None) -> int:
 
         def save() -> None:
             t0 = time.perf_counter()
-            path = ckpt.save(state.step, phases, shared, per_rank)
+            path = ckpt.save(state.step, phases, shared, per_rank, data=stream.position_record())
             if engine.is_main:
                 write_export(run_dir.root, ema.module, cfg.to_dict(), meta, state.step)
                 tracker.log_event("checkpoint", step=state.step, path=str(path), seconds=time.perf_counter() - t0)

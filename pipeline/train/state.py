@@ -44,6 +44,16 @@ class RNGState:
         np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
         torch.set_rng_state(state["torch"])
 
+    def load_resharded(self, state: dict, *, old_world_size: int, world_size: int, rank: int, step: int,
+                       seed: int) -> str:
+        """Another world size: generator states belong to ranks that no longer exist (or are
+        new), so reseed every generator from (seed, step, rank): deterministic, and not the
+        noise of step 0 again."""
+        del state, old_world_size
+        seed_everything(reseed(seed, step, rank))
+        return (f"the per-rank RNGs cannot be mapped onto {world_size} rank(s) and are reseeded "
+                f"from (seed={seed}, step={step}, rank)")
+
 
 def _tuple(x):
     return tuple(_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
@@ -53,3 +63,8 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def reseed(*key: int) -> int:
+    """A 64-bit seed that is a pure function of ``key`` (e.g. seed, step, rank)."""
+    return int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0])

@@ -95,3 +95,17 @@ def test_fsdp_from_the_launcher_is_refused(monkeypatch):
     with pytest.raises(ConfigError, match="ACCELERATE_USE_FSDP"):
         load_config(None, BASE)
     load_config(None, BASE + ["engine.backend=deepspeed"])  # DeepSpeed ignores Accelerate's FSDP switch
+
+
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("2E5", 2e5), ("+1.5e+3", 1.5e3), (".5e-2", 5e-3)])
+def test_exponent_floats_without_a_dot_are_numbers_in_overrides_and_yaml(tmp_path, text, value):
+    # YAML 1.2 reads these as floats; YAML 1.1 (PyYAML's default) as strings.
+    cfg = load_config(None, BASE + [f"train.lr={text}"])
+    assert cfg.train.lr == value
+    preset = tmp_path / "p.yaml"
+    preset.write_text(f"train:\n  lr: {text}\n  num_steps: 10\nrun:\n  dir: /tmp/r\ndata:\n  train_urls: /tmp/d\n")
+    assert load_config(preset).train.lr == value
+
+
+def test_integers_and_words_stay_what_they_were():
+    assert parse_overrides(["a.b=12", "a.c=1e", "a.d=e5", "a.e=off"]) == {"a": {"b": 12, "c": "1e", "d": "e5", "e": "off"}}

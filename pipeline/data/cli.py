@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any, Callable
 
+import numpy as np
+
 from pipeline.data import shards as shards_mod
 from pipeline.data import sources
 
@@ -90,6 +92,24 @@ def register(subparsers) -> None:
     _common(s)
     s.set_defaults(func=_run)
 
+    s = sub.add_parser("grf", help="Gaussian random fields in 1-3 dims with an exact spectrum and density")
+    s.add_argument("--ndim", type=int, choices=[1, 2, 3], required=True, help="grid dimensions d")
+    s.add_argument("--size", type=_int_at_least(2), required=True, help="grid side L (periodic)")
+    s.add_argument("--num-samples", type=_positive_int, required=True)
+    s.add_argument("--channels", type=_positive_int, default=1, help="independent fields per sample (default 1)")
+    spec = s.add_mutually_exclusive_group(required=True)
+    spec.add_argument("--spectral-index", type=float, help="n of P(k) = A (k / k_0)^n (k in radians per cell)")
+    spec.add_argument("--spectrum-table", help=".npy or text file with two columns k, P(k) (log-log interpolated; "
+                      "--amplitude, --pivot and --cutoff then do not apply)")
+    s.add_argument("--amplitude", type=float, default=1.0, help="A (default 1)")
+    s.add_argument("--pivot", type=float, default=1.0, help="k_0 (default 1)")
+    s.add_argument("--cutoff", type=float, help="k_c of the high-k cut-off (default none)")
+    s.add_argument("--cutoff-kind", choices=["gaussian", "sharp"], default="gaussian",
+                   help="exp(-(k/k_c)^2) or 0 above k_c (default gaussian)")
+    s.add_argument("--zero-mode-power", type=float, help="P(0) of the mean mode (default P(2 pi / L))")
+    _common(s)
+    s.set_defaults(func=_run)
+
     s = sub.add_parser("npy", help="arrays from .npy/.npz files")
     s.add_argument("--x", required=True, help=".npy or .npz file with samples [N, ...]")
     s.add_argument("--x-key", help="array name inside an .npz")
@@ -130,6 +150,15 @@ def _source(args) -> tuple[dict[str, Any], Callable[[], sources.SourceData]]:
     if name == "gmm":
         params = {"dim": args.dim, "num_components": args.num_components, "num_samples": args.num_samples}
         return params, lambda: sources.gmm(args.dim, args.num_components, args.num_samples, seed=args.seed)
+    if name == "grf":
+        params = {"ndim": args.ndim, "size": args.size, "num_samples": args.num_samples,
+                  "channels": args.channels, "spectral_index": args.spectral_index,
+                  "spectrum_table": args.spectrum_table, "amplitude": args.amplitude,
+                  "pivot": args.pivot, "cutoff": args.cutoff, "cutoff_kind": args.cutoff_kind,
+                  "zero_mode_power": args.zero_mode_power}
+        field = _grf_field(args)  # validated before anything is written
+        params["field"] = field.info()  # a table's rows, not only its path, identify the data
+        return params, lambda: sources.grf(field, args.num_samples, seed=args.seed)
     user = {"add_channel_dim": args.add_channel_dim, "data_kind": args.data_kind,
             "num_levels": args.num_levels, "label_kind": args.label_kind}
     if name == "npy":
@@ -142,6 +171,23 @@ def _source(args) -> tuple[dict[str, Any], Callable[[], sources.SourceData]]:
         return params, lambda: sources.hf(args.path, x_column=args.x_column, label_column=args.label_column,
                                           split=args.split, **user)
     raise AssertionError(name)
+
+
+def _grf_field(args):
+    from pipeline.physics import grf
+
+    if args.spectrum_table is not None:
+        try:
+            table = np.load(args.spectrum_table) if args.spectrum_table.endswith(".npy") else np.loadtxt(args.spectrum_table)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"grf: cannot read --spectrum-table {args.spectrum_table}: {e}") from None
+        if table.ndim != 2 or table.shape[1] != 2:
+            raise ValueError(f"grf: --spectrum-table needs two columns k, P(k), got shape {list(table.shape)}")
+        spectrum = grf.Tabulated(k=tuple(map(float, table[:, 0])), power=tuple(map(float, table[:, 1])))
+    else:
+        spectrum = grf.PowerLaw(args.spectral_index, amplitude=args.amplitude, pivot=args.pivot,
+                                cutoff=args.cutoff, cutoff_kind=args.cutoff_kind)
+    return grf.GRF(args.ndim, args.size, spectrum, channels=args.channels, zero_mode_power=args.zero_mode_power)
 
 
 def _run(args) -> int:

@@ -12,7 +12,7 @@ each, so all estimates have the same cost.
 Design (common random numbers: every sampler sees the same batches and the same ctx.step
 sequence). ``num_batches`` batches x_m of ``batch_size`` samples are drawn without
 replacement from the held-out pool; each gets its exact negative ELBO
-(:func:`pipeline.objectives.vdm.exact_elbo`: every diffusion term evaluated, with its own
+(:func:`pipeline.eval.elbo.exact_elbo`: every diffusion term evaluated, with its own
 Monte-Carlo standard error). Then, per sampler, ``num_repeats`` estimates per batch, each
 with a fresh ``ctx.step`` (a fresh stratified permutation), and:
 
@@ -53,7 +53,8 @@ import numpy as np
 import torch
 
 from pipeline.objectives.base import StepContext
-from pipeline.objectives.vdm import VDM, VDMConfig, exact_elbo
+from pipeline.eval.elbo import exact_elbo
+from pipeline.objectives.vdm import VDM, VDMConfig
 from pipeline.errors import ConfigError
 
 SAMPLERS = ("uniform", "stratified", "importance", "learned-schedule")

@@ -29,7 +29,7 @@ import yaml
 from pipeline.errors import ConfigError  # noqa: F401  (re-exported: the config's error)
 from pipeline.data.config import DataConfig
 from pipeline.objectives.gan import GANConfig
-from pipeline.objectives.vdm import VDMConfig
+from pipeline.objectives.vdm.config import VDMConfig
 
 
 class _Loader(yaml.SafeLoader):

@@ -12,7 +12,7 @@ each, so all estimates have the same cost.
 Design (common random numbers: every sampler sees the same batches and the same ctx.step
 sequence). ``num_batches`` batches x_m of ``batch_size`` samples are drawn without
 replacement from the held-out pool; each gets its exact negative ELBO
-(:func:`pipeline.objectives.vdm.exact_elbo`: every diffusion term evaluated, with its own
+(:func:`pipeline.eval.elbo.exact_elbo`: every diffusion term evaluated, with its own
 Monte-Carlo standard error). Then, per sampler, ``num_repeats`` estimates per batch, each
 with a fresh ``ctx.step`` (a fresh stratified permutation), and:
 
@@ -53,7 +53,8 @@ import numpy as np
 import torch
 
 from pipeline.objectives.base import StepContext
-from pipeline.objectives.vdm import VDM, VDMConfig, exact_elbo
+from pipeline.eval.elbo import exact_elbo
+from pipeline.objectives.vdm import VDM, VDMConfig
 from pipeline.errors import ConfigError
 
 SAMPLERS = ("uniform", "stratified", "importance", "learned-schedule")
@@ -180,12 +181,10 @@ def warm_up(module: VDM, x: torch.Tensor, labels: torch.Tensor | None, *, batch_
     ``x`` (separate draws from the measured batches) until every bin holds a full history;
     returns the number of batches used (0 for samplers without state)."""
     sampler = module.sampler
-    if not hasattr(sampler, "count"):
-        return 0
     device = next(module.parameters()).device
     rng = np.random.default_rng([seed, 3])
     n = 0
-    while bool((sampler.count < sampler.history).any()):
+    while not sampler.ready():
         if n >= max_batches:
             raise RuntimeError(f"importance history not full after {max_batches} warm-up batches")
         idx = torch.from_numpy(rng.choice(x.shape[0], batch_size, replace=x.shape[0] < batch_size))
@@ -287,45 +286,27 @@ def load_pool(run_dir: Path, info: dict, data: str | None) -> tuple[torch.Tensor
     return x, torch.from_numpy(col).float(), urls, split
 
 
-def run(
-    run_dir: str | Path,
-    *,
-    data: str | None = None,
-    num_batches: int = 8,
-    num_repeats: int = 32,
-    batch_size: int | None = None,
-    seed: int = 0,
-    num_noise_samples: int = 4,
-    num_quadrature_points: int = 64,
-    samplers: tuple[str, ...] | None = None,
-    grads: bool = True,
-) -> dict[str, Any]:
-    from pipeline.train.export import load_export
-
-    t0 = time.perf_counter()
-    run_dir = Path(run_dir)
-    module, meta, info = load_export(run_dir)
-    if not isinstance(module, VDM):
-        raise ConfigError(f"{run_dir}: bench variance needs a VDM run, got objective {info['config'].get('objective')!r}")
+def _check_counts(num_batches: int, num_repeats: int, num_noise_samples: int) -> None:
     for name, value, least in (("num_batches", num_batches, 1), ("num_repeats", num_repeats, 2),
                                ("exact_noise_samples", num_noise_samples, 2)):
         if value < least:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
-    x, labels, urls, split = load_pool(run_dir, info, data)
-    B = batch_size or int((info["config"].get("data") or {}).get("batch_per_rank") or 64)
-    if not 2 <= B <= x.shape[0]:
-        raise ConfigError(f"--batch-size must be in 2..{x.shape[0]} (the {split} split's size), got {B}")
-    cfg: VDMConfig = module.cfg
+
+
+def _samplers_to_run(module: VDM, samplers: tuple[str, ...] | None) -> tuple[str, ...]:
     allowed = SAMPLERS if module.continuous else SAMPLERS[:-1]
     samplers = tuple(samplers or allowed)
     bad = [s for s in samplers if s not in allowed]
     if bad or "uniform" not in samplers:
         raise ConfigError(f"--samplers must include uniform and be among {', '.join(allowed)}, got {', '.join(samplers)}")
-    forms = FORMS if not module.continuous else ("denoising_matching",)
+    return samplers
 
-    batches = exact_batches(module, x, labels, num_batches=num_batches, batch_size=B, seed=seed,
-                            num_noise_samples=num_noise_samples, num_quadrature_points=num_quadrature_points)
-    d_var = data_variance(batches)
+
+def _measure_all(module: VDM, x: torch.Tensor, labels: torch.Tensor | None, batches: list[EvalBatch], *,
+                 forms: tuple[str, ...], samplers: tuple[str, ...], batch_size: int, num_repeats: int, seed: int,
+                 grads: bool) -> tuple[dict[str, dict[str, SamplerStats]], dict[str, int], dict[str, str]]:
+    """Every (form, sampler) on the same batches: (stats by form and sampler, importance warm-up
+    batches by form, samplers skipped with the reason)."""
     stats: dict[str, dict[str, SamplerStats]] = {f: {} for f in forms}
     warmup: dict[str, int] = {}
     skipped: dict[str, str] = {}
@@ -335,15 +316,19 @@ def run(
             if m is None:
                 skipped[s] = "the run has no learned time map (train with vdm.timestep_sampler=learned-schedule)"
                 continue
-            n = warm_up(m, x, labels, batch_size=B, seed=seed + 1)
+            n = warm_up(m, x, labels, batch_size=batch_size, seed=seed + 1)
             if n:
                 warmup[form] = n
             stats[form][s] = measure(m, batches, num_repeats=num_repeats, seed=seed, grads=grads)
             st = stats[form][s]
             print(f"{form:>18} {s:>16}: var|x {st.variance_given_x:.3e}  var_t {st.variance_t_only:.3e}  "
                   f"grad var {st.grad_variance:.3e}  bias {st.bias_bpd:+.4f} bpd ({st.bias_sigma:+.2f} sigma)", flush=True)
+    return stats, warmup, skipped
 
-    head = cfg.diffusion_form if cfg.diffusion_form in stats else forms[0]
+
+def _summary(stats: dict[str, dict[str, SamplerStats]], head: str, d_var: float, grads: bool) -> dict[str, Any]:
+    """The headline figures of form ``head`` (variances, ratios vs uniform, bias, best sampler) and
+    the per-form tables."""
     hs = stats[head]
 
     def per(f: str, key: str) -> dict[str, float]:
@@ -357,14 +342,7 @@ def run(
 
     var = total(head)
     best = min(var, key=var.get)
-    out: dict[str, Any] = {
-        "bench": "variance",
-        "run": str(run_dir), "data": urls, "split": split, "model_step": info.get("step"),
-        "num_timesteps": cfg.num_timesteps, "training_form": cfg.diffusion_form, "form": head,
-        "batch_size": B, "num_batches": num_batches, "num_repeats": num_repeats,
-        "network_evals_per_estimate": B,
-        "exact_bpd": float(np.mean([b.exact_bpd for b in batches])),
-        "exact_stderr_bpd": math.sqrt(sum(b.exact_stderr_bpd**2 for b in batches)) / len(batches),
+    return {
         "data_variance": d_var,
         "variance": var,
         "variance_given_x": per(head, "variance_given_x"),
@@ -388,11 +366,57 @@ def run(
         "variance_given_x_by_form": {f: per(f, "variance_given_x") for f in stats},
         "variance_t_only_by_form": {f: per(f, "variance_t_only") for f in stats},
         "bias_sigma_by_form": {f: per(f, "bias_sigma") for f in stats},
+    }
+
+
+def run(
+    run_dir: str | Path,
+    *,
+    data: str | None = None,
+    num_batches: int = 8,
+    num_repeats: int = 32,
+    batch_size: int | None = None,
+    seed: int = 0,
+    num_noise_samples: int = 4,
+    num_quadrature_points: int = 64,
+    samplers: tuple[str, ...] | None = None,
+    grads: bool = True,
+) -> dict[str, Any]:
+    from pipeline.train.export import load_export
+
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    module, meta, info = load_export(run_dir)
+    if not isinstance(module, VDM):
+        raise ConfigError(f"{run_dir}: bench variance needs a VDM run, got objective {info['config'].get('objective')!r}")
+    _check_counts(num_batches, num_repeats, num_noise_samples)
+    x, labels, urls, split = load_pool(run_dir, info, data)
+    B = batch_size or int((info["config"].get("data") or {}).get("batch_per_rank") or 64)
+    if not 2 <= B <= x.shape[0]:
+        raise ConfigError(f"--batch-size must be in 2..{x.shape[0]} (the {split} split's size), got {B}")
+    cfg: VDMConfig = module.cfg
+    samplers = _samplers_to_run(module, samplers)
+    forms = FORMS if not module.continuous else ("denoising_matching",)
+
+    batches = exact_batches(module, x, labels, num_batches=num_batches, batch_size=B, seed=seed,
+                            num_noise_samples=num_noise_samples, num_quadrature_points=num_quadrature_points)
+    d_var = data_variance(batches)
+    stats, warmup, skipped = _measure_all(module, x, labels, batches, forms=forms, samplers=samplers, batch_size=B,
+                                          num_repeats=num_repeats, seed=seed, grads=grads)
+    head = cfg.diffusion_form if cfg.diffusion_form in stats else forms[0]
+    return {
+        "bench": "variance",
+        "run": str(run_dir), "data": urls, "split": split, "model_step": info.get("step"),
+        "num_timesteps": cfg.num_timesteps, "training_form": cfg.diffusion_form, "form": head,
+        "batch_size": B, "num_batches": num_batches, "num_repeats": num_repeats,
+        "network_evals_per_estimate": B,
+        "exact_bpd": float(np.mean([b.exact_bpd for b in batches])),
+        "exact_stderr_bpd": math.sqrt(sum(b.exact_stderr_bpd**2 for b in batches)) / len(batches),
+        **_summary(stats, head, d_var, grads),
         "importance_warmup_batches": warmup,
         "skipped": skipped,
         "seconds": time.perf_counter() - t0,
     }
-    return out
 
 
 def register(bench_subparsers) -> None:

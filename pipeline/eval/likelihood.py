@@ -1,6 +1,6 @@
 """Held-out likelihood of a VDM: the exact-evaluator ELBO in bits per dimension.
 
-Wraps ``pipeline.objectives.vdm.exact_elbo`` (every diffusion term evaluated, not sampled)
+Wraps :func:`pipeline.eval.elbo.exact_elbo` (every diffusion term evaluated, not sampled)
 over a held-out set in batches, and reports the mean negative ELBO with the standard error
 of that mean over data samples. The per-sample estimates already contain the Monte-Carlo
 noise of the inner expectations, so their spread across samples gives the total error of
@@ -42,7 +42,7 @@ def vdm_bits_per_dim(
 ) -> LikelihoodReport:
     """Negative ELBO of ``x`` [N, *sample_shape] (data space, as stored in the shards) under the
     VDM ``module``, in bits per dimension, via the exact evaluator in batches of ``batch_size``."""
-    from pipeline.objectives.vdm import exact_elbo
+    from pipeline.eval.elbo import exact_elbo
 
     if x.shape[0] < 2:
         raise ValueError(f"need at least 2 held-out samples for a standard error, got {x.shape[0]}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.objectives.timesteps import ImportanceSampler
+from pipeline.objectives.vdm.timesteps import ImportanceSampler
 from tests.conftest import accelerate_launch
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.objectives.schedules import CosineSchedule, LearnedSchedule, LinearSchedule, build_schedule
+from pipeline.objectives.vdm.schedules import CosineSchedule, LearnedSchedule, LinearSchedule, build_schedule
 
 G0, G1 = -13.3, 5.0
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.objectives.base import StepContext
-from pipeline.objectives.timesteps import ImportanceSampler, StratifiedSampler, UniformSampler, stratified_uniform
+from pipeline.objectives.vdm.timesteps import ImportanceSampler, StratifiedSampler, UniformSampler, stratified_uniform
 
 
 def test_stratified_one_point_per_stratum_across_ranks_and_accumulation():

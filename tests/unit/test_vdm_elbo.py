@@ -16,7 +16,8 @@ from torch.distributions import Normal, kl_divergence
 
 from pipeline.data.meta import DataMeta
 from pipeline.objectives.base import StepContext
-from pipeline.objectives.vdm import VDM, VDMConfig, exact_elbo
+from pipeline.eval.elbo import exact_elbo
+from pipeline.objectives.vdm import VDM, VDMConfig
 
 T = 20
 D = 4

@@ -18,7 +18,8 @@ from scipy import integrate
 
 from pipeline.data.meta import DataMeta
 from pipeline.objectives.base import StepContext
-from pipeline.objectives.vdm import VDM, VDMConfig, exact_elbo
+from pipeline.eval.elbo import exact_elbo
+from pipeline.objectives.vdm import VDM, VDMConfig
 
 S2 = 0.5  # data variance
 G_MIN, G_MAX = -4.0, 3.0

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-import pipeline.objectives.vdm as vdm_mod
 from pipeline.config import ConfigError, build
 from pipeline.data.meta import DataMeta
+from pipeline.models import UNet
 from pipeline.objectives.base import StepContext
-from pipeline.objectives.vdm import VDM, VDMConfig, VDMOutput, build_phases
+from pipeline.objectives.vdm import VDM, VDMConfig, VDMOutput, build_phases, terms
 from pipeline.train.phases import Phase
 
 CTX = StepContext(step=0, micro_step=0, grad_accum_steps=1, rank=0, world_size=1)
@@ -26,7 +26,7 @@ def test_build_phases_and_one_training_step():
     (ph,) = build_phases(VDMConfig(channels=8, num_timesteps=10), ISING, lr=1e-3, betas=(0.9, 0.99))
     assert isinstance(ph, Phase) and ph.name == "vdm" and ph.ema and ph.lr == 1e-3 and ph.betas == (0.9, 0.99)
     m = ph.module
-    assert isinstance(m.denoiser.net, vdm_mod.UNet)
+    assert isinstance(m.denoiser.net, UNet)
     out = m({"x": spins(16), "label": torch.full((16,), 2.27)}, CTX)
     assert isinstance(out, VDMOutput) and out.loss.dim() == 0 and out.loss.requires_grad
     metrics = out.metrics()
@@ -41,7 +41,7 @@ def test_build_phases_and_one_training_step():
 def test_unet_is_periodic():
     # Circular padding: rolling the lattice rolls the prediction.
     torch.manual_seed(0)
-    net = vdm_mod.UNet(1, 8, 16)
+    net = UNet(1, 8, 16)
     with torch.no_grad():
         net.out.weight.normal_()
     z, emb = torch.randn(2, 1, 8, 8), torch.randn(2, 16)
@@ -150,12 +150,12 @@ def test_learned_schedule_gets_the_gradient_of_the_squared_loss():
     torch.manual_seed(5)
     torch.randn_like(x)
     u, _ = m.sampler(32, CTX)
-    orig = vdm_mod._ScaleGrad.apply
-    vdm_mod._ScaleGrad.apply = lambda t, holder: t
+    orig = terms._ScaleGrad.apply
+    terms._ScaleGrad.apply = lambda t, holder: t
     try:
         diff, _, _, _ = m.diffusion_nats(x, u, None)
     finally:
-        vdm_mod._ScaleGrad.apply = orig
+        terms._ScaleGrad.apply = orig
     L = diff * to_bpd
     ref_tm = torch.autograd.grad((L**2).mean(), list(m.time_map.net.parameters()), retain_graph=True)
     ref_den = torch.autograd.grad(L.mean(), list(m.denoiser.parameters()), allow_unused=True)

@@ -23,7 +23,32 @@ from pipeline.objectives.base import AllGather, StepContext
 TIMESTEP_SAMPLERS = ("uniform", "stratified", "importance", "learned-schedule")
 
 
-class UniformSampler(nn.Module):
+class TimestepSampler(nn.Module):
+    """The common base: what the VDM and the benchmarks may call on any time-step sampler.
+
+    ``forward`` draws (u, w); ``update`` feeds back the all-gathered per-sample losses after a
+    step; ``metrics`` are logged per step; ``ready`` says whether the sampler draws from its
+    final proposal (a stateful sampler is uniform until its history is full, so a benchmark
+    warms it up first). Stateless samplers keep the no-op defaults.
+    """
+
+    def forward(
+        self, batch_size: int, ctx: StepContext, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def update(self, u: torch.Tensor, losses: torch.Tensor, all_gather: AllGather) -> None:
+        pass
+
+    def metrics(self, weight: torch.Tensor) -> dict[str, float]:
+        return {}
+
+    def ready(self) -> bool:
+        """True once the sampler's state (if any) is full enough to draw from its proposal."""
+        return True
+
+
+class UniformSampler(TimestepSampler):
     """u ~ U[0, 1) independently per sample; w = 1."""
 
     def forward(
@@ -31,12 +56,6 @@ class UniformSampler(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         u = torch.rand(batch_size, device=device, generator=generator)
         return u, torch.ones(batch_size, device=device)
-
-    def update(self, u: torch.Tensor, losses: torch.Tensor, all_gather: AllGather) -> None:
-        pass
-
-    def metrics(self, weight: torch.Tensor) -> dict[str, float]:
-        return {}
 
 
 def stratified_uniform(
@@ -64,7 +83,7 @@ def stratified_uniform(
     return ((j + jitter) / n).to(torch.float32).clamp_(max=1 - 2**-24)
 
 
-class StratifiedSampler(UniformSampler):
+class StratifiedSampler(TimestepSampler):
     """Cross-rank stratified u (see :func:`stratified_uniform`); w = 1."""
 
     def forward(self, batch_size, ctx, device="cpu", generator=None):
@@ -72,7 +91,7 @@ class StratifiedSampler(UniformSampler):
         return u, torch.ones(batch_size, device=device)
 
 
-class ImportanceSampler(UniformSampler):
+class ImportanceSampler(TimestepSampler):
     """Importance sampling of K bins with p_k proportional to sqrt(E[L_k^2]).
 
     This is the variance-minimising proposal for an estimator of sum_k L_k (Nichol &
@@ -96,10 +115,14 @@ class ImportanceSampler(UniformSampler):
         self.register_buffer("loss_sq", torch.zeros(num_bins, history, dtype=torch.float64))
         self.register_buffer("count", torch.zeros(num_bins, dtype=torch.long))
 
+    def ready(self) -> bool:
+        """True once every bin holds a full history (until then the sampler is uniform)."""
+        return bool((self.count >= self.history).all())
+
     def probs(self) -> torch.Tensor:
         """Current bin probabilities p_k (float64, sums to 1)."""
         k = self.num_bins
-        if bool((self.count < self.history).any()):
+        if not self.ready():
             return torch.full((k,), 1.0 / k, dtype=torch.float64, device=self.loss_sq.device)
         p = self.loss_sq.mean(1).sqrt()
         if not bool(p.sum() > 0):
@@ -160,13 +183,13 @@ class ImportanceSampler(UniformSampler):
         ess = float(w.sum() ** 2 / (w**2).sum() / w.numel())
         return {
             "sampler_ess": ess,
-            "sampler_ready": float(bool((self.count >= self.history).all())),
+            "sampler_ready": float(self.ready()),
             "sampler_history_checksum": self.history_checksum(),
             "sampler_history_count": float(self.count.sum()),
         }
 
 
-def build_timestep_sampler(name: str, num_bins: int, history: int = 10, uniform_mix: float = 0.1) -> nn.Module:
+def build_timestep_sampler(name: str, num_bins: int, history: int = 10, uniform_mix: float = 0.1) -> TimestepSampler:
     """``learned-schedule`` draws stratified u; the VDM maps it through a learned time map."""
     if name == "uniform":
         return UniformSampler()

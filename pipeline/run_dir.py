@@ -7,6 +7,8 @@ Every file a run writes lives under ``run.dir``::
     export/              EMA weights + config + data meta (:mod:`pipeline.train.export`)
     metrics.jsonl        scalars and events, one JSON object a line (:mod:`pipeline.track.tracker`)
     track.json           W&B run id, last logged step, one entry per (re)start
+    preempted.json       written once a preemption checkpoint is complete (launch/requeue_exit.sh,
+                         slurm/train.sbatch turn it into exit code 75)
     samples/             sample grids (PNG)
     wandb/               W&B's own files
     report/              `pipeline report` plots
@@ -60,6 +62,10 @@ class RunDir:
     @property
     def track_state(self) -> Path:
         return self.root / "track.json"
+
+    @property
+    def preempted(self) -> Path:
+        return self.root / "preempted.json"
 
     @property
     def samples(self) -> Path:

@@ -36,9 +36,6 @@ REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal, asks the launch
 # Written into run.dir by rank 0 once the preemption checkpoint is complete. `accelerate
 # launch` does not pass the ranks' 75 on (its elastic agent exits 128 + 15 on SIGTERM), so
 # slurm/train.sbatch and launch/requeue_exit.sh read this file to exit 75 themselves.
-PREEMPTED_MARKER = "preempted.json"
-
-
 class TrainingDiverged(RuntimeError):
     pass
 
@@ -55,11 +52,11 @@ class PreemptionFlag:
         self.requested = True
 
     @staticmethod
-    def record(run_dir: Path, step: int, checkpoints: Path) -> None:
+    def record(run_dir: RunDir, step: int) -> None:
         """Say in run.dir that the preemption checkpoint of ``step`` is complete: written after
         it (``latest`` names it by then), atomically, so a reader never sees half a file."""
-        name = (checkpoints / LATEST).read_text().strip()
-        atomic_write_text(run_dir / PREEMPTED_MARKER,
+        name = (run_dir.checkpoints / LATEST).read_text().strip()
+        atomic_write_text(run_dir.preempted,
                           json.dumps({"step": step, "checkpoint": name, "exit_code": REQUEUE_EXIT_CODE}))
 
     def ignore_further(self) -> None:
@@ -222,7 +219,7 @@ def train(cfg: Config, meta: DataMeta | None = None) -> int:
                 if state.step % cfg.train.checkpoint_every_steps != 0:
                     save()
                 if engine.is_main:
-                    PreemptionFlag.record(run_dir, state.step, ckpt.root)
+                    PreemptionFlag.record(run_dir, state.step)
                     print(f"preempted: checkpoint at step {state.step}; exiting {REQUEUE_EXIT_CODE} to requeue",
                           file=sys.stderr, flush=True)
                 preempt.ignore_further()

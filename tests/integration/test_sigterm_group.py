@@ -70,10 +70,10 @@ def _accelerate(num_processes: int, args: list[str]) -> list[str]:
 def _assert_preempted_at(run: Path, logged_at_signal: int, log: str, world_size: int) -> int:
     """The checkpoint of the step that was running when the signal came, complete; returns it."""
     from pipeline.train.checkpoint import validate
-    from pipeline.train.loop import PREEMPTED_MARKER
+    from pipeline.run_dir import RunDir
 
     assert "killed by signal" not in log, log[-4000:]  # no DataLoader worker died of it
-    marker = json.loads((run / PREEMPTED_MARKER).read_text())
+    marker = json.loads(RunDir(run).preempted.read_text())
     k = marker["step"]
     assert marker == {"step": k, "checkpoint": f"step-{k:08d}", "exit_code": 75}
     assert f"preempted: checkpoint at step {k}; exiting 75" in log
@@ -130,13 +130,13 @@ def test_accelerate_launch_checkpoints_on_group_sigterm_and_the_wrapper_exits_75
 
 def test_the_wrapper_passes_other_exit_codes_on_and_ignores_a_stale_marker(tmp_path):
     """A run that did not write the marker keeps its own exit code, even when an old one is there."""
-    from pipeline.train.loop import PREEMPTED_MARKER
+    from pipeline.run_dir import RunDir
 
-    (tmp_path / PREEMPTED_MARKER).write_text("{}")  # left by an earlier preempted start
+    RunDir(tmp_path).preempted.write_text("{}")  # left by an earlier preempted start
     r = subprocess.run([str(REPO / "launch" / "requeue_exit.sh"), str(tmp_path), "bash", "-c", "exit 3"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 3, r.stderr
     r = subprocess.run([str(REPO / "launch" / "requeue_exit.sh"), str(tmp_path), "bash", "-c",
-                        f"echo '{{}}' > {tmp_path / PREEMPTED_MARKER}; kill -TERM $$"],
+                        f"echo '{{}}' > {RunDir(tmp_path).preempted}; kill -TERM $$"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 75, r.stderr

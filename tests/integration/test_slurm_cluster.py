@@ -162,7 +162,7 @@ def test_scancel_checkpoints_on_every_rank_and_the_job_resumes(cluster, tmp_path
     included: both ranks checkpoint at the step that was running, the batch script exits 75
     and does not requeue, and a new job with the same run.dir resumes from that checkpoint."""
     from pipeline.train.checkpoint import validate
-    from pipeline.train.loop import PREEMPTED_MARKER
+    from pipeline.run_dir import RunDir
 
     run = tmp_path / "run"
     common = ["configs/quickstart.yaml", "train.checkpoint_every_steps=1000", f"run.dir={run}",
@@ -192,7 +192,7 @@ def test_scancel_checkpoints_on_every_rank_and_the_job_resumes(cluster, tmp_path
     assert 5 <= k < 3000 and max(_steps(run)) == k
     manifest = validate(run / "checkpoints" / f"step-{k:08d}")
     assert manifest["step"] == k and manifest["world_size"] == 2
-    assert json.loads((run / PREEMPTED_MARKER).read_text())["step"] == k
+    assert json.loads(RunDir(run).preempted.read_text())["step"] == k
     assert "preemption checkpoint written" in text and "exiting 75" in text, text[-5000:]
     assert "requeueing job" not in text, text[-5000:]  # scancel stops the job
 

@@ -28,7 +28,7 @@ import yaml
 
 from pipeline.errors import ConfigError  # noqa: F401  (re-exported: the config's error)
 from pipeline.data.config import DataConfig
-from pipeline.objectives.gan import GANConfig
+from pipeline.objectives.gan.config import GANConfig
 from pipeline.objectives.vdm.config import VDMConfig
 
 

@@ -1,5 +1,6 @@
 """Derived views of training signals: running moments, per-t loss profiles, sampler ESS,
-GAN balance flags, physics observables, throughput and memory.
+physics observables, throughput and memory. (The GAN balance flags are computed in D's
+phase itself: :mod:`pipeline.objectives.gan.balance`.)
 
 All helpers are plain numpy and take numpy arrays or torch tensors (converted on the host);
 none of them talks to W&B or the file system -- the :class:`~pipeline.track.tracker.Tracker`
@@ -200,49 +201,6 @@ def sampler_metrics(bin_probs: Any, prefix: str = "vdm/p_t") -> dict[str, float]
     entropy = float(-(p * np.log(p)).sum() / math.log(p.size)) if p.size > 1 else 1.0
     return {f"{prefix}/ess_fraction": ess, f"{prefix}/entropy_norm": entropy,
             f"{prefix}/max_over_min": float(p.max() / p.min())}
-
-
-# ---------------------------------------------------------------------------------------
-# GAN balance
-
-
-def mean_pairwise_sq_distance(x: Any) -> float:
-    """Mean over pairs i != j of ||x_i - x_j||^2, in O(N D):
-    sum_{i != j} ||x_i - x_j||^2 = 2 N sum_i ||x_i||^2 - 2 ||sum_i x_i||^2."""
-    v = _np(x)
-    n = v.shape[0]
-    if n < 2:
-        raise ValueError(f"need at least 2 samples for a pairwise distance, got {n}")
-    v = v.reshape(n, -1)
-    total = 2 * n * float((v * v).sum()) - 2 * float((v.sum(0) ** 2).sum())
-    return max(total, 0.0) / (n * (n - 1))
-
-
-def gan_balance_metrics(
-    d_real: float,
-    d_fake: float,
-    fake: Any | None = None,
-    real: Any | None = None,
-    *,
-    dominance_gap: float = 0.8,
-    collapse_ratio: float = 0.5,
-) -> dict[str, float]:
-    """Flags for the two classic GAN failures.
-
-    ``d_real``/``d_fake`` are the discriminator's mean probabilities (sigmoid outputs) on a
-    real and a generated batch. ``d/dominates`` = 1 when ``d_real - d_fake > dominance_gap``
-    (the generator gets vanishing gradients, Goodfellow et al. 2014 Sec. 3).
-    With batches ``fake``/``real``, ``g/diversity_ratio`` is the mean pairwise squared
-    distance within the generated batch over that within the real batch; ``g/collapse`` = 1
-    when it is below ``collapse_ratio`` (mode collapse: samples much more alike than data).
-    """
-    out = {"d/prob_gap": float(d_real - d_fake), "d/dominates": float(d_real - d_fake > dominance_gap)}
-    if fake is not None and real is not None:
-        ref = mean_pairwise_sq_distance(real)
-        ratio = mean_pairwise_sq_distance(fake) / ref if ref > 0 else math.nan
-        out["g/diversity_ratio"] = ratio
-        out["g/collapse"] = float(ratio < collapse_ratio)
-    return out
 
 
 # ---------------------------------------------------------------------------------------

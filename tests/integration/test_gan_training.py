@@ -222,7 +222,7 @@ def test_unconditional_gmm_preset_trains_wgan_gp_and_samples_points(tmp_path, da
 
 
 def test_r1_penalty_of_a_linear_discriminator_is_its_squared_weight_norm():
-    from pipeline.objectives.gan import r1_penalty
+    from pipeline.objectives.gan.losses import r1_penalty
 
     # D(x) = <w, x> + b has grad_x D = w everywhere, so E ||grad_x D||^2 = ||w||^2 exactly.
     w = torch.tensor([0.5, -2.0, 1.5, 3.0])

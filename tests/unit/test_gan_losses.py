@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -328,11 +330,19 @@ def test_spin_samples_are_signs_and_seeded():
     assert not torch.allclose(y1, y3)  # another seed, other latents
 
 
+def test_gan_sample_refuses_num_steps_but_takes_none():
+    (_, g), _ = _phases()
+    with pytest.raises(ValueError, match="--num-steps applies to VDM samplers; a GAN's generator samples in one pass"):
+        g.module.sample(3, num_steps=5, generator=torch.Generator().manual_seed(1))
+    a = g.module.sample(3, num_steps=None, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, g.module.sample(3, generator=torch.Generator().manual_seed(1)))
+
+
 def test_conditional_sampling_uses_labels():
     meta = DataMeta(sample_shape=(3,), data_kind="continuous", label_kind="class", num_classes=5)
     (d, g), _ = _phases(meta=meta, conditional=True)
-    a = g.module.sample(4, torch.tensor([0, 0, 0, 0]), torch.Generator().manual_seed(0))
-    b = g.module.sample(4, torch.tensor([3, 3, 3, 3]), torch.Generator().manual_seed(0))
+    a = g.module.sample(4, torch.tensor([0, 0, 0, 0]), generator=torch.Generator().manual_seed(0))
+    b = g.module.sample(4, torch.tensor([3, 3, 3, 3]), generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(a, b)
     assert g.module.sample(7).shape == (7, 3)  # labels drawn uniformly when not given
     with pytest.raises(ValueError, match="0..4"):
@@ -371,6 +381,14 @@ def test_config_errors_name_the_key_and_allowed_values():
     assert build(GANConfig, {"betas": [0.0, 0.9]}).betas == (0.0, 0.9)
 
 
+def test_gan_config_imports_neither_torch_nor_numpy():
+    # A fresh interpreter: this one has torch loaded already.
+    code = ("import sys; from pipeline.objectives.gan.config import GANConfig; GANConfig().validate(); "
+            "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
 def test_data_mismatches_are_value_errors():
     with pytest.raises(ValueError, match="no labels"):
         _phases(meta=VEC, conditional=True)
@@ -383,7 +401,7 @@ def test_data_mismatches_are_value_errors():
 
 
 def test_bernoulli_spin_output_draws_spins_with_mean_y_and_passes_g_gradient_straight_through():
-    from pipeline.objectives.gan import _draw_spins
+    from pipeline.objectives.gan.noise import _draw_spins
 
     # Independent reference: the drawn spins' mean at each site is y (binomial frequency).
     y = torch.tensor([-0.9, -0.3, 0.0, 0.5, 0.95]).repeat(20000, 1)
@@ -438,7 +456,7 @@ def test_matched_observables_of_spin_means_are_the_exact_expectation_over_the_dr
     from itertools import product
 
     from pipeline.models.gan_nets import lattice_observables
-    from pipeline.objectives.gan import matched_observables
+    from pipeline.objectives.gan.matching import matched_observables
 
     g = torch.Generator().manual_seed(0)
     x = torch.where(torch.rand(3, 1, 5, 4, generator=g) < 0.6, 1.0, -1.0)
@@ -461,7 +479,7 @@ def test_matched_observables_of_spin_means_are_the_exact_expectation_over_the_dr
 
 
 def test_observable_matching_is_an_unbiased_label_weighted_squared_gap_of_mean_observables():
-    from pipeline.objectives.gan import matched_observables, observable_matching
+    from pipeline.objectives.gan.matching import matched_observables, observable_matching
 
     g = torch.Generator().manual_seed(0)
     real = torch.where(torch.rand(10, 1, 6, 6, generator=g) < 0.8, 1.0, -1.0)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipeline.data.meta import DataMeta
-from pipeline.objectives.gan import GANConfig, _content_uniform, build_phases
+from pipeline.objectives.gan import GANConfig, build_phases
+from pipeline.objectives.gan.noise import _content_uniform
 
 META = DataMeta(sample_shape=(2,), data_kind="continuous", label_kind="class", num_classes=4)
 CENTERS = torch.tensor([[2.0, 2.0], [-2.0, 2.0], [-2.0, -2.0], [2.0, -2.0]])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -13,8 +12,6 @@ from pipeline.track.metrics import (
     ThroughputMeter,
     TimeProfile,
     effective_sample_size,
-    gan_balance_metrics,
-    mean_pairwise_sq_distance,
     physics_metrics,
     rss_bytes,
     sampler_ess_fraction,
@@ -117,24 +114,6 @@ def test_sampler_ess_fraction_equals_ess_of_exact_sample_population():
     assert m["vdm/p_t/entropy_norm"] == pytest.approx(-(p * np.log(p)).sum() / np.log(4))
     with pytest.raises(ValueError, match="biased"):
         sampler_ess_fraction([0.5, 0.5, 0.0])
-
-
-def test_mean_pairwise_distance_vs_double_loop():
-    rng = np.random.default_rng(3)
-    x = rng.choice([-1.0, 1.0], size=(9, 4, 4))
-    brute = np.mean([((x[i] - x[j]) ** 2).sum() for i, j in itertools.permutations(range(9), 2)])
-    assert mean_pairwise_sq_distance(x) == pytest.approx(brute, rel=1e-12)
-
-
-def test_gan_balance_flags():
-    rng = np.random.default_rng(4)
-    real = rng.choice([-1.0, 1.0], size=(32, 8, 8))
-    collapsed = np.repeat(real[:1], 32, axis=0)  # every sample identical
-    m = gan_balance_metrics(0.99, 0.01, fake=collapsed, real=real)
-    assert m["d/dominates"] == 1.0 and m["g/collapse"] == 1.0 and m["g/diversity_ratio"] == 0.0
-    m = gan_balance_metrics(0.6, 0.4, fake=rng.choice([-1.0, 1.0], size=(32, 8, 8)), real=real)
-    assert m["d/dominates"] == 0.0 and m["g/collapse"] == 0.0
-    assert m["d/prob_gap"] == pytest.approx(0.2)
 
 
 def test_wasserstein_1d_vs_sorted_difference():

@@ -1,0 +1,126 @@
+"""The GAN's configuration: :class:`GANConfig` and every check that needs only the config.
+
+Kept free of torch and numpy so that parsing and validating a config (``pipeline.config``,
+the CLI's argument errors) never imports them; checks that need the data (shapes, label
+kinds) are in :func:`pipeline.objectives.gan.nets.build_nets`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class GANConfig:
+    loss: Literal["minimax", "non-saturating", "wgan-gp", "hinge"] = "non-saturating"
+    latent_dim: int = 64
+    latent_prior: Literal["uniform", "normal"] = "uniform"  # uniform: U(-1, 1)^latent_dim (the seed's)
+    n_critic: int = 1  # D steps per G step (WGAN-GP: 5)
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    # Adam betas of both phases; null = train.betas. WGAN-GP uses (0.0, 0.9), DCGAN (0.5, 0.999).
+    betas: tuple[float, float] | None = None
+    gp_weight: float = 10.0  # lambda of the gradient penalty (Gulrajani et al. 2017, eq. 3)
+    # gamma of the R1 penalty on real data for the logistic losses (Mescheder et al. 2018,
+    # eq. 9): D's loss + gamma/2 E_real ||grad_x D(x)||^2. 0 = off. Penalising D's slope on
+    # the data makes the game locally convergent where the unregularised one oscillates.
+    r1_weight: float = 0.0
+    conditional: bool = False  # labels into G and D (projection discriminator)
+    # Widths: conv channels per stride-2 stage (G mirrors D), or MLP hidden widths.
+    channels: list[int] = field(default_factory=lambda: [64, 128])
+    # auto: conv for samples of shape (C, H, W), MLP otherwise.
+    arch: Literal["auto", "conv", "mlp"] = "auto"
+    # auto: circular (periodic boundary) padding for spins, zeros otherwise.
+    padding: Literal["auto", "zeros", "circular"] = "auto"
+    spectral_norm: bool = False  # on D's layers (Miyato et al. 2018)
+    # Spin lattices only: D's features also carry each lattice's nearest-neighbour, diagonal
+    # and distance-2 correlations and |m| (pipeline.models.gan_nets.lattice_observables),
+    # so D measures the energy per spin and its spread at every temperature directly.
+    d_lattice_observables: bool = False
+    # Spin lattices only: how G's tanh output y in (-1, 1) becomes spins. sign: D sees y
+    # itself and samples are sign(y); real lattices are exactly +-1, so D can tell fakes by
+    # their non-saturated sites and G is pushed to saturate (hard, too ordered lattices).
+    # bernoulli: y is each site's mean spin; spins are drawn independently given y
+    # (P(s = +1) = (1 + y) / 2), D sees the drawn +-1 lattice, and G's gradient passes
+    # straight through the draw (Bengio et al. 2013; exact for D linear in s, since E[s | y] = y).
+    # Isolated thermal flips then cost G nothing to express. Samples are drawn the same way.
+    spin_output: Literal["sign", "bernoulli"] = "sign"
+    # Conditional conv G: the label also scales and shifts every stage's features (FiLM),
+    # not only G's input (pipeline.models.gan_nets.ConvGenerator).
+    g_film: bool = False
+    # Conv G: per-site noise maps added at every stage (StyleGAN's noise inputs); the latent
+    # then has latent_dim + (number of sites over all stages) entries, all from latent_prior.
+    g_noise_inputs: bool = False
+    # Conv G: 3x3 conv + ReLU units per upsampling stage (StyleGAN2 uses 2), each with its own
+    # FiLM and noise map; > 1 deepens G at every resolution, the finest included.
+    g_convs_per_stage: int = 1
+    # Spin lattices: weight of a feature-matching term in G's loss (Salimans et al. 2016,
+    # Sec. 3.1) on the lattice observables (pipeline.models.gan_nets.lattice_observables):
+    # per label in the batch, an unbiased estimate of the squared distance between the fakes'
+    # and the reals' mean bond correlations (so the energy) and m^2 (see observable_matching).
+    # With spin_output=bernoulli the fakes' observables are their exact expectations over the
+    # draw given G's means (matched_observables), not the drawn lattice's.
+    # 0 = off. Logged as g/observable_matching (can be slightly negative: it is unbiased).
+    g_observable_matching: float = 0.0
+    # Semi-supervised GAN (Salimans et al. 2016, Sec. 5): a K-class discriminator whose implicit
+    # (K+1)-th class is "fake". labelled: every training sample's label is used; unlabelled:
+    # none; mixed: a fraction labelled_fraction of samples. Needs class labels in the data.
+    semi_supervised: Literal["off", "labelled", "unlabelled", "mixed"] = "off"
+    labelled_fraction: float = 0.1  # for semi_supervised == "mixed"
+    # Samples whose labels are never used for training, for held-out classification accuracy.
+    heldout_fraction: float = 0.1
+    # Where the latents h (and WGAN-GP's interpolation weights) come from during training.
+    # null: each rank's own RNG (seeded by run.seed and the rank). An int: for every optimizer
+    # (micro) step the noise of the WHOLE global batch is drawn from a generator keyed by
+    # (latent_seed, phase, step, call within the step) and each rank takes its slice, so the
+    # noise does not depend on how the global batch is split over processes; with the same
+    # data, 2 ranks x B then train exactly like 1 process x 2B (DDP averages gradients).
+    latent_seed: int | None = None
+
+    def validate(self) -> None:
+        if self.n_critic < 1:
+            raise ConfigError(f"gan.n_critic must be >= 1, got {self.n_critic}")
+        if self.latent_dim <= 0:
+            raise ConfigError(f"gan.latent_dim must be positive, got {self.latent_dim}")
+        if self.lr_g <= 0 or self.lr_d <= 0:
+            raise ConfigError(f"gan.lr_g and gan.lr_d must be > 0, got {self.lr_g} and {self.lr_d}")
+        if self.betas is not None and not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"gan.betas must lie in [0, 1), got {self.betas}")
+        if self.latent_seed is not None and self.latent_seed < 0:
+            raise ConfigError(f"gan.latent_seed must be null or a non-negative integer, got {self.latent_seed}")
+        if self.gp_weight < 0:
+            raise ConfigError(f"gan.gp_weight must be >= 0, got {self.gp_weight}")
+        if self.g_convs_per_stage < 1:
+            raise ConfigError(f"gan.g_convs_per_stage must be >= 1, got {self.g_convs_per_stage}")
+        if self.g_observable_matching < 0:
+            raise ConfigError(f"gan.g_observable_matching must be >= 0, got {self.g_observable_matching}")
+        if self.r1_weight < 0:
+            raise ConfigError(f"gan.r1_weight must be >= 0, got {self.r1_weight}")
+        if self.r1_weight > 0 and self.loss not in ("minimax", "non-saturating"):
+            raise ConfigError(
+                f"gan.r1_weight is the R1 penalty of the logistic losses ('minimax', 'non-saturating'); "
+                f"gan.loss={self.loss!r} has its own (wgan-gp: gan.gp_weight)"
+            )
+        if not self.channels or any(c <= 0 for c in self.channels):
+            raise ConfigError(f"gan.channels must be a non-empty list of positive widths, got {self.channels}")
+        if self.semi_supervised != "off":
+            if self.conditional:
+                raise ConfigError(
+                    "gan.semi_supervised needs gan.conditional=false: the K-class discriminator "
+                    "classifies real samples itself, G is unconditional (Salimans et al. 2016)"
+                )
+            if self.loss not in ("minimax", "non-saturating"):
+                raise ConfigError(
+                    f"gan.semi_supervised needs a logistic loss ('minimax' or 'non-saturating'), "
+                    f"got gan.loss={self.loss!r}"
+                )
+            if not 0.0 < self.heldout_fraction < 1.0:
+                raise ConfigError(f"gan.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+            if not 0.0 < self.labelled_fraction <= 1.0 - self.heldout_fraction:
+                raise ConfigError(
+                    f"gan.labelled_fraction must be in (0, 1 - gan.heldout_fraction = "
+                    f"{1.0 - self.heldout_fraction:g}], got {self.labelled_fraction}"
+                )

@@ -162,7 +162,7 @@ def bare_loop_steps_per_s(config: Path, shards: Path, overrides: list[str], *, n
 
     from pipeline.config import load_config
     from pipeline.data.stream import build_stream, read_meta
-    from pipeline.objectives import build_phases
+    from pipeline.objectives.registry import build_phases
     from pipeline.objectives.base import StepContext
 
     torch.set_num_threads(threads)

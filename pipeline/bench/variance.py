@@ -190,7 +190,7 @@ def warm_up(module: VDM, x: torch.Tensor, labels: torch.Tensor | None, *, batch_
         idx = torch.from_numpy(rng.choice(x.shape[0], batch_size, replace=x.shape[0] < batch_size))
         batch = _batch_dict(x[idx], labels[idx] if labels is not None else None, device)
         out = module(batch, _ctx(n), noise_generator=_gen(seed, 4, n), time_generator=_gen(seed, 5, n))
-        module.after_step(out, _identity_gather)
+        module.after_micro_step(out, _identity_gather)
         n += 1
     return n
 
@@ -221,7 +221,7 @@ def measure(module: VDM, batches: list[EvalBatch], *, num_repeats: int, seed: in
                 g_sum = g if g_sum is None else g_sum + g
                 g_sq += float(g @ g)
                 norms.append(float(g.norm()))
-            module.after_step(out, _identity_gather)
+            module.after_micro_step(out, _identity_gather)
             with torch.no_grad():  # the same eps for every r of this batch: only t changes
                 out_t = module(batch, _ctx(step), noise_generator=fixed_noise_generator(seed, m), time_generator=_gen(seed, 9, m, r))
             est_t.append(float(out_t.bits_per_dim))

@@ -18,7 +18,7 @@ GAN_PANELS = [
     ("losses", ["d/loss", "g/loss"]),
     ("divergence estimates", ["d/js_estimate", "d/wasserstein_estimate"]),
     ("gradients", ["d/grad_norm", "g/grad_norm", "d/gradient_penalty", "d/gp"]),
-    ("balance flags", ["d/dominates", "g/collapse", "g/diversity_ratio"]),
+    ("balance flags", ["d/d_dominates", "d/g_collapsed", "d/diversity_ratio"]),
 ]
 
 

@@ -46,7 +46,7 @@ def write_export(run_dir: Path, module: nn.Module, config: dict[str, Any], meta:
 def load_export(run_dir: Path) -> tuple[nn.Module, DataMeta, dict[str, Any]]:
     """Rebuild the sampled module (the phase with ``ema=True``) with the exported weights."""
     from pipeline.config import config_from_dict
-    from pipeline.objectives import build_phases
+    from pipeline.objectives.registry import build_phases
 
     d = RunDir(run_dir).export
     if not (d / EXPORT_INFO).is_file():

@@ -21,7 +21,7 @@ from pipeline.config import Config, TrainConfig, save_config
 from pipeline.data.meta import DataMeta
 from pipeline.data.stream import build_stream, read_meta
 from pipeline.errors import ConfigError
-from pipeline.objectives import build_phases
+from pipeline.objectives.registry import build_phases
 from pipeline.objectives.base import StepContext
 from pipeline.run_dir import RunDir
 from pipeline.track.metrics import memory_metrics
@@ -104,10 +104,10 @@ def optimizer_step(ph: PreparedPhase, batches, state: TrainState, engine: Engine
         losses.append(out.loss.detach())
         for k, v in out.metrics().items():
             metrics[k] += v / train.grad_accum_steps
-        if hasattr(ph.module, "after_step"):  # e.g. a time-step sampler's loss history
-            ph.module.after_step(out, engine.all_gather)
+        ph.module.after_micro_step(out, engine.all_gather)  # e.g. a time-step sampler's loss history
     loss_ok = all(bool(torch.isfinite(x).all()) for x in losses)
     grad_norm, skipped = ph.step(local_ok=loss_ok)
+    ph.module.after_optimizer_step(engine.all_gather)
     metrics["lr"] = ph.lr()
     metrics["skipped"] = float(skipped)
     if not skipped:
@@ -195,19 +195,19 @@ def train(cfg: Config, meta: DataMeta | None = None) -> int:
                 elapsed = time.perf_counter() - t_log
                 metrics["perf/samples_per_s"] = global_batch * steps_since_log / elapsed
                 metrics["perf/step_time_s"] = elapsed / steps_since_log
-                metrics["data/corrupt_samples"] = float(getattr(stream, "corrupt_count", 0))
+                metrics["data/corrupt_samples"] = float(stream.corrupt_count)
                 metrics["train/bad_steps"] = float(state.bad_steps)
                 metrics["train/samples_seen"] = float(state.samples_seen)
                 metrics.update(memory_metrics())
                 reports = []
-                for ph in (ph for ph in phases if hasattr(ph.module, "log_report")):
+                for ph in phases:  # objective-specific views (VDM: per-t profile, p_t, ELBO variance)
                     with ph.full_weights():  # e.g. gamma(t) of a learned schedule, outside forward
-                        reports.append(ph.module.log_report())
-                for rep in reports:  # objective-specific views (VDM: per-t profile, p_t, ELBO variance)
-                    metrics.update(rep["metrics"])
+                        reports.append(ph.module.report())
+                for rep in reports:
+                    metrics.update(rep.metrics)
                 tracker.log(metrics, step=state.step)
                 for rep in reports:
-                    for name, profile in rep["profiles"].items():
+                    for name, profile in rep.profiles.items():
                         tracker.log_profile(name, profile, step=state.step)
                 t_log, steps_since_log = time.perf_counter(), 0
             every = cfg.train.sample_every_steps

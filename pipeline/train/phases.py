@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from pipeline.objectives.base import Objective
+
 
 @dataclass
 class Phase:
     name: str  # "vdm", "d", "g": prefixes its metrics and names its checkpoint files
-    module: nn.Module  # forward(batch, ctx: StepContext) -> ObjectiveOutput
+    module: Objective  # the contract the loop uses: pipeline/objectives/base.py
     lr: float
     betas: tuple[float, float] = (0.9, 0.99)
     repeats: int = 1  # optimizer steps of this phase per loop step (e.g. n_critic for D)

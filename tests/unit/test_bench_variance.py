@@ -22,7 +22,7 @@ from pipeline.bench.variance import exact_batches, fixed_noise_generator, measur
 from pipeline.config import ConfigError, load_config
 from pipeline.data.meta import DataMeta
 from pipeline.data.stream import read_meta
-from pipeline.objectives import build_phases
+from pipeline.objectives.registry import build_phases
 from pipeline.objectives.vdm.timesteps import ImportanceSampler
 from pipeline.objectives.vdm import VDM, VDMConfig
 from pipeline.train.export import write_export

@@ -14,7 +14,7 @@ from pipeline.data import sources
 from pipeline.data.shards import write_shards
 from pipeline.eval.reference import has_split, load_reference
 from pipeline.eval.run import EvalOptions, evaluate_run, json_safe
-from pipeline.objectives import build_phases
+from pipeline.objectives.registry import build_phases
 from pipeline.train.export import write_export
 
 

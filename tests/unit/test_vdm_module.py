@@ -118,7 +118,7 @@ def test_importance_history_updates_and_round_trips_through_state_dict():
     m = VDM(cfg, meta)
     for step in range(6):
         out = m({"x": spins(16, (4,))}, StepContext(step, 0, 1, 0, 1))
-        m.after_step(out, lambda t: t)
+        m.after_micro_step(out, lambda t: t)
     assert int(m.sampler.count.sum()) == 6 * 16
     assert bool((m.sampler.count >= 2).all())  # ready: p is no longer uniform
     assert not torch.allclose(m.sampler.probs(), torch.full((5,), 0.2, dtype=torch.float64))
@@ -166,7 +166,7 @@ def test_learned_schedule_gets_the_gradient_of_the_squared_loss():
     assert any(float(g.abs().max()) > 0 for g in got_tm)
 
 
-def test_log_report_profiles_losses_over_t_and_resets():
+def test_report_profiles_losses_over_t_and_resets():
     """The per-t profile equals a brute-force binning of the outputs it was fed; the ELBO
     moments equal numpy's; a report starts a new window."""
     import numpy as np
@@ -178,19 +178,19 @@ def test_log_report_profiles_losses_over_t_and_resets():
     for step in range(3):
         out = m({"x": spins(16), "label": torch.full((16,), 2.27)},
                 StepContext(step=step, micro_step=0, grad_accum_steps=1, rank=0, world_size=1))
-        m.after_step(out, lambda t: t)
+        m.after_micro_step(out, lambda t: t)
         ts.append(out.t.numpy()), losses.append(out.diff_per_sample.numpy()), elbos.append(float(out.bits_per_dim))
-    rep = m.log_report()
-    prof = rep["profiles"]["vdm/t_profile"].as_dict()
+    rep = m.report()
+    prof = rep.profiles["vdm/t_profile"].as_dict()
     t, loss = np.concatenate(ts), np.concatenate(losses)
     bins = np.minimum((t * 20).astype(int), 19)
     assert prof["count"] == [int((bins == b).sum()) for b in range(20)]
     for b in range(20):
         if (bins == b).any():
             assert prof["mean"][b] == pytest.approx(float(loss[bins == b].mean()), rel=1e-5)
-    assert rep["metrics"]["vdm/elbo_estimate/mean"] == pytest.approx(np.mean(elbos), rel=1e-6)
-    assert rep["metrics"]["vdm/elbo_estimate/std"] == pytest.approx(np.std(elbos, ddof=1), rel=1e-5)
-    assert 0 < rep["metrics"]["vdm/p_t/ess_fraction"] <= 1.0 + 1e-9  # uniform until history fills
-    assert rep["metrics"]["vdm/gamma_t0.00"] == pytest.approx(-13.3, abs=1e-4)
-    assert rep["metrics"]["vdm/gamma_t1.00"] == pytest.approx(5.0, abs=1e-4)
-    assert sum(m.log_report()["profiles"]["vdm/t_profile"].as_dict()["count"]) == 0
+    assert rep.metrics["vdm/elbo_estimate/mean"] == pytest.approx(np.mean(elbos), rel=1e-6)
+    assert rep.metrics["vdm/elbo_estimate/std"] == pytest.approx(np.std(elbos, ddof=1), rel=1e-5)
+    assert 0 < rep.metrics["vdm/p_t/ess_fraction"] <= 1.0 + 1e-9  # uniform until history fills
+    assert rep.metrics["vdm/gamma_t0.00"] == pytest.approx(-13.3, abs=1e-4)
+    assert rep.metrics["vdm/gamma_t1.00"] == pytest.approx(5.0, abs=1e-4)
+    assert sum(m.report().profiles["vdm/t_profile"].as_dict()["count"]) == 0

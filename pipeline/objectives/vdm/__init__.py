@@ -54,8 +54,11 @@ training estimate, sampling), :mod:`.schedules` (gamma(tau)), :mod:`.timesteps` 
 samplers). The exact (all-terms) evaluator is evaluation code: :func:`pipeline.eval.elbo.exact_elbo`.
 """
 
-from pipeline.objectives.vdm.config import VDMConfig
-from pipeline.objectives.vdm.denoiser import Denoiser
-from pipeline.objectives.vdm.model import VDM, VDMOutput, build_phases
+from pipeline.lazy import lazy_exports
 
-__all__ = ["VDMConfig", "VDMOutput", "VDM", "Denoiser", "build_phases"]
+# Public name -> the submodule that defines it, imported on first use so that
+# ``pipeline.objectives.vdm.config`` stays torch-free (pipeline/lazy.py says why).
+_EXPORTS = {"VDMConfig": "config", "Denoiser": "denoiser", "VDM": "model", "VDMOutput": "model",
+            "build_phases": "model"}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from pipeline.data.meta import DataMeta
 from pipeline.errors import ConfigError
-from pipeline.objectives.base import AllGather, SampledObjective, StepContext
+from pipeline.objectives.base import AllGather, Report, SampledObjective, StepContext
 from pipeline.objectives.vdm import terms
 from pipeline.objectives.vdm.config import VDMConfig
 from pipeline.objectives.vdm.denoiser import Denoiser, build_network
@@ -54,7 +54,7 @@ class VDMOutput:
 
 
 class VDM(SampledObjective):
-    """The VDM objective: forward(batch, ctx) -> VDMOutput; sample(); after_step()."""
+    """The VDM objective: forward(batch, ctx) -> VDMOutput; sample(); after_micro_step(); report()."""
 
     def __init__(self, cfg: VDMConfig, meta: DataMeta, denoiser: nn.Module | None = None):
         super().__init__()
@@ -248,13 +248,14 @@ class VDM(SampledObjective):
             extra=extra,
         )
 
-    def after_step(self, output: VDMOutput, all_gather: AllGather) -> None:
-        """Update time-step sampler state identically on every rank (called after each optimizer step)."""
+    def after_micro_step(self, output: VDMOutput, all_gather: AllGather) -> None:
+        """Update the time-step sampler's loss history identically on every rank, and this
+        rank's watch (per-t profile, ELBO moments), from one micro batch's output."""
         self.sampler.update(output.u, output.diff_per_sample, all_gather)
         self._profile.update(output.t.detach().cpu().numpy(), output.diff_per_sample.detach().cpu().numpy())
         self._elbo_moments.update(float(output.bits_per_dim))
 
-    def log_report(self) -> dict:
+    def report(self) -> Report:
         """Since the last report: the per-t diffusion-loss profile, the running variance of the
         ELBO estimate, the time-step sampler's distribution p_t and its effective sample size,
         and the noise schedule gamma(t) on a grid (which moves when it is learned)."""
@@ -269,7 +270,7 @@ class VDM(SampledObjective):
         metrics.update({f"vdm/gamma_t{t:.2f}": float(g) for t, g in zip(grid.tolist(), gamma.tolist())})
         profiles = {"vdm/t_profile": self._profile}
         self._reset_watch()
-        return {"metrics": metrics, "profiles": profiles}
+        return Report(metrics=metrics, profiles=profiles)
 
     # ----------------------------------------------------------------- sampling
     def sample_grid(self, num_steps: int | None, device) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from pipeline.config import TrainConfig
 from pipeline.train.engines.process_exit import mark_process_group_closed
+from pipeline.objectives.base import Objective
 from pipeline.train.phases import Phase
 
 # A module's hook tables: emptied in a plain copy (a backend's hooks point at the original's
@@ -47,8 +48,8 @@ class PreparedPhase(ABC):
         return self.phase.name
 
     @property
-    def module(self) -> nn.Module:
-        """The unwrapped module (for EMA, sampling, hooks)."""
+    def module(self) -> Objective:
+        """The unwrapped objective (for EMA, sampling, the contract's hooks)."""
         return self.phase.module
 
     @abstractmethod

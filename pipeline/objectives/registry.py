@@ -1,0 +1,39 @@
+"""The objective registry: ``objective: <name>`` in a config -> the phases of that objective.
+
+Adding an objective is a package under ``pipeline/objectives/`` (its config section, its
+:class:`~pipeline.objectives.base.Objective` modules, a ``build_phases``) and one entry here.
+Each builder imports its package only when chosen, so a run of one objective never imports
+the others.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+    from pipeline.data.meta import DataMeta
+    from pipeline.train.phases import Phase
+
+
+def _vdm(cfg: "Config", meta: "DataMeta") -> "list[Phase]":
+    from pipeline.objectives.vdm.model import build_phases
+
+    return build_phases(cfg.vdm, meta, lr=cfg.train.lr, betas=cfg.train.betas)
+
+
+def _gan(cfg: "Config", meta: "DataMeta") -> "list[Phase]":
+    from pipeline.objectives.gan.phases import build_phases
+
+    return build_phases(cfg.gan, meta, betas=cfg.train.betas)
+
+
+OBJECTIVES: dict[str, Callable[["Config", "DataMeta"], "list[Phase]"]] = {"vdm": _vdm, "gan": _gan}
+
+
+def build_phases(cfg: "Config", meta: "DataMeta") -> "list[Phase]":
+    """The phases of the configured objective; exactly one of them has ``ema=True``."""
+    assert cfg.objective in OBJECTIVES, cfg.objective  # Config.validate names the allowed values
+    phases = OBJECTIVES[cfg.objective](cfg, meta)
+    assert sum(p.ema for p in phases) == 1, "exactly one phase holds the model that is sampled"
+    return phases

@@ -199,3 +199,41 @@ def test_odd_size_or_wrong_rank_names_the_shape(ndim, shape):
 def test_unsupported_ndim_is_rejected(ndim):
     with pytest.raises(ValueError, match=r"ndim must be one of \[1, 2, 3\]"):
         UNet(1, 8, 16, ndim=ndim)
+
+
+# ------------------------------------------- the data's boundary (what will choose padding)
+# Here rather than in a data test file because this change owns only this test module; the
+# field exists for the UNet's periodic/zero padding choice.
+
+
+def test_manifest_meta_without_boundary_loads_as_before():
+    from pipeline.data.meta import DataMeta
+    from pipeline.data.shards import meta_from_dict
+
+    # A manifest's "meta" as written before the field existed (Ising preset).
+    old = {"sample_shape": [1, 16, 16], "data_kind": "spins", "num_levels": None, "label_kind": "continuous",
+           "num_classes": None, "label_values": [3.0]}
+    meta = meta_from_dict(old)
+    assert meta == DataMeta(sample_shape=(1, 16, 16), data_kind="spins", label_kind="continuous",
+                            label_values=(3.0,))
+    assert meta.boundary is None
+
+
+@pytest.mark.parametrize("boundary", ["periodic", "open", None])
+def test_boundary_round_trips_through_the_manifest_dict(boundary):
+    import json
+
+    from pipeline.data.meta import DataMeta
+    from pipeline.data.shards import meta_from_dict, meta_to_dict
+
+    meta = DataMeta(sample_shape=(1, 8, 8, 8), data_kind="continuous", boundary=boundary)
+    d = json.loads(json.dumps(meta_to_dict(meta)))
+    assert d["boundary"] == boundary and meta_from_dict(d) == meta
+
+
+def test_unknown_boundary_names_the_key_and_the_choices():
+    from pipeline.data.meta import DataMeta
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"boundary='circular'.*'periodic', 'open' or None"):
+        DataMeta(sample_shape=(1, 8), data_kind="continuous", boundary="circular")

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from pipeline.errors import ConfigError
+
+BOUNDARIES = ("periodic", "open")
+
 
 @dataclass(frozen=True)
 class DataMeta:
@@ -18,3 +22,14 @@ class DataMeta:
     label_kind: Literal["none", "class", "continuous"] = "none"
     num_classes: int | None = None  # for label_kind == "class"
     label_values: tuple[float, ...] | None = None  # distinct continuous labels (e.g. temperatures)
+    # Boundary conditions of a lattice / grid sample: "periodic" (a torus: Ising with periodic
+    # boundaries, GRFs drawn by FFT), "open" (the array's edges are real edges: images), or
+    # None when the source does not say (every manifest written before this field existed,
+    # and non-lattice data such as points). A model may read it to choose circular or zero
+    # padding; None leaves that choice to the model's own config.
+    boundary: Literal["periodic", "open"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.boundary is not None and self.boundary not in BOUNDARIES:
+            raise ConfigError(f"data meta boundary={self.boundary!r} is not allowed; "
+                              f"use one of {', '.join(map(repr, BOUNDARIES))} or None (unknown)")

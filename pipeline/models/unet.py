@@ -5,6 +5,13 @@ every convolution translation-equivariant on the torus, so the network cannot te
 the boundary of the stored array is. One down-sampling level is enough for 16x16 to 64x64
 lattices at the model sizes a CPU can train; conditioning (noise level, label) enters each
 residual block as a per-channel scale and shift (FiLM, as in DDPM/EDM UNets).
+
+The same network serves samples [C, L], [C, H, W] and [C, D, H, W] (``ndim`` = 1, 2, 3):
+the convolutions are looked up once by ``ndim`` and everything else (GroupNorm, FiLM) does
+not depend on the number of spatial dimensions. With circular padding the stride-2
+down-sampling and the kernel-2 stride-2 up-sampling make the whole network equivariant to
+circular shifts by an even number of sites along each axis (an odd shift moves the
+down-sampling grid by half a coarse site).
 """
 
 from __future__ import annotations
@@ -12,6 +19,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# ndim -> (convolution, transposed convolution) over that many spatial dimensions.
+_CONVS: dict[int, tuple[type[nn.Module], type[nn.Module]]] = {
+    1: (nn.Conv1d, nn.ConvTranspose1d),
+    2: (nn.Conv2d, nn.ConvTranspose2d),
+    3: (nn.Conv3d, nn.ConvTranspose3d),
+}
 
 
 def _groups(channels: int) -> int:
@@ -21,51 +35,70 @@ def _groups(channels: int) -> int:
     return 1
 
 
+def _convs(ndim: int) -> tuple[type[nn.Module], type[nn.Module]]:
+    if ndim not in _CONVS:
+        raise ValueError(f"UNet ndim must be one of {sorted(_CONVS)} (spatial dimensions of a sample), got {ndim!r}")
+    return _CONVS[ndim]
+
+
 class ResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, padding_mode: str):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, padding_mode: str, ndim: int = 2):
         super().__init__()
+        conv, _ = _convs(ndim)
         self.norm1 = nn.GroupNorm(_groups(in_ch), in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1, padding_mode=padding_mode)
+        self.conv1 = conv(in_ch, out_ch, 3, padding=1, padding_mode=padding_mode)
         self.film = nn.Linear(emb_dim, 2 * out_ch)
         self.norm2 = nn.GroupNorm(_groups(out_ch), out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, padding_mode=padding_mode)
-        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.conv2 = conv(out_ch, out_ch, 3, padding=1, padding_mode=padding_mode)
+        self.skip = conv(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
+        film = self.film(emb)  # [B, 2 * out_ch]
+        # One scale and shift per sample and channel, broadcast over every spatial dim.
+        film = film.reshape(*film.shape, *(1,) * (x.dim() - 2))
+        scale, shift = film.chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(F.silu(h))
         return self.skip(x) + h
 
 
 class UNet(nn.Module):
-    """eps_hat = UNet(z, emb): [B, C, H, W] -> [B, C, H, W], conditioned on emb [B, emb_dim].
+    """eps_hat = UNet(z, emb): [B, C, *S] -> [B, C, *S], conditioned on emb [B, emb_dim],
+    where S is (L,), (H, W) or (D, H, W) for ``ndim`` = 1, 2 or 3.
 
-    Levels: ``channels`` at H x W, ``2 * channels`` at H/2 x W/2 (H and W must be even).
+    Levels: ``channels`` at S, ``2 * channels`` at S/2 (every spatial size must be even).
     The output convolution starts at zero so the initial prediction is eps_hat = 0.
     """
 
-    def __init__(self, in_channels: int, channels: int = 16, emb_dim: int = 64, periodic: bool = True):
+    def __init__(self, in_channels: int, channels: int = 16, emb_dim: int = 64, periodic: bool = True,
+                 ndim: int = 2):
         super().__init__()
         if in_channels < 1 or channels < 1:
             raise ValueError(f"UNet needs in_channels >= 1 and channels >= 1, got {in_channels}, {channels}")
+        conv, conv_transpose = _convs(ndim)
+        self.ndim = ndim
         pm = "circular" if periodic else "zeros"
         c, c2 = channels, 2 * channels
-        self.inp = nn.Conv2d(in_channels, c, 3, padding=1, padding_mode=pm)
-        self.enc = ResBlock(c, c, emb_dim, pm)
-        self.down = nn.Conv2d(c, c2, 3, stride=2, padding=1, padding_mode=pm)
-        self.mid = ResBlock(c2, c2, emb_dim, pm)
-        self.up = nn.ConvTranspose2d(c2, c, 2, stride=2)
-        self.dec = ResBlock(2 * c, c, emb_dim, pm)
+        # Creation order (and so the initial weights drawn from a seed) is the same in
+        # every ndim and, for ndim=2, the same as before ndim existed.
+        self.inp = conv(in_channels, c, 3, padding=1, padding_mode=pm)
+        self.enc = ResBlock(c, c, emb_dim, pm, ndim)
+        self.down = conv(c, c2, 3, stride=2, padding=1, padding_mode=pm)
+        self.mid = ResBlock(c2, c2, emb_dim, pm, ndim)
+        self.up = conv_transpose(c2, c, 2, stride=2)
+        self.dec = ResBlock(2 * c, c, emb_dim, pm, ndim)
         self.out_norm = nn.GroupNorm(_groups(c), c)
-        self.out = nn.Conv2d(c, in_channels, 3, padding=1, padding_mode=pm)
+        self.out = conv(c, in_channels, 3, padding=1, padding_mode=pm)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
     def forward(self, z: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if z.dim() != 4 or z.shape[-1] % 2 or z.shape[-2] % 2:
-            raise ValueError(f"UNet needs input [B, C, H, W] with even H and W, got {tuple(z.shape)}")
+        spatial = tuple(z.shape[2:])
+        if z.dim() != self.ndim + 2 or any(s % 2 for s in spatial):
+            names = {1: "[B, C, L]", 2: "[B, C, H, W]", 3: "[B, C, D, H, W]"}[self.ndim]
+            raise ValueError(f"UNet(ndim={self.ndim}) needs input {names} with every spatial size even "
+                             f"(one stride-2 down-sampling level), got {tuple(z.shape)}")
         h0 = self.enc(self.inp(z), emb)
         h = self.mid(self.down(h0), emb)
         h = self.dec(torch.cat([self.up(h), h0], dim=1), emb)

@@ -237,3 +237,32 @@ def test_unknown_boundary_names_the_key_and_the_choices():
 
     with pytest.raises(ConfigError, match=r"boundary='circular'.*'periodic', 'open' or None"):
         DataMeta(sample_shape=(1, 8), data_kind="continuous", boundary="circular")
+
+
+@pytest.mark.parametrize("shape, auto_arch", [((1, 16), "MLP"), ((2, 8, 8), "UNet"), ((1, 8, 8, 8), "UNet")])
+def test_vdm_trains_and_samples_fields_in_1d_2d_3d(shape, auto_arch):
+    """The VDM builds a UNet of the samples' dimensionality (a 1D one only by name: [C, L] may be
+    a feature vector), back-propagates through it and samples the data's shape."""
+    from pipeline.data.meta import DataMeta
+    from pipeline.objectives.base import StepContext
+    from pipeline.objectives.vdm import VDM, VDMConfig
+
+    meta = DataMeta(sample_shape=shape, data_kind="continuous")
+    assert type(VDM(VDMConfig(num_timesteps=0), meta).denoiser.net).__name__ == auto_arch
+    torch.manual_seed(0)
+    m = VDM(VDMConfig(num_timesteps=0, architecture="unet", channels=8), meta)
+    net = m.denoiser.net
+    assert net.inp.weight.dim() == len(shape) + 1  # Conv{len(shape) - 1}d kernels
+    out = m({"x": torch.randn(4, *shape)}, StepContext(0, 0, 1, 0, 1))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None for p in net.parameters())
+    assert m.sample(3, num_steps=4).shape == (3, *shape)
+
+
+def test_vdm_unet_refuses_odd_fields_naming_the_shape():
+    from pipeline.data.meta import DataMeta
+    from pipeline.objectives.vdm import VDM, VDMConfig
+
+    with pytest.raises(ValueError, match=r"even spatial sizes; got \(1, 7, 8\)"):
+        VDM(VDMConfig(architecture="unet"), DataMeta(sample_shape=(1, 7, 8), data_kind="continuous"))

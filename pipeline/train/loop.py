@@ -128,7 +128,12 @@ def optimizer_step(ph: PreparedPhase, batches, state: TrainState, engine: Engine
 def train(cfg: Config, meta: DataMeta | None = None) -> int:
     """Train ``cfg`` to ``train.num_steps``; return the process's exit code (0, or
     :data:`REQUEUE_EXIT_CODE` when preempted). ``meta``: the data's metadata as the CLI read
-    it (read here when None)."""
+    it (read here when None).
+
+    One function in labelled sections, read top to bottom (edm's training_loop): set-up and
+    restore, the loop of phases, maintenance per step (log, sample, checkpoint, preemption),
+    the end. It is longer than 60 lines because its try/finally owns what every exit path
+    must do (the tracker's failure record, closing the stream and the engine)."""
     from pipeline.track.tracker import Tracker
 
     engine = build_engine(cfg.engine)
@@ -136,6 +141,7 @@ def train(cfg: Config, meta: DataMeta | None = None) -> int:
     tracker = stream = None
     exit_code: int | None = None  # set on the way out; an exception leaves it None until caught
     try:
+        # ---- set-up and restore
         if engine.is_main:
             run_dir.root.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.run.seed * 1000 + engine.rank)
@@ -155,13 +161,7 @@ def train(cfg: Config, meta: DataMeta | None = None) -> int:
             seed=cfg.run.seed,
         )
         shared, per_rank = {"trainer": state, "ema": ema}, {"stream": stream, "rng": rng}
-        manifest = ckpt.restore(phases, shared, per_rank)
-        if manifest is not None and engine.is_main:
-            print(f"resumed from step {state.step} ({manifest['step']})", flush=True)
-        if engine.is_main:
-            # Only now, with the checkpoint loaded (or none there): until a resume is accepted,
-            # config.yaml is the config that produced the checkpoints (see train/resume.py).
-            save_config(cfg, run_dir.config)
+        manifest = _restore(ckpt, phases, shared, per_rank, cfg, engine, run_dir)
         tracker = Tracker(
             cfg.track, run_dir.root, cfg.to_dict(), is_main=engine.is_main,
             total_steps=cfg.train.num_steps, resume=manifest is not None,
@@ -182,6 +182,7 @@ def train(cfg: Config, meta: DataMeta | None = None) -> int:
         t_log = time.perf_counter()
         steps_since_log = 0
         while state.step < cfg.train.num_steps:
+            # ---- one loop step: each phase `repeats` optimizer steps, then EMA
             for ph in phases:
                 with ph.frozen():
                     for _ in range(ph.phase.repeats):
@@ -190,25 +191,11 @@ def train(cfg: Config, meta: DataMeta | None = None) -> int:
             state.step += 1
             state.samples_seen += global_batch
             steps_since_log += 1
+            # ---- maintenance: log, sample, checkpoint, preemption (every rank together)
             if state.step % cfg.train.log_every_steps == 0 or state.step == cfg.train.num_steps:
-                metrics = meter.reduce(engine)
                 elapsed = time.perf_counter() - t_log
-                metrics["perf/samples_per_s"] = global_batch * steps_since_log / elapsed
-                metrics["perf/step_time_s"] = elapsed / steps_since_log
-                metrics["data/corrupt_samples"] = float(stream.corrupt_count)
-                metrics["train/bad_steps"] = float(state.bad_steps)
-                metrics["train/samples_seen"] = float(state.samples_seen)
-                metrics.update(memory_metrics())
-                reports = []
-                for ph in phases:  # objective-specific views (VDM: per-t profile, p_t, ELBO variance)
-                    with ph.full_weights():  # e.g. gamma(t) of a learned schedule, outside forward
-                        reports.append(ph.module.report())
-                for rep in reports:
-                    metrics.update(rep.metrics)
-                tracker.log(metrics, step=state.step)
-                for rep in reports:
-                    for name, profile in rep.profiles.items():
-                        tracker.log_profile(name, profile, step=state.step)
+                _log_interval(meter, phases, engine, tracker, stream, state, global_batch * steps_since_log, elapsed,
+                              steps_since_log)
                 t_log, steps_since_log = time.perf_counter(), 0
             every = cfg.train.sample_every_steps
             if engine.is_main and every and state.step % every == 0 and state.step < cfg.train.num_steps:
@@ -225,11 +212,10 @@ def train(cfg: Config, meta: DataMeta | None = None) -> int:
                 preempt.ignore_further()
                 exit_code = REQUEUE_EXIT_CODE
                 return exit_code
+        # ---- the end: final samples, where everything is
         if engine.is_main:
             path = _sample_and_observe(ema.module, meta, cfg, tracker, reference, state.step)
-            print(f"run: {run_dir.root.resolve()}")
-            print(f"samples: {Path(path).resolve() if path else None}")
-            print(f"checkpoint: {ckpt.find_latest_valid()[0].resolve()}")
+            _print_where(run_dir, path, ckpt)
         engine.barrier()  # ranks leave together: none tears down the process group mid-sampling
         exit_code = 0
         return exit_code
@@ -248,6 +234,49 @@ def train(cfg: Config, meta: DataMeta | None = None) -> int:
         if stream is not None:
             stream.close()
         engine.close()
+
+
+def _restore(ckpt: Checkpointer, phases, shared: dict, per_rank: dict, cfg: Config, engine: Engine,
+             run_dir: RunDir) -> dict | None:
+    """Restore the newest valid checkpoint (None: a fresh start), then write config.yaml: only
+    now, so that until a resume is accepted config.yaml stays the config that produced the
+    checkpoints (see train/resume.py)."""
+    manifest = ckpt.restore(phases, shared, per_rank)
+    if manifest is not None and engine.is_main:
+        print(f"resumed from step {shared['trainer'].step} ({manifest['step']})", flush=True)
+    if engine.is_main:
+        save_config(cfg, run_dir.config)
+    return manifest
+
+
+def _log_interval(meter: Meter, phases: list[PreparedPhase], engine: Engine, tracker, stream, state: TrainState,
+                  num_samples: int, elapsed_s: float, num_steps: int) -> None:
+    """One logging step: the interval's metrics averaged over steps and ranks, throughput,
+    counters, memory, and each objective's report (its metrics, and its profiles as events)."""
+    metrics = meter.reduce(engine)
+    metrics["perf/samples_per_s"] = num_samples / elapsed_s
+    metrics["perf/step_time_s"] = elapsed_s / num_steps
+    metrics["data/corrupt_samples"] = float(stream.corrupt_count)
+    metrics["train/bad_steps"] = float(state.bad_steps)
+    metrics["train/samples_seen"] = float(state.samples_seen)
+    metrics.update(memory_metrics())
+    reports = []
+    for ph in phases:  # objective-specific views (VDM: per-t profile, p_t, ELBO variance)
+        with ph.full_weights():  # e.g. gamma(t) of a learned schedule, outside forward
+            reports.append(ph.module.report())
+    for rep in reports:
+        metrics.update(rep.metrics)
+    tracker.log(metrics, step=state.step)
+    for rep in reports:
+        for name, profile in rep.profiles.items():
+            tracker.log_profile(name, profile, step=state.step)
+
+
+def _print_where(run_dir: RunDir, samples_path, ckpt: Checkpointer) -> None:
+    """The last lines of a finished run: where its directory, samples and checkpoint are."""
+    print(f"run: {run_dir.root.resolve()}")
+    print(f"samples: {Path(samples_path).resolve() if samples_path else None}")
+    print(f"checkpoint: {ckpt.find_latest_valid()[0].resolve()}")
 
 
 def _remember_first(batches, store: dict):

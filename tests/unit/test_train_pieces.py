@@ -74,3 +74,47 @@ def test_default_labels():
     assert default_labels(DataMeta((2,), "continuous"), 4) is None
     with pytest.raises(ValueError, match="unconditional"):
         default_labels(DataMeta((2,), "continuous"), 4, [1.0])
+
+
+def test_contract_hooks_run_per_micro_step_and_per_optimizer_step():
+    """With train.grad_accum_steps=2, the loop calls after_micro_step once per micro batch (with
+    that micro batch's output) and after_optimizer_step once per optimizer step."""
+    from dataclasses import dataclass
+
+    from pipeline.objectives.base import Objective
+    from pipeline.train.loop import optimizer_step
+    from pipeline.train.state import TrainState
+
+    @dataclass
+    class Out:
+        loss: torch.Tensor
+
+        def metrics(self) -> dict[str, float]:
+            return {"loss": float(self.loss)}
+
+    class Counting(Objective):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+            self.calls: list[tuple] = []
+
+        def forward(self, batch, ctx=None):
+            return Out((self.w * batch["x"]).sum())
+
+        def after_micro_step(self, output, all_gather):
+            self.calls.append(("micro", float(output.loss.detach())))
+
+        def after_optimizer_step(self, all_gather):
+            self.calls.append(("optimizer",))
+
+    train = TrainConfig(num_steps=3, grad_accum_steps=2)
+    engine = build_engine(EngineConfig())
+    obj = Counting()
+    ph = engine.prepare(Phase("c", obj, lr=0.0), train)
+    batches = iter([{"x": torch.full((2,), float(i))} for i in range(6)])
+    state = TrainState()
+    for _ in range(3):
+        optimizer_step(ph, batches, state, engine, train)
+    assert obj.calls == [("micro", 0.0), ("micro", 2.0), ("optimizer",),
+                         ("micro", 4.0), ("micro", 6.0), ("optimizer",),
+                         ("micro", 8.0), ("micro", 10.0), ("optimizer",)]

@@ -119,6 +119,16 @@ def test_train_sbatch_on_two_nodes(cluster, tmp_path, ising_shards):
     assert saved["track"]["run_id"] == f"slurm-{job}"  # a requeued job continues this W&B run
 
 
+def _wait_for_step(run, job: str, log, step: int, timeout_s: float = 300) -> None:
+    """Until the job's training has logged ``step`` (failing if the job ends first)."""
+    deadline = time.monotonic() + timeout_s
+    while not ((run / "metrics.jsonl").exists() and any(s >= step for s in _steps(run))):
+        state = _job(job)["JobState"]
+        assert state not in TERMINAL, f"job ended ({state}) before training started:\n{log.read_text()[-5000:]}"
+        assert time.monotonic() < deadline, f"training did not start:\n{log.read_text()[-5000:] if log.exists() else ''}"
+        time.sleep(0.5)
+
+
 def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path, ising_shards):
     run = tmp_path / "run"
     num_steps = 250
@@ -127,12 +137,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path, ising
                   f"run.dir={run}", f"data.train_urls={ising_shards}", *TINY)  # fmt: skip
     log = tmp_path / f"pipeline-train-{job}.out"
     try:
-        deadline = time.monotonic() + 300
-        while not ((run / "metrics.jsonl").exists() and any(s >= 5 for s in _steps(run))):
-            state = _job(job)["JobState"]
-            assert state not in TERMINAL, f"job ended ({state}) before training started:\n{log.read_text()[-5000:]}"
-            assert time.monotonic() < deadline, f"training did not start:\n{log.read_text()[-5000:] if log.exists() else ''}"
-            time.sleep(0.5)
+        _wait_for_step(run, job, log, step=5)
         # What SLURM sends before a time limit (--signal=B:USR1@...) or what an admin sends.
         r = subprocess.run(["scancel", "--signal=USR1", "--batch", job], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stderr
@@ -171,12 +176,7 @@ def test_scancel_checkpoints_on_every_rank_and_the_job_resumes(cluster, tmp_path
                   "train.num_steps=3000")  # fmt: skip
     log = tmp_path / f"pipeline-train-{job}.out"
     try:
-        deadline = time.monotonic() + 300
-        while not ((run / "metrics.jsonl").exists() and any(s >= 5 for s in _steps(run))):
-            state = _job(job)["JobState"]
-            assert state not in TERMINAL, f"job ended ({state}) before training started:\n{log.read_text()[-5000:]}"
-            assert time.monotonic() < deadline, f"training did not start:\n{log.read_text()[-5000:] if log.exists() else ''}"
-            time.sleep(0.5)
+        _wait_for_step(run, job, log, step=5)
         r = subprocess.run(["scancel", job], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stderr
         info = _wait(job, 300, log)

@@ -182,11 +182,17 @@ def test_compare_with_exact_nll_flags_an_elbo_below_the_bound():
     f = field(2, 8)
     x = f.sample(256, np.random.default_rng(7))
     nll = f.nll_nats_per_dim(x)
-    ok, flags = compare_with_exact_nll({"bits_per_dim": (nll + 0.05) / math.log(2),
-                                        "bits_per_dim_stderr": 0.01}, x, f, z_max=3.0)
+    per_field = -f.log_density(x) / f.num_sites
+    se = math.hypot(0.01 * math.log(2), per_field.std(ddof=1) / math.sqrt(len(x)))  # the gap's error
+
+    def lik(nats):
+        return {"bits_per_dim": nats / math.log(2), "bits_per_dim_stderr": 0.01}
+
+    ok, flags = compare_with_exact_nll(lik(nll + 0.05), x, f)
     assert not flags and ok["nll_exact_nats_per_dim"] == pytest.approx(nll, rel=1e-12)
     assert ok["gap_nats_per_dim"] == pytest.approx(0.05, rel=1e-9)
+    assert ok["gap_nats_per_dim_stderr"] == pytest.approx(se, rel=1e-9)
     assert ok["nats_per_dim"] == pytest.approx(nll + 0.05, rel=1e-12)
-    _, flags = compare_with_exact_nll({"bits_per_dim": (nll - 0.5) / math.log(2), "bits_per_dim_stderr": 0.01},
-                                      x, f, z_max=3.0)
+    assert not compare_with_exact_nll(lik(nll - 2.5 * se), x, f)[1]  # within 3 standard errors
+    _, flags = compare_with_exact_nll(lik(nll - 3.5 * se), x, f)
     assert len(flags) == 1 and "below the exact NLL" in flags[0]

@@ -120,9 +120,10 @@ def _mc_gap(vdm: VDM, f: GRF, x: np.ndarray, num_repeats: int, seed: int) -> tup
     return float(gap.mean()), se(gap), float(neg_elbo.mean()), se(neg_elbo)
 
 
-@pytest.mark.parametrize("g0,g1", [(-4.0, 2.0), (-13.3, 5.0)])
-def test_vdm_elbo_with_exact_denoiser_matches_closed_form(g0, g1):
-    f = field(2, 8)
+@pytest.mark.parametrize("ndim,size,g0,g1", [(2, 8, -4.0, 2.0), (2, 8, -13.3, 5.0), (1, 32, -4.0, 2.0),
+                                              (3, 4, -4.0, 2.0)])
+def test_vdm_elbo_with_exact_denoiser_matches_closed_form(ndim, size, g0, g1):
+    f = field(ndim, size)
     x = f.sample(512, np.random.default_rng(1)).astype(np.float32)
     vdm = exact_vdm(f, g0, g1)
     gap, gap_se, neg_elbo, neg_elbo_se = _mc_gap(vdm, f, x, num_repeats=32, seed=2)
@@ -141,7 +142,7 @@ def test_vdm_elbo_with_exact_denoiser_matches_closed_form(g0, g1):
     assert abs(per_field.mean() - closed["gap"]) < 4 * ev_se, (per_field.mean(), ev_se, closed["gap"])
     assert out["prior_bpd"] * math.log(2) * f.num_sites == pytest.approx(
         closed["prior"] - 0.5 * (1 / (1 + math.exp(g1))) * (field_power(f).sum() - (x[:128].astype(np.float64) ** 2)
-                                                          .sum((1, 2, 3)).mean()), rel=1e-4, abs=1e-5)
+                                                          .sum(tuple(range(1, x.ndim))).mean()), rel=1e-4, abs=1e-5)
     lik = vdm_bits_per_dim(vdm, xs, num_noise_samples=8, batch_size=128, seed=3)  # one batch: the same draws
     assert lik.bits_per_dim == pytest.approx(out["bits_per_dim"], rel=1e-6)
 
@@ -162,8 +163,9 @@ def test_narrow_schedule_gap_is_resolved_and_a_wrong_denoiser_is_detected():
 # ------------------------------------------------------------------ spectrum and one-point
 
 
-def test_evaluate_grf_true_fields_pass_and_a_wrong_amplitude_fails():
-    f = field(2, 16)
+@pytest.mark.parametrize("ndim,size", [(2, 16), (1, 64), (3, 8)])
+def test_evaluate_grf_true_fields_pass_and_a_wrong_amplitude_fails(ndim, size):
+    f = field(ndim, size)
     rng = np.random.default_rng(6)
     good = evaluate_grf(f.sample(400, rng), f, reference=f.sample(400, rng))
     nb = good["power_spectrum_num_bins"]

@@ -358,6 +358,10 @@ def evaluate_run(run_dir: str | Path, data_urls: str, opts: EvalOptions) -> dict
         result = evaluate_digits_run(module, meta, info, data_urls, reference, opts, Path(run_dir))
     elif source == "gmm" and "gmm" in (reference.manifest.get("info") or {}):
         result = evaluate_gmm_run(module, meta, info, data_urls, reference, opts)
+    elif source == "grf" and "grf" in (reference.manifest.get("info") or {}):
+        from pipeline.eval.grf import evaluate_grf_run
+
+        result = evaluate_grf_run(module, meta, info, data_urls, reference, opts)
     else:
         result = evaluate_generic_run(module, meta, info, data_urls, reference, opts)
     header = {

@@ -20,7 +20,6 @@ its own ShardWriter (splitting further if ``max_shard_bytes`` is reached), which
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import multiprocessing
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.hashing import sha256_file  # noqa: F401 - also part of this module's API
 from pipeline.data.meta import DataMeta
 from pipeline.data.sources import SourceData
 
@@ -79,14 +79,6 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     if m.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{p}: unknown manifest format {m.get('format')!r}, expected {MANIFEST_FORMAT!r}")
     return m
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify(directory: str | os.PathLike, *, checksum: bool = False, split: str | None = None,

@@ -232,11 +232,7 @@ def write_shards(
             data=data, staging=staging, samples_per_shard=samples_per_shard,
             max_shard_bytes=max_shard_bytes, key_width=max(8, len(str(n - 1))),
         )
-        tasks = []
-        for split in SPLITS:
-            idx = splits[split]
-            for g, start in enumerate(range(0, len(idx), samples_per_shard)):
-                tasks.append((split, g, idx[start:start + samples_per_shard]))
+        tasks = _group_tasks(splits, samples_per_shard)
         written = _write_groups(tasks, workers)
         shards, counters = _move_into_place(out, tasks, written)
     finally:
@@ -261,6 +257,16 @@ def write_shards(
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
     os.replace(tmp, out / MANIFEST_NAME)
     return manifest
+
+
+def _group_tasks(splits: dict[str, np.ndarray], samples_per_shard: int) -> list[tuple[str, int, np.ndarray]]:
+    """(split, group, source indices) of every group of ``samples_per_shard`` samples, train first."""
+    tasks = []
+    for split in SPLITS:
+        idx = splits[split]
+        for g, start in enumerate(range(0, len(idx), samples_per_shard)):
+            tasks.append((split, g, idx[start:start + samples_per_shard]))
+    return tasks
 
 
 def _write_groups(tasks: list[tuple[str, int, np.ndarray]], workers: int) -> list[list[dict[str, Any]]]:

@@ -10,6 +10,16 @@ up to the first dot of the base name share a key (``00000012.npy`` + ``00000012.
 
 Decoders exist for ``.npy`` (``allow_pickle=False``, object arrays refused), ``.png``,
 ``.json`` and ``.cls``; nothing is ever unpickled.
+
+Why hand-written (issue 14, measured on data/ising-T3.0-L16/train-000000.tar: 2.0 MB, 1000
+samples, 2000 members; Python 3.11.7, one thread, on a shared machine): :func:`scan_tar`
+indexes the shard in 10.7 ms, the standard library's ``tarfile`` (iterating the members of
+the in-memory shard for ``offset_data`` and ``size``, grouped the same way) in 57.8 ms,
+5.4x slower. ``tarfile`` also stops silently at damage: on a shard cut mid-member, or with
+one header's checksum broken, it returns the same samples before the damage as
+:func:`scan_tar` but no error, where the stream needs ``TarIndex.problem`` to name the
+damage in its warning. webdataset's indexed reader ``wids`` is not installed with the
+project's webdataset (1.0.2), so it was not measured.
 """
 
 from __future__ import annotations

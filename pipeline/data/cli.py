@@ -72,26 +72,36 @@ def register(subparsers) -> None:
         "Re-running with the same parameters is a no-op.",
     )
     sub = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    # One parser per source (in the order `--help` lists them), each with the shared options.
+    for add_source_parser in (_ising_parser, _digits_parser, _gmm_parser, _grf_parser, _npy_parser, _hf_parser):
+        s = add_source_parser(sub)
+        _common(s)
+        s.set_defaults(func=_run)
+    _verify_parser(sub)
 
+
+def _ising_parser(sub) -> argparse.ArgumentParser:
     s = sub.add_parser("ising", help="2D Ising lattices at one or several temperatures")
     s.add_argument("--temperature", type=float, nargs="+", required=True,
                    help="one or several temperatures (J/k_B units)")
     s.add_argument("--size", type=_positive_int, required=True, help="lattice side L")
     s.add_argument("--num-samples", type=_positive_int, required=True, help="samples per temperature")
-    _common(s)
-    s.set_defaults(func=_run)
+    return s
 
-    s = sub.add_parser("digits", help="scikit-learn's 8x8 digits (1797 images, 17 levels, 10 classes)")
-    _common(s)
-    s.set_defaults(func=_run)
 
+def _digits_parser(sub) -> argparse.ArgumentParser:
+    return sub.add_parser("digits", help="scikit-learn's 8x8 digits (1797 images, 17 levels, 10 classes)")
+
+
+def _gmm_parser(sub) -> argparse.ArgumentParser:
     s = sub.add_parser("gmm", help="Gaussian mixture with known density")
     s.add_argument("--dim", type=_positive_int, required=True)
     s.add_argument("--num-components", type=_positive_int, required=True)
     s.add_argument("--num-samples", type=_positive_int, required=True)
-    _common(s)
-    s.set_defaults(func=_run)
+    return s
 
+
+def _grf_parser(sub) -> argparse.ArgumentParser:
     s = sub.add_parser("grf", help="Gaussian random fields in 1-3 dims with an exact spectrum and density")
     s.add_argument("--ndim", type=int, choices=[1, 2, 3], required=True, help="grid dimensions d")
     s.add_argument("--size", type=_int_at_least(2), required=True, help="grid side L (periodic)")
@@ -107,27 +117,30 @@ def register(subparsers) -> None:
     s.add_argument("--cutoff-kind", choices=["gaussian", "sharp"], default="gaussian",
                    help="exp(-(k/k_c)^2) or 0 above k_c (default gaussian)")
     s.add_argument("--zero-mode-power", type=float, help="P(0) of the mean mode (default P(2 pi / L))")
-    _common(s)
-    s.set_defaults(func=_run)
+    return s
 
+
+def _npy_parser(sub) -> argparse.ArgumentParser:
     s = sub.add_parser("npy", help="arrays from .npy/.npz files")
     s.add_argument("--x", required=True, help=".npy or .npz file with samples [N, ...]")
     s.add_argument("--x-key", help="array name inside an .npz")
     s.add_argument("--labels", help=".npy or .npz file with labels [N]")
     s.add_argument("--labels-key", help="array name inside the labels .npz")
     _user_array_options(s)
-    _common(s)
-    s.set_defaults(func=_run)
+    return s
 
+
+def _hf_parser(sub) -> argparse.ArgumentParser:
     s = sub.add_parser("hf", help="a Hugging Face datasets dataset (save_to_disk dir, parquet/arrow files, hub name)")
     s.add_argument("--path", required=True, help="save_to_disk directory, .parquet/.arrow file or glob, or hub name")
     s.add_argument("--x-column", required=True, help="column holding the samples")
     s.add_argument("--label-column", help="column holding the labels")
     s.add_argument("--split", default="train", help="split to read (default train)")
     _user_array_options(s)
-    _common(s)
-    s.set_defaults(func=_run)
+    return s
 
+
+def _verify_parser(sub) -> None:
     s = sub.add_parser("verify", help="check shards against their manifest (sizes, the schema of a sample "
                                       "of members; sha256 with --sha256)")
     s.add_argument("dir", help="shard directory holding manifest.json")

@@ -20,7 +20,6 @@ its own ShardWriter (splitting further if ``max_shard_bytes`` is reached), which
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import multiprocessing
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.hashing import sha256_file  # noqa: F401 - also part of this module's API
 from pipeline.data.meta import DataMeta
 from pipeline.data.sources import SourceData
 
@@ -79,14 +79,6 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     if m.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{p}: unknown manifest format {m.get('format')!r}, expected {MANIFEST_FORMAT!r}")
     return m
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify(directory: str | os.PathLike, *, checksum: bool = False, split: str | None = None,
@@ -240,56 +232,19 @@ def write_shards(
             data=data, staging=staging, samples_per_shard=samples_per_shard,
             max_shard_bytes=max_shard_bytes, key_width=max(8, len(str(n - 1))),
         )
-        tasks = []
-        for split in SPLITS:
-            idx = splits[split]
-            for g, start in enumerate(range(0, len(idx), samples_per_shard)):
-                tasks.append((split, g, idx[start:start + samples_per_shard]))
-        if workers > 1 and len(tasks) > 1:
-            from concurrent.futures import ProcessPoolExecutor
-
-            ctx = multiprocessing.get_context("fork")  # children inherit _WRITE_STATE
-            with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as pool:
-                written = list(pool.map(_write_group, tasks))
-        else:
-            written = [_write_group(t) for t in tasks]
-
-        # Old shards of this naming scheme that the new set will not overwrite must go,
-        # or a glob over the directory would mix two data sets.
-        old_manifest = out / MANIFEST_NAME
-        if old_manifest.exists():
-            old_manifest.unlink()
-        shards = []
-        counters = {s: 0 for s in SPLITS}
-        for (split, _, _), group_shards in zip(tasks, written):
-            for s in group_shards:
-                name = f"{split}-{counters[split]:06d}.tar"
-                counters[split] += 1
-                os.replace(s["path"], out / name)  # atomic: a reader sees all of it or nothing
-                shards.append({"name": name, "split": split, "num_samples": s["num_samples"],
-                               "num_bytes": s["num_bytes"], "sha256": s["sha256"]})
-        names = {s["name"] for s in shards}
-        for f in out.iterdir():
-            if _SHARD_NAME.match(f.name) and f.name not in names:
-                f.unlink()
+        tasks = _group_tasks(splits, samples_per_shard)
+        written = _write_groups(tasks, workers)
+        shards, counters = _move_into_place(out, tasks, written)
     finally:
         _WRITE_STATE.clear()
         shutil.rmtree(staging, ignore_errors=True)
 
-    sample0 = data.x[0]
-    schema: dict[str, Any] = {
-        "__key__": "str: source index, zero-padded",
-        "npy": {"dtype": str(sample0.dtype), "shape": list(sample0.shape)},
-        "json": {"keys": sorted(["index", *data.json_columns])},
-    }
-    if data.cls is not None:
-        schema["cls"] = "int: class index"
     manifest = {
         "format": MANIFEST_FORMAT,
         "source": source,
         "params": params,
         "meta": meta_to_dict(data.meta),
-        "schema": schema,
+        "schema": _sample_schema(data),
         "total_samples": n,
         "splits": {
             s: {"num_samples": int(len(splits[s])), "num_shards": counters[s]} for s in SPLITS
@@ -302,3 +257,62 @@ def write_shards(
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
     os.replace(tmp, out / MANIFEST_NAME)
     return manifest
+
+
+def _group_tasks(splits: dict[str, np.ndarray], samples_per_shard: int) -> list[tuple[str, int, np.ndarray]]:
+    """(split, group, source indices) of every group of ``samples_per_shard`` samples, train first."""
+    tasks = []
+    for split in SPLITS:
+        idx = splits[split]
+        for g, start in enumerate(range(0, len(idx), samples_per_shard)):
+            tasks.append((split, g, idx[start:start + samples_per_shard]))
+    return tasks
+
+
+def _write_groups(tasks: list[tuple[str, int, np.ndarray]], workers: int) -> list[list[dict[str, Any]]]:
+    """Each task's staged shards (as :func:`_write_group` returns them), in task order."""
+    if workers > 1 and len(tasks) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("fork")  # children inherit _WRITE_STATE
+        with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx) as pool:
+            return list(pool.map(_write_group, tasks))
+    return [_write_group(t) for t in tasks]
+
+
+def _move_into_place(out: Path, tasks: list[tuple[str, int, np.ndarray]], written: list[list[dict[str, Any]]]
+                     ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Rename the staged shards to ``{split}-NNNNNN.tar`` in ``out`` (the old manifest gone
+    first, stale shards after); return the manifest's shard entries and shards per split."""
+    # Old shards of this naming scheme that the new set will not overwrite must go,
+    # or a glob over the directory would mix two data sets.
+    old_manifest = out / MANIFEST_NAME
+    if old_manifest.exists():
+        old_manifest.unlink()
+    shards = []
+    counters = {s: 0 for s in SPLITS}
+    for (split, _, _), group_shards in zip(tasks, written):
+        for s in group_shards:
+            name = f"{split}-{counters[split]:06d}.tar"
+            counters[split] += 1
+            os.replace(s["path"], out / name)  # atomic: a reader sees all of it or nothing
+            shards.append({"name": name, "split": split, "num_samples": s["num_samples"],
+                           "num_bytes": s["num_bytes"], "sha256": s["sha256"]})
+    names = {s["name"] for s in shards}
+    for f in out.iterdir():
+        if _SHARD_NAME.match(f.name) and f.name not in names:
+            f.unlink()
+    return shards, counters
+
+
+def _sample_schema(data: SourceData) -> dict[str, Any]:
+    """The manifest's ``schema``: the members of every sample, from the first sample."""
+    sample0 = data.x[0]
+    schema: dict[str, Any] = {
+        "__key__": "str: source index, zero-padded",
+        "npy": {"dtype": str(sample0.dtype), "shape": list(sample0.shape)},
+        "json": {"keys": sorted(["index", *data.json_columns])},
+    }
+    if data.cls is not None:
+        schema["cls"] = "int: class index"
+    return schema

@@ -196,6 +196,21 @@ def _infer_meta(
 ) -> DataMeta:
     """DataMeta for user arrays: explicit options win; otherwise inferred from the values
     (only {-1, +1} -> spins; non-negative integers -> levels 0..max; else continuous)."""
+    data_kind, num_levels = _infer_data_kind(x, data_kind=data_kind, num_levels=num_levels)
+    label_kind, num_classes, label_values = _infer_label_kind(labels, label_kind=label_kind)
+    return DataMeta(
+        sample_shape=tuple(int(s) for s in x.shape[1:]),
+        data_kind=data_kind,
+        num_levels=num_levels,
+        label_kind=label_kind,
+        num_classes=num_classes,
+        label_values=label_values,
+    )
+
+
+def _infer_data_kind(x: np.ndarray, *, data_kind: str | None, num_levels: int | None
+                     ) -> tuple[str, int | None]:
+    """(data_kind, num_levels) of ``x``: the options checked against the values, or inferred."""
     allowed = ("spins", "levels", "continuous")
     if data_kind is not None and data_kind not in allowed:
         raise ValueError(f"--data-kind must be one of {allowed}, got {data_kind!r}")
@@ -219,34 +234,31 @@ def _infer_meta(
             raise ValueError(f"--num-levels {num_levels} is below the largest value + 1 ({top})")
     elif num_levels is not None:
         raise ValueError("--num-levels only applies to --data-kind levels")
+    return data_kind, num_levels
 
+
+def _infer_label_kind(labels: np.ndarray | None, *, label_kind: str | None
+                      ) -> tuple[str, int | None, tuple[float, ...] | None]:
+    """(label_kind, num_classes, label_values) of ``labels``: the option checked, or inferred."""
     num_classes = label_values = None
     if labels is None:
         if label_kind not in (None, "none"):
             raise ValueError(f"--label-kind {label_kind} needs labels")
-        label_kind = "none"
+        return "none", num_classes, label_values
+    if label_kind is None:
+        label_is_int = np.issubdtype(labels.dtype, np.integer) or np.all(labels == np.round(labels))
+        label_kind = "class" if label_is_int and labels.min() >= 0 else "continuous"
+    if label_kind == "class":
+        if labels.min() < 0 or not np.all(labels == np.round(labels)):
+            raise ValueError("--label-kind class needs non-negative integer labels")
+        num_classes = int(labels.max()) + 1
+    elif label_kind == "continuous":
+        distinct = np.unique(labels.astype(np.float64))
+        # A handful of distinct values (temperatures, couplings) is a conditioning grid.
+        label_values = tuple(float(v) for v in distinct) if len(distinct) <= 256 else None
     else:
-        if label_kind is None:
-            label_is_int = np.issubdtype(labels.dtype, np.integer) or np.all(labels == np.round(labels))
-            label_kind = "class" if label_is_int and labels.min() >= 0 else "continuous"
-        if label_kind == "class":
-            if labels.min() < 0 or not np.all(labels == np.round(labels)):
-                raise ValueError("--label-kind class needs non-negative integer labels")
-            num_classes = int(labels.max()) + 1
-        elif label_kind == "continuous":
-            distinct = np.unique(labels.astype(np.float64))
-            # A handful of distinct values (temperatures, couplings) is a conditioning grid.
-            label_values = tuple(float(v) for v in distinct) if len(distinct) <= 256 else None
-        else:
-            raise ValueError(f"--label-kind must be class or continuous, got {label_kind!r}")
-    return DataMeta(
-        sample_shape=tuple(int(s) for s in x.shape[1:]),
-        data_kind=data_kind,
-        num_levels=num_levels,
-        label_kind=label_kind,
-        num_classes=num_classes,
-        label_values=label_values,
-    )
+        raise ValueError(f"--label-kind must be class or continuous, got {label_kind!r}")
+    return label_kind, num_classes, label_values
 
 
 def _from_arrays(

@@ -36,6 +36,10 @@ Corrupt samples (a truncated shard, a member that is not a valid .npy, a missing
 are never yielded: their slot is filled with the next valid sample of the same window (in
 window order, cyclically), so positions - and hence resume - do not depend on which samples
 were corrupt. Each filled slot counts once in ``corrupt_count``.
+
+Modules: :mod:`pipeline.data.resolve` (which shards, their counts and meta),
+:mod:`pipeline.data.plan` (steps 1-3 of the order), :mod:`pipeline.data.window` (decoding a
+window in a worker, corrupt slots filled); this one holds the stream proper (step 4, resume).
 """
 
 from __future__ import annotations
@@ -43,397 +47,24 @@ from __future__ import annotations
 import logging
 import signal
 import warnings
-from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.data import schema, tario
+from pipeline.data import schema
 from pipeline.data.config import DataConfig
 from pipeline.data.meta import DataMeta
-from pipeline.data.shards import MANIFEST_NAME, meta_from_dict, read_manifest, verify
-from pipeline.errors import ConfigError
+from pipeline.data.plan import Plan
+# resolve_shards, read_meta (and ShardSet, Decoder) are re-exported: callers import them from here.
+from pipeline.data.resolve import ShardSet, read_meta, resolve_shards
+from pipeline.data.window import Decoder, WindowDataset
+
+__all__ = ["Decoder", "ShardSet", "Stream", "build_stream", "read_meta", "resolve_shards"]
 
 log = logging.getLogger("pipeline.data")
 
 _STATE_VERSION = 1
-
-
-# --------------------------------------------------------------------------- shard sets
-
-
-@dataclass
-class ShardSet:
-    urls: list[str]
-    num_samples: list[int]  # per shard
-    meta: DataMeta | None  # from a manifest, when there is one
-    manifest_dir: Path | None
-    schema: dict[str, Any] | None = None  # the manifest's sample schema, when there is one
-
-
-def _find_manifest(urls: str) -> Path | None:
-    p = Path(urls)
-    if p.name == MANIFEST_NAME and p.is_file():
-        return p.parent
-    if p.is_dir() and (p / MANIFEST_NAME).is_file():
-        return p
-    return None
-
-
-def _expand(urls: str) -> list[str]:
-    import braceexpand
-
-    # As in webdataset, braces expand in pipe: commands too: one command per shard.
-    return list(braceexpand.braceexpand(urls))
-
-
-def resolve_shards(urls: str, *, split: str = "train", verify_mode: str = "size") -> ShardSet:
-    """The shards behind ``urls`` and their sample counts.
-
-    ``urls``: a directory holding manifest.json (its ``split`` shards), a manifest.json path,
-    a tar path, brace notation, or a ``pipe:`` command. Shards listed in a manifest next to
-    them get their counts from it; other shards are scanned once here to count samples.
-    """
-
-    if not urls:
-        raise ConfigError("data.train_urls is empty; give a shard directory, tar path(s) or a pipe: command")
-    mdir = _find_manifest(urls)
-    if mdir is not None:
-        m = read_manifest(mdir)
-        shards = [s for s in m["shards"] if s["split"] == split]
-        if not shards:
-            have = sorted({s["split"] for s in m["shards"]})
-            raise ValueError(f"{mdir / MANIFEST_NAME} lists no {split!r} shards (it has {have})")
-        for s in shards:
-            if not (mdir / s["name"]).is_file():
-                raise ConfigError(f"shard {mdir / s['name']} listed in {mdir / MANIFEST_NAME} is missing")
-        if verify_mode != "off":
-            for problem in verify(mdir, checksum=verify_mode == "sha256", split=split):
-                # The stream still runs: damaged samples are skipped and counted.
-                warnings.warn(f"{problem}; its damaged samples will be skipped", stacklevel=2)
-                log.warning("%s; its damaged samples will be skipped", problem)
-        return ShardSet(
-            urls=[str(mdir / s["name"]) for s in shards],
-            num_samples=[int(s["num_samples"]) for s in shards],
-            meta=meta_from_dict(m["meta"]),
-            manifest_dir=mdir,
-            schema=m.get("schema"),
-        )
-    if Path(urls).is_dir():
-        raise ConfigError(
-            f"{urls} is a directory without {MANIFEST_NAME}; give shard paths instead "
-            f"(e.g. {urls}/shard-{{000000..000009}}.tar)"
-        )
-    expanded = _expand(urls)
-    local = [u for u in expanded if not u.startswith("pipe:")]
-    if expanded == [urls] and local and not Path(urls.removeprefix("file:")).exists():
-        raise ConfigError(
-            f"data set {urls} does not exist: expected a directory holding {MANIFEST_NAME} "
-            "(written by `pipeline shards`), a .tar shard, brace notation or a pipe: command"
-        )
-    for u in local:
-        if not Path(u.removeprefix("file:")).is_file():
-            raise ConfigError(f"shard {u} does not exist")
-    # A manifest next to the shards supplies counts and meta when it lists all of them.
-    meta = manifest_dir = None
-    counts: dict[str, int] = {}
-    if local and len(local) == len(expanded):
-        parent = Path(local[0].removeprefix("file:")).parent
-        if (parent / MANIFEST_NAME).is_file():
-            try:
-                m = read_manifest(parent)
-                listed = {str(parent / s["name"]): int(s["num_samples"]) for s in m["shards"]}
-                names = [str(parent / Path(u.removeprefix("file:")).name) for u in local]
-                if all(n in listed for n in names):
-                    counts = {u: listed[n] for u, n in zip(local, names)}
-                    meta, manifest_dir = meta_from_dict(m["meta"]), parent
-            except ValueError:
-                pass
-    num = []
-    for u in expanded:
-        if u not in counts:
-            counts[u] = len(tario.scan_tar(tario.read_url(u)))
-        num.append(counts[u])
-    if sum(num) == 0:
-        raise ValueError(f"no samples in any of the shards {_names(expanded)}")
-    return ShardSet(urls=expanded, num_samples=num, meta=meta, manifest_dir=manifest_dir)
-
-
-def _names(urls: list[str], k: int = 5) -> str:
-    return ", ".join(urls[:k]) + (f" and {len(urls) - k} more" if len(urls) > k else "")
-
-
-def read_meta(urls: str) -> DataMeta:
-    """What a model needs to know about the data at ``urls`` (see :class:`DataMeta`).
-
-    From the manifest when there is one. Otherwise inferred from the first shard with a
-    warning: sample shape from the first decodable sample, values {-1,+1} -> spins,
-    non-negative integers -> levels, else continuous; no label."""
-    mdir = _find_manifest(urls)
-    if mdir is not None:
-        return meta_from_dict(read_manifest(mdir)["meta"])
-    shard_set = resolve_shards(urls, verify_mode="off")
-    if shard_set.meta is not None:
-        return shard_set.meta
-    for url in shard_set.urls:
-        buf = tario.read_url(url)
-        idx = tario.scan_tar(buf)
-        values = []
-        for i in range(len(idx)):
-            x = _decode_one(buf, idx, i)
-            if x is not None and (not values or x.shape == values[0].shape):
-                values.append(x)
-        if values:
-            v = np.stack(values)
-            if np.isin(v, (-1, 1)).all():
-                kind, levels = "spins", None
-            elif np.all(v == np.round(v)) and v.min() >= 0:
-                kind, levels = "levels", int(v.max()) + 1
-            else:
-                kind, levels = "continuous", None
-            meta = DataMeta(sample_shape=tuple(v.shape[1:]), data_kind=kind, num_levels=levels)
-            warnings.warn(
-                f"{urls}: no {MANIFEST_NAME}; inferred {meta} from {len(v)} samples of {url}",
-                stacklevel=2,
-            )
-            return meta
-    raise ValueError(f"no decodable sample in any of the shards {_names(shard_set.urls)}")
-
-
-def _decode_one(buf: bytes, idx: tario.TarIndex, i: int) -> np.ndarray | None:
-    """Sample ``i``'s x without a known shape (only used to infer meta)."""
-    import io
-
-    try:
-        if idx.offset["npy"][i] >= 0:
-            o, s = int(idx.offset["npy"][i]), int(idx.size["npy"][i])
-            a = np.load(io.BytesIO(buf[o:o + s]), allow_pickle=False)
-            return a if a.dtype.kind in "biuf" else None
-        if idx.offset["png"][i] >= 0:
-            o, s = int(idx.offset["png"][i]), int(idx.size["png"][i])
-            return tario.decode_png(buf[o:o + s])
-    except Exception:  # noqa: BLE001 - any undecodable member is just not a sample
-        return None
-    return None
-
-
-# ------------------------------------------------------------------------------- the plan
-
-
-@dataclass(frozen=True)
-class Piece:
-    shard: int  # index into the shard list
-    start: int  # first sample index within the shard
-    stop: int
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-
-@dataclass
-class _Plan:
-    """Pure functions from (seed, epoch, rank, world_size) to the rank's windows."""
-
-    urls: list[str]
-    num_samples: list[int]
-    seed: int
-    rank: int
-    world_size: int
-    window_samples: int
-    sample_shape: tuple[int, ...]
-    label_key: str | None
-
-    @property
-    def samples_per_rank(self) -> int:
-        return sum(self.num_samples) // self.world_size
-
-    def windows(self, epoch: int) -> list[list[Piece]]:
-        return _windows(
-            tuple(self.num_samples), self.seed, epoch, self.rank, self.world_size, self.window_samples
-        )
-
-    def window_order(self, epoch: int, window: int, n: int) -> np.ndarray:
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, self.rank, window]))
-        return rng.permutation(n)
-
-    def locate(self, position: int) -> tuple[int, int, int]:
-        """(epoch, window, offset) of the rank's ``position``-th sample."""
-        epoch, q = divmod(position, self.samples_per_rank)
-        for w, pieces in enumerate(self.windows(epoch)):
-            n = sum(len(p) for p in pieces)
-            if q < n:
-                return epoch, w, q
-            q -= n
-        raise AssertionError("position beyond the epoch")
-
-
-@lru_cache(maxsize=4)
-def _windows(num_samples: tuple[int, ...], seed: int, epoch: int, rank: int, world_size: int,
-             window_samples: int) -> list[list[Piece]]:
-    order = np.random.default_rng(np.random.SeedSequence([seed, epoch])).permutation(len(num_samples))
-    per_rank = sum(num_samples) // world_size
-    lo, hi = rank * per_rank, (rank + 1) * per_rank
-    windows: list[list[Piece]] = []
-    current: list[Piece] = []
-    filled = 0
-    start = 0  # position of the current shard's first sample in the epoch's order
-    for s in order:
-        n = num_samples[s]
-        a, b = max(lo, start), min(hi, start + n)
-        if a < b:
-            current.append(Piece(int(s), a - start, b - start))
-            filled += b - a
-            if filled >= window_samples:
-                windows.append(current)
-                current, filled = [], 0
-        start += n
-        if start >= hi:
-            break
-    if current:
-        windows.append(current)
-    return windows
-
-
-class _Decoder:
-    """Decodes windows in a worker: loads shards, fills corrupt slots, permutes."""
-
-    def __init__(self, plan: _Plan):
-        self.plan = plan
-        self.reported: set[str] = set()
-
-    def _piece(self, piece: Piece) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[str]]:
-        plan = self.plan
-        url = plan.urls[piece.shard]
-        buf = tario.read_url(url)
-        idx = tario.scan_tar(buf)
-        n = len(piece)
-        wanted = np.arange(piece.start, piece.stop)
-        have = wanted < len(idx)  # samples past a truncation point do not exist
-        reasons = []
-        if idx.problem or not have.all():
-            reasons.append(f"{url}: {idx.problem or 'fewer samples than the manifest lists'}")
-        x = np.zeros((n, *plan.sample_shape), dtype=np.float32)
-        valid = np.zeros(n, dtype=bool)
-        hw = wanted[have]
-        if len(hw):
-            npy_off = idx.offset["npy"][hw]
-            xs, ok = tario.decode_npy_batch(buf, npy_off, idx.size["npy"][hw], plan.sample_shape)
-            bad_npy = np.flatnonzero(~ok & (npy_off >= 0))
-            if len(bad_npy):  # name why, from the first such member (e.g. another shape)
-                i = hw[bad_npy[0]]
-                why = schema.npy_mismatch(buf, int(idx.offset["npy"][i]), int(idx.size["npy"][i]), plan.sample_shape)
-                if why:
-                    reasons.append(f"{url} sample {idx.keys[i]!r} key npy: {why}")
-            # Samples stored as PNG instead of .npy.
-            for j in np.flatnonzero((npy_off < 0) & (idx.offset["png"][hw] >= 0)):
-                i = hw[j]
-                o, s = int(idx.offset["png"][i]), int(idx.size["png"][i])
-                try:
-                    a = tario.decode_png(buf[o:o + s])
-                except Exception:  # noqa: BLE001 - an undecodable image is a corrupt sample
-                    continue
-                if a.shape == plan.sample_shape:
-                    xs[j], ok[j] = a, True
-            x[have], valid[have] = xs, ok
-        label = None
-        if plan.label_key is not None:
-            field = "cls" if plan.label_key == "cls" else "json"
-            label = np.zeros(n, dtype=np.int64 if field == "cls" else np.float32)
-            for j in np.flatnonzero(valid):
-                i = wanted[j]
-                o, s = int(idx.offset[field][i]), int(idx.size[field][i])
-                if o < 0:
-                    valid[j] = False
-                    continue
-                try:
-                    raw = buf[o:o + s]
-                    if field == "cls":
-                        label[j] = tario.decode_cls(raw)
-                    else:
-                        v = tario.decode_json(raw)[plan.label_key]
-                        if isinstance(v, bool) or not isinstance(v, (int, float)):
-                            raise TypeError(v)
-                        label[j] = v
-                except Exception:  # noqa: BLE001 - bad or missing label: corrupt sample
-                    valid[j] = False
-        bad = n - int(valid.sum())
-        if bad and url not in self.reported:
-            self.reported.add(url)
-            why = "; ".join(reasons) or "undecodable or incomplete samples"
-            log.warning("shard %s: %d of %d samples corrupt, skipped (%s)", url, bad, n, why)
-        return x, label, valid, reasons
-
-    def _decode(self, pieces: list[Piece]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        parts = [self._piece(p) for p in pieces]
-        x = np.concatenate([p[0] for p in parts])
-        label = None if self.plan.label_key is None else np.concatenate([p[1] for p in parts])
-        valid = np.concatenate([p[2] for p in parts])
-        return x, label, valid
-
-    def window(self, epoch: int, w: int) -> dict[str, Any]:
-        plan = self.plan
-        windows = plan.windows(epoch)
-        x, label, valid = self._decode(windows[w])
-        order = plan.window_order(epoch, w, len(x))
-        x, valid = x[order], valid[order]
-        label = None if label is None else label[order]
-        n = len(x)
-        good = np.flatnonzero(valid)
-        if len(good) == len(x):
-            src = np.arange(n)
-        elif len(good):
-            # Slot i takes the next valid sample at or after i, cyclically within the window.
-            src = good[np.searchsorted(good, np.arange(n)) % len(good)]
-        else:
-            # Nothing valid here: borrow from the next windows of the same epoch (cyclically).
-            for k in range(1, len(windows)):
-                w2 = (w + k) % len(windows)
-                x2, label2, valid2 = self._decode(windows[w2])
-                o2 = plan.window_order(epoch, w2, len(x2))
-                good2 = o2[valid2[o2]]
-                if len(good2):
-                    take = good2[np.arange(n) % len(good2)]
-                    x = x2[take]
-                    label = None if label2 is None else label2[take]
-                    break
-            else:
-                shards = sorted({plan.urls[p.shard] for ws in windows for p in ws})
-                raise ValueError(f"no valid sample in any of the shards {_names(shards)}")
-            src = np.arange(n)
-        out = {
-            "epoch": epoch,
-            "window": w,
-            "x": torch.from_numpy(np.ascontiguousarray(x[src])),
-            "substituted": torch.from_numpy(~valid),
-        }
-        if label is not None:
-            out["label"] = torch.from_numpy(np.ascontiguousarray(label[src]))
-        return out
-
-
-class _WindowDataset(torch.utils.data.IterableDataset):
-    """Infinite sequence of decoded windows from (epoch, window); worker k of K decodes the
-    windows j with j % K == k, j counted from the start."""
-
-    def __init__(self, plan: _Plan, epoch: int, window: int):
-        self.plan, self.epoch, self.window = plan, epoch, window
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
-        decoder = _Decoder(self.plan)
-        epoch, w, j = self.epoch, self.window, 0
-        while True:
-            windows = self.plan.windows(epoch)
-            while w < len(windows):
-                if j % nw == wid:
-                    yield decoder.window(epoch, w)
-                j += 1
-                w += 1
-            epoch, w = epoch + 1, 0
 
 
 # ------------------------------------------------------------------------------ the stream
@@ -447,7 +78,7 @@ class Stream:
         self.cfg = cfg
         self.meta = meta
         self.shard_set = shard_set
-        self.plan = _Plan(
+        self.plan = Plan(
             urls=shard_set.urls, num_samples=shard_set.num_samples, seed=seed, rank=rank,
             world_size=world_size, window_samples=cfg.shuffle_buffer,
             sample_shape=tuple(meta.sample_shape), label_key=cfg.label_key,
@@ -497,7 +128,7 @@ class Stream:
 
     def _start(self) -> None:
         epoch, window, offset = self.plan.locate(self._position)
-        ds = _WindowDataset(self.plan, epoch, window)
+        ds = WindowDataset(self.plan, epoch, window)
         nw = self.cfg.num_workers
         loader = torch.utils.data.DataLoader(
             ds, batch_size=None, num_workers=nw, prefetch_factor=2 if nw else None,

@@ -10,6 +10,16 @@ up to the first dot of the base name share a key (``00000012.npy`` + ``00000012.
 
 Decoders exist for ``.npy`` (``allow_pickle=False``, object arrays refused), ``.png``,
 ``.json`` and ``.cls``; nothing is ever unpickled.
+
+Why hand-written (issue 14, measured on data/ising-T3.0-L16/train-000000.tar: 2.0 MB, 1000
+samples, 2000 members; Python 3.11.7, one thread, on a shared machine): :func:`scan_tar`
+indexes the shard in 10.7 ms, the standard library's ``tarfile`` (iterating the members of
+the in-memory shard for ``offset_data`` and ``size``, grouped the same way) in 57.8 ms,
+5.4x slower. ``tarfile`` also stops silently at damage: on a shard cut mid-member, or with
+one header's checksum broken, it returns the same samples before the damage as
+:func:`scan_tar` but no error, where the stream needs ``TarIndex.problem`` to name the
+damage in its warning. webdataset's indexed reader ``wids`` is not installed with the
+project's webdataset (1.0.2), so it was not measured.
 """
 
 from __future__ import annotations
@@ -90,6 +100,25 @@ def _checksums_ok(buf: bytes, starts: list[int]) -> np.ndarray:
 def scan_tar(buf: bytes) -> TarIndex:
     """Index a tar archive held in memory. A truncated or damaged archive yields the
     samples before the damage and ``problem`` says what went wrong; it never raises."""
+    starts, names, sizes, all_headers, problem = _walk_headers(buf)
+    if all_headers:
+        good = _checksums_ok(buf, all_headers)
+        if not good.all():
+            first_bad = all_headers[int(np.argmin(good))]
+            problem = f"tar header checksum mismatch at byte {first_bad}"
+            cut = sum(1 for s in starts if s < first_bad)
+            starts, names, sizes = starts[:cut], names[:cut], sizes[:cut]
+    keys, offset, sizes_out = _group_samples(starts, names, sizes)
+    return TarIndex(keys=keys, offset=offset, size=sizes_out, problem=problem)
+
+
+def _walk_headers(buf: bytes) -> tuple[list[int], list[str], list[int], list[int], str | None]:
+    """(header offsets, names, sizes) of the regular-file members, the offsets of all
+    headers, and why the walk stopped early (None at a clean end). Checksums are not
+    checked here (:func:`_checksums_ok` does all of them in one pass afterwards).
+
+    One loop over the headers, kept whole: it is the hot loop of indexing (one iteration per
+    member), and pax/GNU long names carry state from one header to the next."""
     n = len(buf)
     pos = 0
     problem = None
@@ -143,15 +172,13 @@ def scan_tar(buf: bytes) -> TarIndex:
         else:
             override_name = None
         pos = data + (size + 511) // 512 * 512
+    return starts, names, sizes, all_headers, problem
 
-    if all_headers:
-        good = _checksums_ok(buf, all_headers)
-        if not good.all():
-            first_bad = all_headers[int(np.argmin(good))]
-            problem = f"tar header checksum mismatch at byte {first_bad}"
-            cut = sum(1 for s in starts if s < first_bad)
-            starts, names, sizes = starts[:cut], names[:cut], sizes[:cut]
 
+def _group_samples(starts: list[int], names: list[str], sizes: list[int]
+                   ) -> tuple[list[str], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(keys, offset, size) of :class:`TarIndex` from the regular-file members, grouped
+    into samples the WebDataset way (see the module docstring)."""
     keys: list[str] = []
     fields: list[dict[str, tuple[int, int]]] = []
     for start, name, size in zip(starts, names, sizes):
@@ -171,7 +198,7 @@ def scan_tar(buf: bytes) -> TarIndex:
             if f in offset:
                 offset[f][i] = o
                 sizes_out[f][i] = sz
-    return TarIndex(keys=keys, offset=offset, size=sizes_out, problem=problem)
+    return keys, offset, sizes_out
 
 
 # ---------------------------------------------------------------------------- decoders
@@ -205,48 +232,18 @@ def decode_npy_batch(buf: bytes, offsets: np.ndarray, sizes: np.ndarray, sample_
     present = np.flatnonzero(offsets >= 0)
     if len(present) == 0:
         return out, valid
-    u8 = np.frombuffer(buf, dtype=np.uint8)
-    headers: dict[bytes, tuple | None] = {}
-
-    def parse(i: int):
-        o, s = int(offsets[i]), int(sizes[i])
-        # Header length is in bytes 8..10 (v1) or 8..12 (v2, v3) of the member.
-        if s < 10 or buf[o:o + 6] != b"\x93NUMPY":
-            return None
-        hl = int.from_bytes(buf[o + 8:o + 10], "little") + 10 if buf[o + 6] == 1 else (
-            int.from_bytes(buf[o + 8:o + 12], "little") + 12)
-        hb = bytes(buf[o:o + hl])
-        if hb not in headers:
-            try:
-                dtype, shape, fortran, h = _npy_header(buf, o, s)
-                ok = tuple(shape) == sample_shape and h == hl and dtype.kind in "biuf"
-                headers[hb] = (dtype, fortran, hl) if ok else None
-            except ValueError:
-                headers[hb] = None
-        return hb
-
+    headers = _NpyHeaders(buf, sample_shape)
     # Fast path: every present member with the first member's header and size.
-    first = parse(int(present[0]))
-    if first is not None and headers[first] is not None:
-        dtype, fortran, hl = headers[first]
-        nbytes = int(np.prod(sample_shape, dtype=np.int64)) * dtype.itemsize
-        cand = present[sizes[present] == hl + nbytes]
-        if len(cand):
-            hdr = u8[offsets[cand][:, None] + np.arange(hl)]
-            same = (hdr == np.frombuffer(first, dtype=np.uint8)).all(1)
-            cand = cand[same]
-            raw = u8[offsets[cand][:, None] + hl + np.arange(nbytes)]
-            arr = raw.view(dtype).reshape(len(cand), *sample_shape[::-1] if fortran else sample_shape)
-            if fortran:
-                arr = arr.transpose(0, *range(arr.ndim - 1, 0, -1))
-            out[cand] = arr
-            valid[cand] = True
+    first = headers.parse(int(offsets[present[0]]), int(sizes[present[0]]))
+    if first is not None and headers.usable[first] is not None:
+        cand = _gather_same_header(buf, offsets, sizes, present, first, headers.usable[first], sample_shape, out)
+        valid[cand] = True
     # Slow path: members the fast path did not take.
     for i in present[~valid[present]]:
-        hb = parse(int(i))
-        if hb is None or headers[hb] is None:
-            continue
         o, s = int(offsets[i]), int(sizes[i])
+        hb = headers.parse(o, s)
+        if hb is None or headers.usable[hb] is None:
+            continue
         try:
             a = np.load(io.BytesIO(buf[o:o + s]), allow_pickle=False)
         except (ValueError, EOFError, OSError):
@@ -255,6 +252,55 @@ def decode_npy_batch(buf: bytes, offsets: np.ndarray, sizes: np.ndarray, sample_
             out[i] = a
             valid[i] = True
     return out, valid
+
+
+class _NpyHeaders:
+    """The distinct .npy headers of one shard's members, each parsed once: ``usable[header
+    bytes]`` is (dtype, fortran_order, header length) when a member with that header is a
+    numeric array of ``sample_shape``, else None."""
+
+    def __init__(self, buf: bytes, sample_shape: tuple[int, ...]):
+        self.buf, self.sample_shape = buf, sample_shape
+        self.usable: dict[bytes, tuple | None] = {}
+
+    def parse(self, o: int, s: int) -> bytes | None:
+        """The header bytes of the member at offset ``o`` of size ``s`` (None: not .npy)."""
+        buf = self.buf
+        # Header length is in bytes 8..10 (v1) or 8..12 (v2, v3) of the member.
+        if s < 10 or buf[o:o + 6] != b"\x93NUMPY":
+            return None
+        hl = int.from_bytes(buf[o + 8:o + 10], "little") + 10 if buf[o + 6] == 1 else (
+            int.from_bytes(buf[o + 8:o + 12], "little") + 12)
+        hb = bytes(buf[o:o + hl])
+        if hb not in self.usable:
+            try:
+                dtype, shape, fortran, h = _npy_header(buf, o, s)
+                ok = tuple(shape) == self.sample_shape and h == hl and dtype.kind in "biuf"
+                self.usable[hb] = (dtype, fortran, hl) if ok else None
+            except ValueError:
+                self.usable[hb] = None
+        return hb
+
+
+def _gather_same_header(buf: bytes, offsets: np.ndarray, sizes: np.ndarray, present: np.ndarray,
+                        first: bytes, header: tuple, sample_shape: tuple[int, ...], out: np.ndarray
+                        ) -> np.ndarray:
+    """Copy into ``out`` every present member whose header bytes are ``first`` and whose size
+    fits (one vectorised gather); return their indices."""
+    dtype, fortran, hl = header
+    u8 = np.frombuffer(buf, dtype=np.uint8)
+    nbytes = int(np.prod(sample_shape, dtype=np.int64)) * dtype.itemsize
+    cand = present[sizes[present] == hl + nbytes]
+    if len(cand):
+        hdr = u8[offsets[cand][:, None] + np.arange(hl)]
+        same = (hdr == np.frombuffer(first, dtype=np.uint8)).all(1)
+        cand = cand[same]
+        raw = u8[offsets[cand][:, None] + hl + np.arange(nbytes)]
+        arr = raw.view(dtype).reshape(len(cand), *sample_shape[::-1] if fortran else sample_shape)
+        if fortran:
+            arr = arr.transpose(0, *range(arr.ndim - 1, 0, -1))
+        out[cand] = arr
+    return cand
 
 
 def decode_png(data: bytes) -> np.ndarray:

@@ -33,7 +33,6 @@ Nothing is lost silently (docs/reliability.md):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -45,6 +44,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from pipeline.data.hashing import sha256_file as _sha256
 from pipeline.errors import ConfigError
 from pipeline.train.engines.base import Engine, PreparedPhase
 
@@ -81,14 +81,6 @@ class NoValidCheckpointError(CheckpointError, ConfigError):
 
 class ResumeWarning(UserWarning):
     """A resume could not restore some state exactly; the message says what and what was done."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

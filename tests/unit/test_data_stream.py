@@ -16,7 +16,7 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.data import shards, sources
 from pipeline.data.config import DataConfig
-from pipeline.data.stream import _Decoder, build_stream, read_meta
+from pipeline.data.stream import Decoder, build_stream, read_meta
 
 NUM_PER_T = 35  # x 3 temperatures = 105 samples: odd, so world_size 2 drops one per epoch
 
@@ -115,8 +115,8 @@ def test_resume_does_not_replay(ising_dir, monkeypatch):
     state = s.state_dict()
     s.close()
     calls = []
-    real = _Decoder.window
-    monkeypatch.setattr(_Decoder, "window", lambda self, e, w: calls.append((e, w)) or real(self, e, w))
+    real = Decoder.window
+    monkeypatch.setattr(Decoder, "window", lambda self, e, w: calls.append((e, w)) or real(self, e, w))
     resumed = build_stream(cfg, rank=0, world_size=1, seed=2)
     resumed.load_state_dict(state)
     next(resumed)

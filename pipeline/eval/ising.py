@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from pipeline.arrays import as_numpy
 from pipeline.physics import ising as exact
 from pipeline.physics import observables as obs
 
@@ -305,9 +306,7 @@ def evaluate_ising(
 
 def _lattices(x) -> np.ndarray:
     """[N, L, L] int8 from a numpy array or torch tensor [N, L, L] / [N, 1, L, L] of +-1."""
-    if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
+    x = as_numpy(x)
     if x.ndim == 4 and x.shape[1] == 1:
         x = x[:, 0]
     if x.ndim != 3 or x.shape[1] < 2 or x.shape[2] < 2:

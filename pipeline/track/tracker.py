@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
+from pipeline.arrays import as_numpy
 from pipeline.config import TrackConfig
 from pipeline.errors import ConfigError
 from pipeline.run_dir import RunDir
@@ -334,7 +335,7 @@ class Tracker:
         if not self._accept_step(step, f"images {name!r}"):
             return None
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-        arr = images.detach().cpu().numpy() if hasattr(images, "detach") else images
+        arr = as_numpy(images)
         tile = max(arr.shape[-2:])
         path = save_grid_png(arr, self.paths.samples / f"{safe}-{step:07d}.png",
                              scale=max(1, math.ceil(64 / tile)), pad_px=2)

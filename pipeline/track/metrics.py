@@ -203,13 +203,6 @@ def sampler_metrics(bin_probs: Any, prefix: str = "vdm/p_t") -> dict[str, float]
 # Physics observables of samples vs reference data
 
 
-def wasserstein_1d(a: Any, b: Any) -> float:
-    """W1 distance between two empirical 1-d distributions (scipy's exact CDF integral)."""
-    from scipy.stats import wasserstein_distance
-
-    return float(wasserstein_distance(as_numpy(a, np.float64).reshape(-1), as_numpy(b, np.float64).reshape(-1)))
-
-
 def physics_metrics(samples: Any, reference: Any | None = None, prefix: str = "phys") -> dict[str, float]:
     """Energy per spin and |magnetisation| of ``samples`` (and ``reference``) lattices.
 
@@ -219,7 +212,7 @@ def physics_metrics(samples: Any, reference: Any | None = None, prefix: str = "p
     its mean and the W1 distance between the two per-lattice distributions (a mean can
     match while the distribution -- e.g. the two-peaked |m| near T_c -- does not).
     """
-    from pipeline.physics.observables import abs_magnetisation, energy_per_spin, to_spins  # lazy
+    from pipeline.physics.observables import abs_magnetisation, energy_per_spin, to_spins, wasserstein1  # lazy
 
     def lattices(x: Any) -> tuple[np.ndarray, int]:
         v = as_numpy(x, np.float64)
@@ -241,7 +234,7 @@ def physics_metrics(samples: Any, reference: Any | None = None, prefix: str = "p
         if ref is not None and ref.shape[0]:
             r = as_numpy(fn(ref), np.float64).reshape(-1)
             out[f"{prefix}/{name}_ref"] = float(r.mean())
-            out[f"{prefix}/{name}_w1"] = wasserstein_1d(g, r)
+            out[f"{prefix}/{name}_w1"] = wasserstein1(g, r)
     return out
 
 

@@ -45,6 +45,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from pipeline.atomic import atomic_write_text, fsync_dir as _fsync_dir
 from pipeline.errors import ConfigError
 from pipeline.train.engines.base import Engine, PreparedPhase
 
@@ -89,24 +90,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def validate(directory: Path) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from pipeline.arrays import as_numpy
 from pipeline.physics import ising as exact
 from pipeline.physics import observables as obs
 
@@ -234,15 +235,7 @@ def evaluate_ising(
         raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
     if not z_max > 0 or not 0 < alpha < 1:
         raise ValueError(f"need z_max > 0 and 0 < alpha < 1, got z_max={z_max}, alpha={alpha}")
-    generated, reference = _lattices(generated), _lattices(reference)
-    if generated.shape[1:] != reference.shape[1:]:
-        raise ValueError(
-            f"generated lattices are {generated.shape[1:]} but the reference lattices are "
-            f"{reference.shape[1:]}; compare lattices of one size"
-        )
-    size = generated.shape[1]
-    if generated.shape[2] != size:
-        raise ValueError(f"lattices must be square, got {generated.shape[1:]}")
+    generated, reference = _square_lattices_of_one_size(generated, reference)
     gen = measure(generated, t)
     ref = measure(reference, t)
     if gen.num_lattices < 2 or ref.num_lattices < 2:
@@ -250,46 +243,84 @@ def evaluate_ising(
             f"need at least 2 generated and 2 reference lattices for fluctuations and errors, got "
             f"{gen.num_lattices} and {ref.num_lattices}"
         )
+    size = generated.shape[1]
     fin = exact_finite_lattice(t, size)
-    u_inf = float(exact.exact_energy_per_spin(t))
-    m_inf = float(exact.exact_magnetisation(t))
-    c_inf = float(exact.exact_specific_heat(t))
-
     report = IsingReport(
         temperature=t,
         size=size,
         num_generated=gen.num_lattices,
         num_reference=ref.num_lattices,
+        **_mean_fields(gen, ref, t, fin),
+        **_correlation_fields(gen, ref),
+        **_distance_fields(gen, ref),
+        **_z_fields(gen, ref, fin),
+    )
+    report.flags = _flags(report, z_max, alpha)
+    report.notes = _notes(report)
+    return report
+
+
+def _square_lattices_of_one_size(generated, reference) -> tuple[np.ndarray, np.ndarray]:
+    generated, reference = _lattices(generated), _lattices(reference)
+    if generated.shape[1:] != reference.shape[1:]:
+        raise ValueError(
+            f"generated lattices are {generated.shape[1:]} but the reference lattices are "
+            f"{reference.shape[1:]}; compare lattices of one size"
+        )
+    if generated.shape[2] != generated.shape[1]:
+        raise ValueError(f"lattices must be square, got {generated.shape[1:]}")
+    return generated, reference
+
+
+def _mean_fields(gen: IsingObservables, ref: IsingObservables, t: float, fin: FiniteLatticeExact) -> dict:
+    """The report's means and fluctuations: generated, reference and exact."""
+    return dict(
         energy_per_spin=gen.energy_per_spin.value,
         energy_per_spin_stderr=gen.energy_per_spin.stderr,
         energy_reference=ref.energy_per_spin.value,
         energy_reference_stderr=ref.energy_per_spin.stderr,
-        energy_exact=u_inf,
+        energy_exact=float(exact.exact_energy_per_spin(t)),
         energy_exact_finite=fin.energy_per_spin,
         abs_magnetisation=gen.abs_magnetisation.value,
         abs_magnetisation_stderr=gen.abs_magnetisation.stderr,
         abs_magnetisation_reference=ref.abs_magnetisation.value,
         abs_magnetisation_reference_stderr=ref.abs_magnetisation.stderr,
-        magnetisation_exact=m_inf,
+        magnetisation_exact=float(exact.exact_magnetisation(t)),
         specific_heat=gen.specific_heat.value,
         specific_heat_stderr=gen.specific_heat.stderr,
         specific_heat_reference=ref.specific_heat.value,
         specific_heat_reference_stderr=ref.specific_heat.stderr,
-        specific_heat_exact=c_inf,
+        specific_heat_exact=float(exact.exact_specific_heat(t)),
         specific_heat_exact_finite=fin.specific_heat,
         susceptibility=gen.susceptibility.value,
         susceptibility_stderr=gen.susceptibility.stderr,
         susceptibility_reference=ref.susceptibility.value,
         susceptibility_reference_stderr=ref.susceptibility.stderr,
+    )
+
+
+def _correlation_fields(gen: IsingObservables, ref: IsingObservables) -> dict:
+    return dict(
         correlation_function=[float(v) for v in gen.correlation_function],
         correlation_function_reference=[float(v) for v in ref.correlation_function],
         correlation_function_max_abs_diff=float(np.max(np.abs(gen.correlation_function - ref.correlation_function))),
         correlation_length=gen.correlation_length,
         correlation_length_reference=ref.correlation_length,
+    )
+
+
+def _distance_fields(gen: IsingObservables, ref: IsingObservables) -> dict:
+    """Distances between the per-lattice distributions, generated vs reference."""
+    return dict(
         w1_energy=obs.wasserstein1(gen.energies, ref.energies),
         w1_abs_magnetisation=obs.wasserstein1(gen.abs_magnetisations, ref.abs_magnetisations),
         pvalue_energy=obs.two_sample_pvalue(gen.energies, ref.energies),
         pvalue_abs_magnetisation=obs.two_sample_pvalue(gen.abs_magnetisations, ref.abs_magnetisations),
+    )
+
+
+def _z_fields(gen: IsingObservables, ref: IsingObservables, fin: FiniteLatticeExact) -> dict:
+    return dict(
         z_energy_reference=z_score(gen.energy_per_spin, ref.energy_per_spin),
         z_energy_exact_finite=z_score(gen.energy_per_spin, fin.energy_per_spin),
         z_abs_magnetisation_reference=z_score(gen.abs_magnetisation, ref.abs_magnetisation),
@@ -298,16 +329,11 @@ def evaluate_ising(
         z_susceptibility_reference=z_score(gen.susceptibility, ref.susceptibility),
         z_reference_energy_exact_finite=z_score(ref.energy_per_spin, fin.energy_per_spin),
     )
-    report.flags = _flags(report, z_max, alpha)
-    report.notes = _notes(report)
-    return report
 
 
 def _lattices(x) -> np.ndarray:
     """[N, L, L] int8 from a numpy array or torch tensor [N, L, L] / [N, 1, L, L] of +-1."""
-    if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
+    x = as_numpy(x)
     if x.ndim == 4 and x.shape[1] == 1:
         x = x[:, 0]
     if x.ndim != 3 or x.shape[1] < 2 or x.shape[2] < 2:

@@ -161,58 +161,74 @@ _SUMMARY_KEYS = (
 
 def evaluate_ising_run(module, meta: DataMeta, info: dict, urls: str, reference: ReferenceSet,
                        opts: EvalOptions) -> dict[str, Any]:
-    from pipeline.eval.ising import compare_with_entropy, evaluate_ising
-    from pipeline.eval.likelihood import vdm_bits_per_dim
-    from pipeline.physics.observables import to_spins
-
     conditional = meta.label_kind == "continuous"
     label_key = (info["config"].get("data") or {}).get("label_key") or "temperature"
     temps, column = _ising_temperatures(meta, reference, label_key, opts, conditional)
-    is_vdm = _is_vdm(module) and opts.elbo_num_samples > 0
-    held = None
+    held = held_col = None
     notes: list[str] = []
     flags: list[str] = []
     timings = {"sample_s": 0.0, "observables_s": 0.0, "elbo_s": 0.0}
-    if is_vdm:
+    if _is_vdm(module) and opts.elbo_num_samples > 0:
         held = _held_out(urls, reference, notes)
         held_col = held.json_column(label_key if conditional else "temperature")
     per_t: dict[str, dict[str, Any]] = {}
     for i, t in enumerate(temps):
         ref_x = reference.x if column is None else reference.x[_close(column, t)]
-        labels = torch.full((opts.num_samples,), t, dtype=torch.float32) if conditional else None
-        t0 = time.perf_counter()
-        x = generate(module, opts.num_samples, labels, seed=opts.seed + 7919 * i, num_steps=opts.num_steps,
-                     batch_size=opts.sample_batch_size)
-        timings["sample_s"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        rep = evaluate_ising(to_spins(x), ref_x, t, z_max=opts.z_max, alpha=opts.alpha)
-        timings["observables_s"] += time.perf_counter() - t0
-        d = rep.to_dict()
-        if is_vdm:
-            hx = held.x if held_col is None else held.x[_close(held_col, t)]
-            hx = hx[: opts.elbo_num_samples]
-            if len(hx) < 2:
-                notes.append(f"T={t:g}: fewer than 2 held-out lattices; ELBO skipped")
-            else:
-                t0 = time.perf_counter()
-                hl = torch.full((len(hx),), t, dtype=torch.float32) if conditional else None
-                lik = vdm_bits_per_dim(module, torch.from_numpy(hx), hl,
-                                       num_noise_samples=opts.elbo_noise_samples, seed=opts.seed)
-                timings["elbo_s"] += time.perf_counter() - t0
-                ent = compare_with_entropy(lik.bits_per_dim, lik.bits_per_dim_stderr, t, rep.size, z_max=opts.z_max)
-                d.update(
-                    bits_per_spin=lik.bits_per_dim, bits_per_spin_stderr=lik.bits_per_dim_stderr,
-                    bits_per_spin_noise_stderr=lik.bits_per_dim_noise_stderr, recon_bpd=lik.recon_bpd,
-                    prior_bpd=lik.prior_bpd, diffusion_bpd=lik.diffusion_bpd, elbo_num_samples=lik.num_samples,
-                    entropy_bits_per_spin=ent.entropy_bits_per_spin,
-                    entropy_bits_per_spin_finite=ent.entropy_bits_per_spin_finite,
-                    gap_bits_per_spin=ent.gap_bits_per_spin, z_gap=ent.z_gap,
-                )
-                d["flags"] = d["flags"] + ent.flags
-                d["notes"] = d["notes"] + ent.notes
+        d = _ising_at(module, ref_x, t, i, conditional, opts, timings)
+        if held is not None:
+            held_t = held if held_col is None else held.subset(_close(held_col, t))
+            _add_ising_elbo(d, module, urls, reference, held_t, t, conditional, opts, notes, timings)
         flags.extend(d["flags"])
         per_t[f"{t:g}"] = d
+    return _ising_result(per_t, temps, conditional, flags, notes, timings)
 
+
+def _ising_at(module, ref_x: np.ndarray, t: float, index: int, conditional: bool, opts: EvalOptions,
+              timings: dict[str, float]) -> dict[str, Any]:
+    """Sample at temperature ``t`` (the ``index``-th evaluated) and compare with ``ref_x``."""
+    from pipeline.eval.ising import evaluate_ising
+    from pipeline.physics.observables import to_spins
+
+    labels = torch.full((opts.num_samples,), t, dtype=torch.float32) if conditional else None
+    t0 = time.perf_counter()
+    x = generate(module, opts.num_samples, labels, seed=opts.seed + 7919 * index, num_steps=opts.num_steps,
+                 batch_size=opts.sample_batch_size)
+    timings["sample_s"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rep = evaluate_ising(to_spins(x), ref_x, t, z_max=opts.z_max, alpha=opts.alpha)
+    timings["observables_s"] += time.perf_counter() - t0
+    return rep.to_dict()
+
+
+def _add_ising_elbo(d: dict[str, Any], module, urls: str, reference: ReferenceSet, held_t: ReferenceSet,
+                    t: float, conditional: bool, opts: EvalOptions, notes: list[str],
+                    timings: dict[str, float]) -> None:
+    """The VDM's held-out ELBO at temperature ``t`` in bits per spin, against the exact entropy,
+    into ``d`` (the report at ``t``)."""
+    from pipeline.eval.ising import compare_with_entropy
+
+    if min(len(held_t), opts.elbo_num_samples) < 2:
+        notes.append(f"T={t:g}: fewer than 2 held-out lattices; ELBO skipped")
+        return
+    t0 = time.perf_counter()
+    lik = _vdm_likelihood(module, urls, reference, opts, notes, labels_from_cls=False, held=held_t,
+                          label_value=t if conditional else None)
+    timings["elbo_s"] += time.perf_counter() - t0
+    ent = compare_with_entropy(lik["bits_per_dim"], lik["bits_per_dim_stderr"], t, d["size"], z_max=opts.z_max)
+    d.update({k.replace("bits_per_dim", "bits_per_spin"): v for k, v in lik.items()})  # a lattice's dims are spins
+    d.update(
+        entropy_bits_per_spin=ent.entropy_bits_per_spin,
+        entropy_bits_per_spin_finite=ent.entropy_bits_per_spin_finite,
+        gap_bits_per_spin=ent.gap_bits_per_spin, z_gap=ent.z_gap,
+    )
+    d["flags"] = d["flags"] + ent.flags
+    d["notes"] = d["notes"] + ent.notes
+
+
+def _ising_result(per_t: dict[str, dict[str, Any]], temps: list[float], conditional: bool, flags: list[str],
+                  notes: list[str], timings: dict[str, float]) -> dict[str, Any]:
+    """One temperature of an unconditional model: its report at top level; otherwise the
+    means of _SUMMARY_KEYS over the temperatures, with each report under per_temperature."""
     result: dict[str, Any] = {"evaluation": "ising", "temperatures": temps}
     if len(temps) == 1 and not conditional:
         only = dict(next(iter(per_t.values())))
@@ -238,15 +254,23 @@ def evaluate_ising_run(module, meta: DataMeta, info: dict, urls: str, reference:
 # Digits, GMM, other data
 
 
-def _vdm_likelihood(module, urls, reference, opts, notes, labels_from_cls: bool) -> dict[str, Any]:
+def _vdm_likelihood(module, urls, reference, opts, notes, labels_from_cls: bool, *,
+                    held: ReferenceSet | None = None, label_value: float | None = None) -> dict[str, Any]:
+    """A VDM's held-out bits/dim on the first ``opts.elbo_num_samples`` held-out samples ({} for
+    other models or with the ELBO off). ``held``: the held-out samples, when the caller has
+    them already (one temperature's, for the Ising evaluation); ``label_value``: condition
+    every sample on this label (a temperature) instead of its class."""
     from pipeline.eval.likelihood import vdm_bits_per_dim
 
     if not (_is_vdm(module) and opts.elbo_num_samples > 0):
         return {}
-    held = _held_out(urls, reference, notes)
+    if held is None:
+        held = _held_out(urls, reference, notes)
     n = min(len(held), opts.elbo_num_samples)
     labels = None
-    if labels_from_cls and held.cls is not None:
+    if label_value is not None:
+        labels = torch.full((n,), label_value, dtype=torch.float32)
+    elif labels_from_cls and held.cls is not None:
         labels = torch.from_numpy(held.cls[:n])
     lik = vdm_bits_per_dim(module, torch.from_numpy(held.x[:n]), labels, num_noise_samples=opts.elbo_noise_samples,
                            seed=opts.seed)

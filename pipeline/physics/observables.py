@@ -16,16 +16,12 @@ import math
 import numpy as np
 from scipy import stats
 
-
-def _to_numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch.Tensor, without importing torch here
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
+from pipeline.arrays import as_numpy
 
 
 def _as_batch(lattices) -> np.ndarray:
     """[N, L, L] or [N, 1, L, L] -> float64 [N, H, W]; checks values are +1/-1."""
-    x = _to_numpy(lattices)
+    x = as_numpy(lattices)
     if x.ndim == 4 and x.shape[1] == 1:
         x = x[:, 0]
     if x.ndim != 3 or x.shape[0] < 1 or x.shape[1] < 2 or x.shape[2] < 2:
@@ -46,7 +42,7 @@ def _check_temperature(temperature) -> float:
 def _normalised_weights(weights, num_lattices: int) -> np.ndarray:
     if weights is None:
         return np.full(num_lattices, 1.0 / num_lattices)
-    w = _to_numpy(weights).astype(np.float64).reshape(-1)
+    w = as_numpy(weights).astype(np.float64).reshape(-1)
     if w.shape[0] != num_lattices or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
         raise ValueError(f"weights must be {num_lattices} finite non-negative numbers with a positive sum")
     return w / w.sum()
@@ -58,7 +54,7 @@ def to_spins(x) -> np.ndarray:
     Returns int8 with the input's shape (a [N, 1, L, L] batch stays 4-D; the observables
     accept both layouts).
     """
-    x = _to_numpy(x)
+    x = as_numpy(x)
     if not np.all(np.isfinite(x)):
         raise ValueError("cannot map non-finite values (NaN/Inf) to spins")
     return np.where(x >= 0, 1, -1).astype(np.int8)
@@ -176,7 +172,7 @@ def correlation_length(lattices, *, weights=None) -> float:
 
 
 def _sample_1d(x, name: str) -> np.ndarray:
-    a = _to_numpy(x).astype(np.float64).reshape(-1)
+    a = as_numpy(x).astype(np.float64).reshape(-1)
     if a.size == 0 or not np.all(np.isfinite(a)):
         raise ValueError(f"{name} must be a non-empty sample of finite numbers")
     return a

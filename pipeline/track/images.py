@@ -8,13 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.arrays import as_numpy
+
 NAN_RGB = (255, 0, 0)  # non-finite pixels (corrupt samples) show up red instead of vanishing
-
-
-def _as_numpy(images: Any) -> np.ndarray:
-    if hasattr(images, "detach"):  # torch tensor, without importing torch here
-        images = images.detach().float().cpu().numpy()
-    return np.asarray(images, dtype=np.float64)
 
 
 def to_uint8(images: Any, value_range: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -25,7 +21,7 @@ def to_uint8(images: Any, value_range: tuple[float, float] | None = None) -> tup
     image, so a uniform lattice stays distinguishable from a mixed one); a constant batch is
     mid-gray. ``value_range=(lo, hi)`` forces a linear mapping.
     """
-    x = _as_numpy(images)
+    x = as_numpy(images, np.float64)
     finite = np.isfinite(x)
     vals = x[finite]
     if value_range is not None:
@@ -68,7 +64,7 @@ def save_grid_png(
     separated by ``pad_px`` pixels of gray. Image size: width ``cols * W * scale + (cols + 1)
     * pad_px``, height likewise with rows.
     """
-    x = _as_numpy(images)
+    x = as_numpy(images, np.float64)
     if x.ndim == 4 and x.shape[1] == 1:
         x = x[:, 0]
     if x.ndim != 3:

@@ -11,15 +11,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipeline.atomic import atomic_write_text
+
 
 def json_line(obj: dict[str, Any]) -> str:
     return json.dumps(obj, allow_nan=False, default=str, separators=(",", ":")) + "\n"
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1, default=str))  # fsynced: track.json survives power loss
 
 
 def last_step_in_jsonl(path: Path, tail_bytes: int = 1 << 16) -> int:

@@ -17,11 +17,7 @@ from typing import Any
 
 import numpy as np
 
-
-def _np(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().float().cpu().numpy()
-    return np.asarray(x, dtype=np.float64)
+from pipeline.arrays import as_numpy
 
 
 # ---------------------------------------------------------------------------------------
@@ -44,7 +40,7 @@ class RunningMoments:
         self._m2 = 0.0  # sum of squared deviations from the running mean
 
     def update(self, x: Any) -> None:
-        v = _np(x).reshape(-1)
+        v = as_numpy(x, np.float64).reshape(-1)
         v = v[np.isfinite(v)]  # a NaN sample is reported elsewhere; it must not poison this
         if v.size == 0:
             return
@@ -125,14 +121,14 @@ class TimeProfile:
 
     def bin_index(self, t: Any) -> np.ndarray:
         """Bin of each t: [edge_k, edge_k+1) with t_max in the last bin."""
-        t = _np(t).reshape(-1)
+        t = as_numpy(t, np.float64).reshape(-1)
         if t.size and (t.min() < self.t_min or t.max() > self.t_max):
             raise ValueError(f"t must lie in [{self.t_min}, {self.t_max}], got range [{t.min()}, {t.max()}]")
         idx = np.floor((t - self.t_min) / (self.t_max - self.t_min) * self.num_bins).astype(np.int64)
         return np.minimum(idx, self.num_bins - 1)
 
     def update(self, t: Any, loss: Any) -> None:
-        t, loss = _np(t).reshape(-1), _np(loss).reshape(-1)
+        t, loss = as_numpy(t, np.float64).reshape(-1), as_numpy(loss, np.float64).reshape(-1)
         if t.shape != loss.shape:
             raise ValueError(f"t and loss must have the same number of entries, got {t.size} and {loss.size}")
         keep = np.isfinite(loss)
@@ -171,7 +167,7 @@ class TimeProfile:
 
 def effective_sample_size(weights: Any) -> float:
     """Kish's effective sample size (sum w)^2 / sum w^2 of importance weights."""
-    w = _np(weights).reshape(-1)
+    w = as_numpy(weights, np.float64).reshape(-1)
     if w.size == 0 or np.any(w < 0) or not np.all(np.isfinite(w)):
         raise ValueError("weights must be a non-empty array of finite non-negative numbers")
     s2 = float((w * w).sum())
@@ -186,7 +182,7 @@ def sampler_ess_fraction(bin_probs: Any) -> float:
     so ESS/N = E[w]^2 / E[w^2] = K^2 / sum_k (1/p_k): 1 for the uniform sampler, -> 0 as the
     sampler concentrates on few bins.
     """
-    p = _np(bin_probs).reshape(-1)
+    p = as_numpy(bin_probs, np.float64).reshape(-1)
     if p.size == 0 or np.any(p <= 0) or not np.all(np.isfinite(p)):
         raise ValueError("bin_probs must be finite and > 0 (a bin with p=0 makes the ELBO estimate biased)")
     p = p / p.sum()
@@ -195,7 +191,7 @@ def sampler_ess_fraction(bin_probs: Any) -> float:
 
 def sampler_metrics(bin_probs: Any, prefix: str = "vdm/p_t") -> dict[str, float]:
     """Scalars summarising a time-step distribution: ESS fraction, normalised entropy, max/min."""
-    p = _np(bin_probs).reshape(-1)
+    p = as_numpy(bin_probs, np.float64).reshape(-1)
     ess = sampler_ess_fraction(p)
     p = p / p.sum()
     entropy = float(-(p * np.log(p)).sum() / math.log(p.size)) if p.size > 1 else 1.0
@@ -207,13 +203,6 @@ def sampler_metrics(bin_probs: Any, prefix: str = "vdm/p_t") -> dict[str, float]
 # Physics observables of samples vs reference data
 
 
-def wasserstein_1d(a: Any, b: Any) -> float:
-    """W1 distance between two empirical 1-d distributions (scipy's exact CDF integral)."""
-    from scipy.stats import wasserstein_distance
-
-    return float(wasserstein_distance(_np(a).reshape(-1), _np(b).reshape(-1)))
-
-
 def physics_metrics(samples: Any, reference: Any | None = None, prefix: str = "phys") -> dict[str, float]:
     """Energy per spin and |magnetisation| of ``samples`` (and ``reference``) lattices.
 
@@ -223,10 +212,10 @@ def physics_metrics(samples: Any, reference: Any | None = None, prefix: str = "p
     its mean and the W1 distance between the two per-lattice distributions (a mean can
     match while the distribution -- e.g. the two-peaked |m| near T_c -- does not).
     """
-    from pipeline.physics.observables import abs_magnetisation, energy_per_spin, to_spins  # lazy
+    from pipeline.physics.observables import abs_magnetisation, energy_per_spin, to_spins, wasserstein1  # lazy
 
     def lattices(x: Any) -> tuple[np.ndarray, int]:
-        v = _np(x)
+        v = as_numpy(x, np.float64)
         if v.ndim == 4 and v.shape[1] == 1:
             v = v[:, 0]
         if v.ndim != 3:
@@ -240,12 +229,12 @@ def physics_metrics(samples: Any, reference: Any | None = None, prefix: str = "p
         return out
     ref = lattices(reference)[0] if reference is not None else None
     for name, fn in (("energy_per_spin", energy_per_spin), ("abs_magnetisation", abs_magnetisation)):
-        g = _np(fn(gen)).reshape(-1)
+        g = as_numpy(fn(gen), np.float64).reshape(-1)
         out[f"{prefix}/{name}"] = float(g.mean())
         if ref is not None and ref.shape[0]:
-            r = _np(fn(ref)).reshape(-1)
+            r = as_numpy(fn(ref), np.float64).reshape(-1)
             out[f"{prefix}/{name}_ref"] = float(r.mean())
-            out[f"{prefix}/{name}_w1"] = wasserstein_1d(g, r)
+            out[f"{prefix}/{name}_w1"] = wasserstein1(g, r)
     return out
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
+from pipeline.arrays import as_numpy
 from pipeline.config import TrackConfig
 from pipeline.errors import ConfigError
 from pipeline.run_dir import RunDir
@@ -152,6 +153,34 @@ class Tracker:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.scrub = Scrubber()
+        state = self._restore(resume)
+        self.last_step = self.resume_step
+        self.run_id = self._choose_run_id(state, resume)
+        self.meta = self._segment_meta(resume)
+        self.config = self.scrub.value(config)
+        self._state = {
+            "wandb_run_id": self.run_id,
+            "last_step": self.last_step,
+            "segments": [*state.get("segments", []), self.meta],
+        }
+        atomic_write_json(self.paths.track_state, self._state)
+        self._file = self.paths.metrics.open("a", encoding="utf-8")
+        self._pending_wandb: dict[str, float] = {}
+        self._event_counts: dict[str, int] = {}
+        self._rate_origin: tuple[float, int] | None = None  # (time, step) of this session's first log
+        self._start_step = max(self.resume_step, 0)
+        if self.mode != "off":
+            self._wandb_run = self._init_wandb()
+        if cfg.progress_bar:
+            self._bar = self._progress_bar()
+        self._write({"event": "resume" if resume else "start", "step": self.last_step, "time": time.time(),
+                     "wandb_run_id": self.run_id, "wandb_mode": self.mode})
+
+    # ---------------------------------------------------------------- setup
+
+    def _restore(self, resume: bool) -> dict[str, Any]:
+        """track.json's state on a resume ({} otherwise), with ``resume_step`` set; a fresh
+        start moves an existing metrics.jsonl aside."""
         metrics_path = self.paths.metrics
         state_path = self.paths.track_state
         state = json.loads(state_path.read_text()) if resume and state_path.is_file() else {}
@@ -164,9 +193,11 @@ class Tracker:
                 aside = metrics_path.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
                 metrics_path.rename(aside)
                 print(f"[track] fresh start: previous {metrics_path.name} moved to {aside.name}", flush=True)
-        self.last_step = self.resume_step
-        self.run_id = self._choose_run_id(state, resume)
-        self.meta = self.scrub.value(
+        return state
+
+    def _segment_meta(self, resume: bool) -> dict[str, Any]:
+        """This (re)start's entry in track.json's segments, scrubbed of secrets."""
+        meta = self.scrub.value(
             {
                 **git_info(),
                 "command": [Path(sys.executable).name, *sys.argv],
@@ -178,31 +209,15 @@ class Tracker:
                 "resumed_after_step": self.resume_step if resume else None,
             }
         )
-        self.meta["command"] = self.scrub.argv(self.meta["command"])
-        self.config = self.scrub.value(config)
-        self._state = {
-            "wandb_run_id": self.run_id,
-            "last_step": self.last_step,
-            "segments": [*state.get("segments", []), self.meta],
-        }
-        atomic_write_json(state_path, self._state)
-        self._file = metrics_path.open("a", encoding="utf-8")
-        self._pending_wandb: dict[str, float] = {}
-        self._event_counts: dict[str, int] = {}
-        self._rate_origin: tuple[float, int] | None = None  # (time, step) of this session's first log
-        self._start_step = max(self.resume_step, 0)
-        if self.mode != "off":
-            self._wandb_run = self._init_wandb()
-        if cfg.progress_bar:
-            from tqdm.auto import tqdm
+        meta["command"] = self.scrub.argv(meta["command"])
+        return meta
 
-            # disable=None: no bar when stderr is not a terminal (batch logs get the summary lines)
-            self._bar = tqdm(total=self.total_steps, initial=min(self._start_step, self.total_steps),
-                             unit="step", dynamic_ncols=True, disable=None, file=sys.stderr)
-        self._write({"event": "resume" if resume else "start", "step": self.last_step, "time": time.time(),
-                     "wandb_run_id": self.run_id, "wandb_mode": self.mode})
+    def _progress_bar(self) -> Any:
+        from tqdm.auto import tqdm
 
-    # ---------------------------------------------------------------- setup
+        # disable=None: no bar when stderr is not a terminal (batch logs get the summary lines)
+        return tqdm(total=self.total_steps, initial=min(self._start_step, self.total_steps),
+                    unit="step", dynamic_ncols=True, disable=None, file=sys.stderr)
 
     def _choose_run_id(self, state: dict[str, Any], resume: bool) -> str:
         persisted = state.get("wandb_run_id")
@@ -334,7 +349,7 @@ class Tracker:
         if not self._accept_step(step, f"images {name!r}"):
             return None
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-        arr = images.detach().cpu().numpy() if hasattr(images, "detach") else images
+        arr = as_numpy(images)
         tile = max(arr.shape[-2:])
         path = save_grid_png(arr, self.paths.samples / f"{safe}-{step:07d}.png",
                              scale=max(1, math.ceil(64 / tile)), pad_px=2)

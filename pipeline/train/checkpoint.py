@@ -44,6 +44,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from pipeline.atomic import atomic_write_text, fsync_dir as _fsync_dir
 from pipeline.data.hashing import sha256_file as _sha256
 from pipeline.errors import ConfigError
 from pipeline.train.engines.base import Engine, PreparedPhase
@@ -81,24 +82,6 @@ class NoValidCheckpointError(CheckpointError, ConfigError):
 
 class ResumeWarning(UserWarning):
     """A resume could not restore some state exactly; the message says what and what was done."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def validate(directory: Path) -> dict[str, Any]:

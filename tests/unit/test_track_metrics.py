@@ -16,7 +16,6 @@ from pipeline.track.metrics import (
     rss_bytes,
     sampler_ess_fraction,
     sampler_metrics,
-    wasserstein_1d,
 )
 
 
@@ -114,13 +113,6 @@ def test_sampler_ess_fraction_equals_ess_of_exact_sample_population():
     assert m["vdm/p_t/entropy_norm"] == pytest.approx(-(p * np.log(p)).sum() / np.log(4))
     with pytest.raises(ValueError, match="biased"):
         sampler_ess_fraction([0.5, 0.5, 0.0])
-
-
-def test_wasserstein_1d_vs_sorted_difference():
-    rng = np.random.default_rng(5)
-    a, b = rng.normal(size=200), rng.normal(0.3, 2.0, size=200)
-    # Equal-size empirical measures: W1 = mean |a_(i) - b_(i)| over order statistics.
-    assert wasserstein_1d(a, b) == pytest.approx(np.abs(np.sort(a) - np.sort(b)).mean(), rel=1e-12)
 
 
 def test_physics_metrics_on_lattices_with_known_observables():

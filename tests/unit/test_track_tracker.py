@@ -208,3 +208,22 @@ def test_wandb_failure_mid_run_does_not_stop_file_logging(tmp_path, capsys):
              if "event" not in json.loads(l)]
     assert steps == [1, 2] and DeadRun.calls == 1
     assert "W&B logging failed" in capsys.readouterr().err
+
+
+def test_track_json_is_written_durably(tmp_path, monkeypatch):
+    """atomic_write_json goes through pipeline.atomic.atomic_write_text: the data and the
+    directory are fsynced before and after the rename, and no temporary file is left."""
+    import json as _json
+    import os as _os
+
+    from pipeline.track.jsonl import atomic_write_json
+
+    synced: list[int] = []
+    real_fsync = _os.fsync
+    monkeypatch.setattr(_os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    target = tmp_path / "track.json"
+    atomic_write_json(target, {"last_step": 3, "segments": [{"host": "h"}]})
+    assert len(synced) == 2  # the file's data, then the directory entry
+    assert _json.loads(target.read_text()) == {"last_step": 3, "segments": [{"host": "h"}]}
+    assert target.read_text() == _json.dumps({"last_step": 3, "segments": [{"host": "h"}]}, indent=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["track.json"]

@@ -164,7 +164,7 @@ def compare_with_exact_nll(lik: dict[str, Any], held_x: np.ndarray, field: GRF,
 
 def evaluate_grf_run(module, meta, info, urls, reference, opts) -> dict[str, Any]:
     """``pipeline evaluate`` on a run trained on ``pipeline shards grf`` data."""
-    from pipeline.eval.run import _held_out, _is_vdm, _vdm_likelihood, generate
+    from pipeline.eval.common import _held_out, _is_vdm, _vdm_likelihood, generate
 
     field = grf_from_info(reference.manifest["info"]["grf"])
     if meta.label_kind != "none":

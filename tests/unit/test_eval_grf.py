@@ -27,7 +27,8 @@ from pipeline.data.meta import DataMeta
 from pipeline.eval.grf import (ExactGRFDenoiser, compare_with_exact_nll, elbo_gap_nats, evaluate_grf,
                                field_power)
 from pipeline.eval.likelihood import vdm_bits_per_dim
-from pipeline.objectives.vdm import VDM, VDMConfig, exact_elbo
+from pipeline.eval.elbo import exact_elbo
+from pipeline.objectives.vdm import VDM, VDMConfig
 from pipeline.physics.grf import GRF, PowerLaw
 
 

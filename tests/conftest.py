@@ -19,7 +19,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_env(**extra: str) -> dict[str, str]:
+def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for launched processes: offline W&B, no network, one thread each."""
     env = dict(os.environ)
     env.update(
@@ -33,7 +33,7 @@ def test_env(**extra: str) -> dict[str, str]:
 
 def run_pipeline(*args: str, timeout: float = 600, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     r = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True,
-                       timeout=timeout, env=env or test_env())
+                       timeout=timeout, env=env or subprocess_env())
     if check and r.returncode != 0:
         raise AssertionError(f"pipeline {' '.join(args)} exited {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")
     return r
@@ -45,7 +45,7 @@ def accelerate_launch(num_processes: int, *args: str, timeout: float = 600, env:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()), "-m", "pipeline", *args]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env or test_env())
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env or subprocess_env())
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}\nstdout:\n{r.stdout[-5000:]}\nstderr:\n{r.stderr[-8000:]}")
     return r

@@ -61,7 +61,7 @@ class Launch:
         cmd += ["-m", "pipeline", *args]
         self.cmd = cmd
         with open(self.log, "w") as f:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env or conftest.test_env(), stdout=f, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env or conftest.subprocess_env(), stdout=f, stderr=subprocess.STDOUT)
         self._workers: dict[int, psutil.Process] = {}
 
     def workers(self, expected: int, timeout: float = 120) -> dict[int, psutil.Process]:

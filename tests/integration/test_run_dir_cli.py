@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.run_dir import RunDir
 from tests.conftest import REPO, run_pipeline
-from tests.conftest import test_env as launch_env  # (not collected as a test)
+from tests.conftest import subprocess_env as launch_env  # (not collected as a test)
 
 pytestmark = pytest.mark.integration
 

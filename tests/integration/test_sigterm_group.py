@@ -34,7 +34,7 @@ class GroupRun:
     def __init__(self, cmd: list[str], log: Path):
         self.cmd, self.log = cmd, log
         with open(log, "w") as f:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=conftest.test_env(), stdout=f,
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=conftest.subprocess_env(), stdout=f,
                                          stderr=subprocess.STDOUT, start_new_session=True)
 
     def text(self) -> str:

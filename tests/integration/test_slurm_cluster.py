@@ -45,7 +45,7 @@ def cluster() -> None:
 def _env() -> dict[str, str]:
     # Both test "nodes" are this one host: on a machine with a GPU they would share it, so
     # the training runs on CPU, one process per node.
-    return conftest.test_env(PIPELINE_PYTHON=sys.executable, PIPELINE_CHECKPOINT_WAIT_S="60",
+    return conftest.subprocess_env(PIPELINE_PYTHON=sys.executable, PIPELINE_CHECKPOINT_WAIT_S="60",
                              PIPELINE_PROCS_PER_NODE="1", CUDA_VISIBLE_DEVICES="")
 
 

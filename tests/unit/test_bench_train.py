@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from pipeline.bench import train as bt
-from tests.conftest import REPO, test_env as _test_env
+from tests.conftest import REPO, subprocess_env
 
 
 def _write_metrics(run, intervals, saves):
@@ -67,7 +67,7 @@ def test_bare_loop_trains_the_same_model(tmp_path):
 def test_quick_bench_prints_finite_figures(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pipeline", "bench", "train", "--quick", "--backends", "ddp",
                         "--work-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600,
-                       env=_test_env())
+                       env=subprocess_env())
     assert r.returncode == 0, r.stderr[-5000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     for key in ("ratio_vs_bare_loop", "dp_efficiency", "checkpoint_share"):

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# DeepSpeed JIT-compiles a CPU comm op into TORCH_EXTENSIONS_DIR behind a lock file that torch
+# waits on forever (polling) while it exists. A build killed half-way (a timed-out or
+# interrupted test) leaves the lock behind, and every later DeepSpeed process, this session's
+# or the next CI run's, sleeps until its test times out. A directory of this session's own
+# cannot hold another session's stale lock; the one build costs ~30 s.
+if "TORCH_EXTENSIONS_DIR" not in os.environ:
+    os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="pipeline-torch-ext-")
+    atexit.register(shutil.rmtree, os.environ["TORCH_EXTENSIONS_DIR"], ignore_errors=True)
 
 
 def free_port() -> int:

@@ -70,7 +70,12 @@ def classify(old: dict[str, Any], new: dict[str, Any], objective: str) -> tuple[
     missing = object()
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, missing), new.get(key, missing)
-        if a == b or is_resume_silent(key) or key.startswith(unused):
+        if a == b or key.startswith(unused):
+            continue
+        # A cosine decay (train.min_lr_ratio < 1) runs over train.num_steps: extending the run
+        # stretches the schedule of the steps already taken, so that change is not silent.
+        decays = new.get("train.min_lr_ratio", 1.0) != 1.0
+        if is_resume_silent(key) and not (key == "train.num_steps" and decays):
             continue
         change = Change(key, None if a is missing else a, None if b is missing else b)
         is_objective = key == "objective" or (key.startswith(f"{objective}.") and key not in TUNABLE_OBJECTIVE_KEYS)

@@ -40,6 +40,16 @@ def test_classify(override, errors, warnings):
     assert _diff(override) == (errors, warnings)
 
 
+def test_extending_a_run_with_a_cosine_decay_is_named():
+    # the decay spans train.num_steps: a longer run changes the lr of the steps already planned
+    decaying = BASE + ["objective=vdm", "train.min_lr_ratio=0.1"]
+    old = flat_config(load_config(None, decaying))
+    new = flat_config(load_config(None, decaying + ["train.num_steps=1000"]))
+    errors, warnings = classify(old, new, "vdm")
+    assert (errors, [str(c) for c in warnings]) == ([], ["train.num_steps: 10 -> 1000"])
+    assert _diff("train.num_steps=1000") == ([], [])  # constant lr after warm-up: silent
+
+
 def test_classify_gan_section():
     assert _diff("gan.channels=[8, 16]", "gan.lr_d=0.1", objective="gan") == (["gan.channels"], ["gan.lr_d"])
 

@@ -16,8 +16,9 @@ The package, one concept a module: :mod:`.config` (``GANConfig``, torch-free), :
 (small functions of logits or critic scores, written with softplus / logsigmoid so they are
 finite for any logit: log sigmoid(l) = -softplus(-l) and log(1 - sigmoid(l)) = -softplus(l)),
 :mod:`.matching` (observable matching on spin lattices), :mod:`.noise` (the random draws and
-gan.latent_seed's split-invariant noise), :mod:`.balance` (the balance flags), :mod:`.data_map`,
-:mod:`.nets` (G and D for a config and data; the networks live in
+gan.latent_seed's split-invariant noise), :mod:`.balance` (the balance flags),
+:mod:`.nets` (G and D for a config and data; data space <-> [-1, 1] is the shared
+:class:`pipeline.objectives.data_space.DataSpace`; the networks live in
 :mod:`pipeline.models.gan_nets`) and :mod:`.phases` (``DStep``, ``GStep``, ``build_phases``).
 
 Phases (see :func:`build_phases`): ``DStep`` owns D and trains it against a frozen G;

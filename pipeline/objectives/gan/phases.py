@@ -19,7 +19,7 @@ from pipeline.data.meta import DataMeta
 from pipeline.objectives.base import Objective, SampledObjective, StepContext
 from pipeline.objectives.gan.balance import D_DOMINATES_FAKE_PROB, LOG4, diversity_balance
 from pipeline.objectives.gan.config import GANConfig
-from pipeline.objectives.gan.data_map import _DataMap
+from pipeline.objectives.data_space import DataSpace
 from pipeline.objectives.gan.losses import (
     d_loss_hinge,
     d_loss_logistic,
@@ -104,7 +104,7 @@ class _GANStep(Objective):
         super().__init__()
         self.cfg = cfg
         self.meta = meta
-        self.data_map = _DataMap(meta)
+        self.data_map = DataSpace(meta)
         self.conditional = cfg.conditional
         self.ssl = cfg.semi_supervised != "off"
         self.critic = cfg.loss in ("wgan-gp", "hinge")

@@ -18,6 +18,7 @@ import torch.nn as nn
 from pipeline.data.meta import DataMeta
 from pipeline.errors import ConfigError
 from pipeline.objectives.base import AllGather, Report, SampledObjective, StepContext
+from pipeline.objectives.data_space import DataSpace
 from pipeline.objectives.vdm import terms
 from pipeline.objectives.vdm.config import VDMConfig
 from pipeline.objectives.vdm.denoiser import Denoiser, build_network
@@ -66,6 +67,7 @@ class VDM(SampledObjective):
         self.num_dims = int(np.prod(self.sample_shape))
         self.T = cfg.num_timesteps
         self.continuous = self.T == 0
+        self.space = DataSpace(meta)
         self._register_decoder_values(meta)
         self.schedule = build_schedule(cfg.schedule, cfg.gamma_min, cfg.gamma_max, cfg.learn_endpoints)
         # The diffusion term in continuous time may be integrated along a different, learned
@@ -84,17 +86,12 @@ class VDM(SampledObjective):
         self._reset_watch()
 
     def _register_decoder_values(self, meta: DataMeta) -> None:
-        # Discrete decoder values in model space [-1, 1].
-        if meta.data_kind == "spins":
-            self.register_buffer("values", torch.tensor([-1.0, 1.0]), persistent=False)
-        elif meta.data_kind == "levels":
-            if not meta.num_levels or meta.num_levels < 2:
-                raise ValueError(f"data_kind 'levels' needs num_levels >= 2 in DataMeta, got {meta.num_levels}")
-            self.register_buffer("values", torch.linspace(-1.0, 1.0, meta.num_levels), persistent=False)
-        elif meta.data_kind == "continuous":
+        # Discrete decoder values in model space [-1, 1] (a buffer, so it moves with the module).
+        values = self.space.values()
+        if values is None:
             self.values = None
         else:
-            raise ValueError(f"unknown data_kind {meta.data_kind!r}; allowed: spins, levels, continuous")
+            self.register_buffer("values", values, persistent=False)
 
     def _reset_watch(self) -> None:
         # What a person watching the run wants between two logging steps (this rank only):
@@ -106,23 +103,8 @@ class VDM(SampledObjective):
 
     # ----------------------------------------------------------------- data <-> model space
     def to_model_space(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw batch values -> [-1, 1] (discrete data) or unchanged (continuous)."""
-        kind = self.meta.data_kind
-        if kind == "spins":
-            if not bool(((x == 1) | (x == -1)).all()):
-                raise ValueError("data_kind 'spins' needs every value of batch['x'] to be +1 or -1")
-            return x
-        if kind == "levels":
-            k = self.meta.num_levels
-            if not bool(((x >= 0) & (x <= k - 1) & (x == x.round())).all()):
-                raise ValueError(f"data_kind 'levels' needs integer values 0..{k - 1} in batch['x']")
-            return 2 * x / (k - 1) - 1
-        return x
-
-    def _value_index(self, x_raw: torch.Tensor) -> torch.Tensor:
-        if self.meta.data_kind == "spins":
-            return (x_raw > 0).long()
-        return x_raw.long()
+        """Raw batch values -> [-1, 1] (discrete data, checked) or unchanged (continuous)."""
+        return self.space.to_model(x)
 
     def check_labels(self, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
         """``labels`` as one label per sample [batch_size] (None for an unconditional VDM); ValueError
@@ -158,7 +140,7 @@ class VDM(SampledObjective):
     # ----------------------------------------------------------------- ELBO terms (nats)
     def recon_nats(self, x0: torch.Tensor, x_raw: torch.Tensor, gamma_0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """-log p(x_0 | z_1) at z_1 = alpha_1 x_0 + sigma_1 eps (one-sample estimate), per sample."""
-        value_index = self._value_index(x_raw) if self.values is not None else None
+        value_index = self.space.value_index(x_raw) if self.values is not None else None
         return terms.reconstruction_nats(x0, gamma_0, eps, self.values, value_index)
 
     def prior_nats(self, x0: torch.Tensor, gamma_1: torch.Tensor) -> torch.Tensor:

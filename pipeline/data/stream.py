@@ -63,11 +63,11 @@ import torch
 from pipeline.data import schema
 from pipeline.data.config import DataConfig
 from pipeline.data.meta import DataMeta
-from pipeline.errors import ConfigError
 from pipeline.data.plan import Layout, Plan
 # resolve_shards, read_meta (and ShardSet, Decoder) are re-exported: callers import them from here.
 from pipeline.data.resolve import ShardSet, read_meta, resolve_shards
 from pipeline.data.window import Decoder, WindowDataset
+from pipeline.errors import ConfigError
 
 __all__ = ["Decoder", "ShardSet", "Stream", "build_stream", "read_meta", "resolve_shards"]
 

@@ -209,3 +209,6 @@ def test_order_cli_equals_in_process_and_its_resume_equals_no_resume(ising_dir):
     assert [r["step"] for r in recs] == list(range(14)) and recs[-1]["epoch"] == 13 * 12 // N
     bad = conftest.run_pipeline(*common, "--world-size", "5", check=False)
     assert bad.returncode == 2 and "--global-batch 12 is not world size 5" in bad.stderr
+    missing = conftest.run_pipeline("shards", "order", str(ising_dir / "nope"), "--global-batch", "4",
+                                    "--num-steps", "1", check=False)
+    assert missing.returncode == 2 and "nope does not exist" in missing.stderr and "Traceback" not in missing.stderr

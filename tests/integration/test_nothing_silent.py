@@ -6,6 +6,7 @@ are all damaged stops with exit 2 naming each, and keeps them byte for byte."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,25 @@ def test_world_size_2_to_1_to_2_continues_the_data_stream_exactly(tmp_path, isin
     assert _data(run, 10) == {"global_samples_consumed": 8 * BATCH + 4 * BATCH + 2 * 2 * BATCH, "world_size": 2,
                               "epoch": 0}
     assert [_stream(run, 10, rank)["global_samples_consumed"] for rank in (0, 1)] == [128, 128]
+
+
+def test_corrupt_sample_count_is_summed_over_ranks_and_equals_one_process(tmp_path, ising_shards):
+    from pipeline.data import shards
+    from tests.unit.test_data_stream import _truncate_after_sample
+
+    data = tmp_path / "data"
+    shutil.copytree(ising_shards, data)
+    for s in shards.read_manifest(data)["shards"]:
+        if s["split"] == "train":
+            _truncate_after_sample(data / s["name"], keep=s["num_samples"] // 2)  # half of each corrupt
+    # The same global batch of 16 on 2 ranks x 8 and on 1 x 16: the same global positions.
+    conftest.accelerate_launch(2, *_args(tmp_path / "two", data, 3))
+    conftest.run_pipeline(*_args(tmp_path / "one", data, 3), "data.batch_per_rank=16")
+    counts = []
+    for run in ("two", "one"):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        counts.append([r["data/corrupt_samples"] for r in rows if "data/corrupt_samples" in r])
+    assert counts[0] == counts[1] and counts[0][-1] > 0, counts
 
 
 def test_all_checkpoints_damaged_exit_2_and_nothing_deleted(tmp_path, ising_shards):

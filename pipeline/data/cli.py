@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.data import order
 from pipeline.data import shards as shards_mod
 from pipeline.data import sources
 
@@ -78,6 +79,7 @@ def register(subparsers) -> None:
         _common(s)
         s.set_defaults(func=_run)
     _verify_parser(sub)
+    order.register(sub)
 
 
 def _ising_parser(sub) -> argparse.ArgumentParser:

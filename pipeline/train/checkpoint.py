@@ -23,10 +23,11 @@ Nothing is lost silently (docs/reliability.md):
   naming each one and why (the CLI exits 2); nothing is deleted or overwritten, and starting
   over is the user's explicit choice of a fresh ``run.dir``.
 - Retention never deletes a checkpoint that does not validate while no newer valid one exists.
-- On a world-size change, per-rank state (data stream position, RNGs) cannot be mapped rank
-  to rank: each object must implement :class:`Reshardable`, which adopts rank 0's saved state
-  as well as it can and says what was lost; the checkpointer emits that as a
-  :class:`ResumeWarning`. An object that cannot reshard stops the resume with an error.
+- On a world-size change, per-rank state cannot be mapped rank to rank. An :class:`Elastic`
+  object (the data stream: its position is global) is given every old rank's state and
+  continues exactly. A :class:`Reshardable` one (the per-rank RNGs) adopts rank 0's saved
+  state as well as it can and says what was lost; the checkpointer emits that as a
+  :class:`ResumeWarning`. An object that is neither stops the resume with an error.
 - The manifest records the data position, ``"data": {"global_samples_consumed": N,
   "world_size": W, "epoch": E}``, so where a run stands can be read without loading tensors.
 """
@@ -68,6 +69,16 @@ class Reshardable(Stateful, Protocol):
         """Adopt ``state`` (rank 0's, saved on ``old_world_size`` ranks) on ``rank`` of
         ``world_size``, deterministically from (seed, step, rank); return one clause saying
         what could not be carried over and what was done instead."""
+        ...
+
+
+@runtime_checkable
+class Elastic(Stateful, Protocol):
+    """Per-rank state whose meaning does not depend on the world size (e.g. a position in a
+    global order): it resumes exactly on any world size from the states of all old ranks."""
+
+    def load_elastic(self, states: list[dict[str, Any]]) -> None:
+        """Adopt the states saved by the old ranks (``states[i]``: rank i's), exactly."""
         ...
 
 
@@ -290,29 +301,37 @@ class Checkpointer:
         return manifest
 
     def _restore_per_rank(self, directory: Path, manifest: dict[str, Any], per_rank: dict[str, Stateful]) -> None:
-        """Each rank's own state on the same world size; otherwise rank 0's, resharded by the
-        object itself, with a :class:`ResumeWarning` saying what was lost. Never skipped."""
+        """Each rank's own state on the same world size. On another one: all old ranks' states
+        for an :class:`Elastic` object (exact), rank 0's resharded by a :class:`Reshardable`
+        one, with a :class:`ResumeWarning` saying what was lost. Never skipped."""
         eng = self.engine
         old_world = int(manifest["world_size"])
         same_world = old_world == eng.world_size
         lost = []
         for key, obj in per_rank.items():
-            name = f"{key}-rank{eng.rank if same_world else 0:05d}.pt"
-            if name not in manifest["files"]:
-                raise CheckpointError(f"{directory}: holds no per-rank state {name} (this run saves {key!r})")
-            state = torch.load(directory / name, map_location="cpu", weights_only=True)
             if same_world:
-                obj.load_state_dict(state)
-                continue
-            if not isinstance(obj, Reshardable):
+                obj.load_state_dict(self._load_rank_file(directory, manifest, key, eng.rank))
+            elif isinstance(obj, Elastic):
+                obj.load_elastic([self._load_rank_file(directory, manifest, key, r) for r in range(old_world)])
+            elif isinstance(obj, Reshardable):
+                if self.seed is None:
+                    raise CheckpointError(f"{directory}: resuming {old_world} -> {eng.world_size} ranks needs the run seed")
+                state = self._load_rank_file(directory, manifest, key, 0)
+                lost.append(obj.load_resharded(state, old_world_size=old_world, world_size=eng.world_size,
+                                               rank=eng.rank, step=int(manifest["step"]), seed=self.seed))
+            else:
+                self._load_rank_file(directory, manifest, key, 0)  # a missing file is named first
                 raise CheckpointError(
                     f"{directory}: per-rank state {key!r} was saved on {old_world} ranks and cannot be "
-                    f"carried onto {eng.world_size} ({type(obj).__name__} has no load_resharded)"
+                    f"carried onto {eng.world_size} ({type(obj).__name__} has neither load_elastic nor load_resharded)"
                 )
-            if self.seed is None:
-                raise CheckpointError(f"{directory}: resuming {old_world} -> {eng.world_size} ranks needs the run seed")
-            lost.append(obj.load_resharded(state, old_world_size=old_world, world_size=eng.world_size,
-                                           rank=eng.rank, step=int(manifest["step"]), seed=self.seed))
         if lost and eng.is_main:
             warnings.warn(ResumeWarning(f"world size {old_world} -> {eng.world_size}: " + "; ".join(lost)),
                           stacklevel=3)
+
+    @staticmethod
+    def _load_rank_file(directory: Path, manifest: dict[str, Any], key: str, rank: int) -> dict[str, Any]:
+        name = f"{key}-rank{rank:05d}.pt"
+        if name not in manifest["files"]:
+            raise CheckpointError(f"{directory}: holds no per-rank state {name} (this run saves {key!r})")
+        return torch.load(directory / name, map_location="cpu", weights_only=True)

@@ -256,7 +256,10 @@ def _log_interval(meter: Meter, phases: list[PreparedPhase], engine: Engine, tra
     metrics = meter.reduce(engine)
     metrics["perf/samples_per_s"] = num_samples / elapsed_s
     metrics["perf/step_time_s"] = elapsed_s / num_steps
-    metrics["data/corrupt_samples"] = float(stream.corrupt_count)
+    # Summed over ranks: each rank counts its own slots; their sum is the count of the global
+    # positions so far, the same on any world size (substitutes are defined globally).
+    corrupt = torch.tensor([float(stream.corrupt_count)], dtype=torch.float64, device=engine.device)
+    metrics["data/corrupt_samples"] = float(engine.all_reduce_sum(corrupt).item())
     metrics["train/bad_steps"] = float(state.bad_steps)
     metrics["train/samples_seen"] = float(state.samples_seen)
     metrics.update(memory_metrics())

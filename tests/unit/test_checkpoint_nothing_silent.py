@@ -1,9 +1,10 @@
-"""Issue 15 "Nothing silent": a world-size change never skips per-rank state without a warning
-saying what was lost; all-corrupt checkpoints stop the resume and are never deleted; the
+"""Issue 15 "Nothing silent": a world-size change continues the data stream exactly and never
+skips other per-rank state without a warning saying what was lost; all-corrupt checkpoints stop the resume and are never deleted; the
 manifest records the data position (1 process; the world size of a saved checkpoint is
 rewritten in its manifest, which the checksums do not cover)."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -18,17 +19,24 @@ from tests.unit.test_checkpoint import Counter, _setup, _train_one, engine  # no
 from tests.unit.test_data_stream import NUM_PER_T, cfg_for, indices, ising_dir, take  # noqa: F401
 
 
+def _rewrite(directory, name: str, state: dict, m: dict) -> None:
+    torch.save(state, directory / name)
+    m["files"][name] = {"size": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+
+
 def _pretend_saved_on(directory, world_size: int) -> None:
-    """Rewrite a checkpoint as if ``world_size`` ranks had saved it (rank 0's files kept)."""
+    """Rewrite a checkpoint as if ``world_size`` ranks had saved it: rank 0's stream state
+    copied onto every rank, each with ``batch_per_rank / world_size`` (the same samples per
+    micro step over all ranks) and corrupt count rank + 1; other per-rank files kept as rank 0's."""
     m = json.loads((directory / MANIFEST).read_text())
     m["world_size"] = world_size
     stream = directory / "stream-rank00000.pt"
     if stream.is_file():
         state = torch.load(stream, weights_only=True)
-        state["world_size"] = world_size
-        state["global_samples_consumed"] = state["samples_consumed"] * world_size
-        torch.save(state, stream)
-        m["files"][stream.name] = {"size": stream.stat().st_size, "sha256": _sha256(stream)}
+        for r in range(world_size):
+            _rewrite(directory, f"stream-rank{r:05d}.pt", {
+                **state, "world_size": world_size, "rank": r, "corrupt_count": r + 1,
+                "batch_per_rank": state["batch_per_rank"] // world_size}, m)
     (directory / MANIFEST).write_text(json.dumps(m))
 
 
@@ -37,40 +45,36 @@ def _seeded(engine, tmp_path):
     return phase, Checkpointer(tmp_path / "ckpt", engine, keep_last=3, keep_every=None, config_hash="abc", seed=7)
 
 
-def test_other_world_size_warns_what_was_lost_and_reseeds_from_step(engine, tmp_path, ising_dir):
+def test_other_world_size_continues_the_stream_exactly_and_warns_only_about_the_rngs(engine, tmp_path, ising_dir):
     phase, ck = _seeded(engine, tmp_path)
     stream = build_stream(cfg_for(ising_dir), rank=0, world_size=1, seed=7)
     take(stream, 3)  # 24 samples into epoch 0
-    rng = RNGState()
-    path = ck.save(6, [phase], {"trainer": TrainState(step=6)}, {"stream": stream, "rng": rng},
+    path = ck.save(6, [phase], {"trainer": TrainState(step=6)}, {"stream": stream, "rng": RNGState()},
                    data=stream.position_record())
-    _pretend_saved_on(path, 2)  # as if 2 ranks had each consumed 24
+    expected = indices(take(stream, 2))  # what the uninterrupted run reads next
+    _pretend_saved_on(path, 2)  # as if 2 ranks x 4 had consumed 3 micro steps
     stream2 = build_stream(cfg_for(ising_dir), rank=0, world_size=1, seed=7)
     torch.manual_seed(123)
-    with pytest.warns(ResumeWarning) as rec:
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
         ck.restore([phase], {"trainer": TrainState()}, {"stream": stream2, "rng": RNGState()})
-    msg = str(rec[0].message)
-    assert msg.startswith("world size 2 -> 1: ")
-    assert "24 samples into epoch 0 of the old order" in msg and "restarts epoch 0" in msg
-    assert "RNGs" in msg and "step=6" in msg
+    msgs = [str(w.message) for w in rec]
+    assert len(msgs) == 1 and isinstance(rec[0].message, ResumeWarning), msgs  # 2 x 4 = 1 x 8: no stream line
+    assert msgs[0].startswith("world size 2 -> 1: ") and "RNGs" in msgs[0] and "step=6" in msgs[0]
+    assert "data stream" not in msgs[0] and "restart" not in msgs[0]
     # The RNG is reseeded from (seed, step, rank): as the formula says, not the pre-restore state.
     after = torch.rand(4)
     seed_everything(reseed(7, 6, 0))
     assert torch.equal(after, torch.rand(4))
-    # The stream keeps its epoch, restarts it in a new order (not the run's first order) and
-    # its run-wide count continues from the old 2 x 24.
-    st = stream2.state_dict()
-    assert st["samples_consumed"] == 0 and st["global_samples_consumed"] == 48
-    assert st["order_seed"] != 7
-    fresh = indices(take(build_stream(cfg_for(ising_dir), rank=0, world_size=1, seed=7), 2))
-    resumed = indices(take(stream2, 2))
-    assert not np.array_equal(fresh, resumed)
-    assert stream2.position_record() == {"global_samples_consumed": 64, "world_size": 1, "epoch": 0}
-    # Saving and resuming on the same world size keeps the new order exactly.
+    # The stream continues at the exact global position; rank 0 carries both old corrupt counts.
+    assert stream2.position_record() == {"global_samples_consumed": 24, "world_size": 1, "epoch": 0}
+    assert stream2.corrupt_count == 1 + 2
+    assert np.array_equal(indices(take(stream2, 2)), expected)
+    # Saving and resuming on the same world size keeps the position exactly.
     path = ck.save(8, [phase], {"trainer": TrainState(step=8)}, {"stream": stream2, "rng": RNGState()},
                    data=stream2.position_record())
     assert json.loads((path / MANIFEST).read_text())["data"] == {
-        "global_samples_consumed": 64, "world_size": 1, "epoch": 0}
+        "global_samples_consumed": 40, "world_size": 1, "epoch": 0}
     expected = indices(take(stream2, 2))
     stream3 = build_stream(cfg_for(ising_dir), rank=0, world_size=1, seed=7)
     ck.restore([phase], {"trainer": TrainState()}, {"stream": stream3, "rng": RNGState()})
@@ -79,17 +83,17 @@ def test_other_world_size_warns_what_was_lost_and_reseeds_from_step(engine, tmp_
         s.close()
 
 
-def test_a_later_epoch_is_kept_on_another_world_size(engine, tmp_path, ising_dir):
+def test_a_version_1_stream_state_of_two_ranks_is_refused_by_name(engine, tmp_path, ising_dir):
     phase, ck = _seeded(engine, tmp_path)
     stream = build_stream(cfg_for(ising_dir), rank=0, world_size=1, seed=7)
-    take(stream, 15)  # 120 samples: epoch 1 of 105 per epoch
     path = ck.save(15, [phase], {}, {"stream": stream}, data=stream.position_record())
-    _pretend_saved_on(path, 2)  # 2 ranks x 52 per epoch: 120 is epoch 2, 16 in
-    stream2 = build_stream(cfg_for(ising_dir), rank=0, world_size=1, seed=7)
-    with pytest.warns(ResumeWarning, match="16 samples into epoch 2 of the old order"):
-        ck.restore([phase], {}, {"stream": stream2})
-    assert stream2.position_record()["epoch"] == 2
-    assert stream2.state_dict()["samples_consumed"] == 2 * 3 * NUM_PER_T
+    m = json.loads((path / MANIFEST).read_text())
+    v1 = {"version": 1, "samples_consumed": 16, "corrupt_count": 0, "seed": 7, "order_seed": 7,
+          "global_samples_consumed": 32, "world_size": 2, "num_samples": 3 * NUM_PER_T, "batch_per_rank": 8}
+    _rewrite(path, "stream-rank00000.pt", v1, m)
+    (path / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="version 1 saved on 2 rank.*fresh run.dir"):
+        ck.restore([phase], {}, {"stream": build_stream(cfg_for(ising_dir), rank=0, world_size=1, seed=7)})
     stream.close()
 
 

@@ -74,6 +74,10 @@ def stratified_uniform(
     num_slots = ctx.world_size * ctx.grad_accum_steps
     if not (0 <= ctx.rank < ctx.world_size and 0 <= ctx.micro_step < ctx.grad_accum_steps):
         raise ValueError(f"inconsistent StepContext: {ctx}")
+    # slot * batch_size + i is the offset within the global batch of this micro batch's i-th
+    # sample in the data stream's global layout (pipeline/data/plan.py Layout: micro step-major,
+    # rank-minor), so randperm(n)[offset] gives one stratum per global position of the step,
+    # whatever the split of n into ranks x micro steps. The jitter is per-rank RNG (not elastic).
     slot = ctx.micro_step * ctx.world_size + ctx.rank
     n = num_slots * batch_size
     shared = torch.Generator().manual_seed((0x9E3779B97F4A7C15 * (ctx.step + 1)) % (2**63 - 1))

@@ -191,6 +191,7 @@ def warm_up(module: VDM, x: torch.Tensor, labels: torch.Tensor | None, *, batch_
         batch = _batch_dict(x[idx], labels[idx] if labels is not None else None, device)
         out = module(batch, _ctx(n), noise_generator=_gen(seed, 4, n), time_generator=_gen(seed, 5, n))
         module.after_micro_step(out, _identity_gather)
+        module.after_optimizer_step(_identity_gather)
         n += 1
     return n
 
@@ -222,6 +223,7 @@ def measure(module: VDM, batches: list[EvalBatch], *, num_repeats: int, seed: in
                 g_sq += float(g @ g)
                 norms.append(float(g.norm()))
             module.after_micro_step(out, _identity_gather)
+            module.after_optimizer_step(_identity_gather)
             with torch.no_grad():  # the same eps for every r of this batch: only t changes
                 out_t = module(batch, _ctx(step), noise_generator=fixed_noise_generator(seed, m), time_generator=_gen(seed, 9, m, r))
             est_t.append(float(out_t.bits_per_dim))

@@ -39,6 +39,7 @@ class StepContext:
     grad_accum_steps: int
     rank: int
     world_size: int
+    seed: int = 0  # the run's seed (run.seed), for draws keyed by a sample's global position
 
 
 class ObjectiveOutput(Protocol):

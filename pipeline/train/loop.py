@@ -89,15 +89,17 @@ class Meter:
         return {k: float(s / c) for k, (s, c) in zip(keys, t.tolist()) if c > 0}
 
 
-def optimizer_step(ph: PreparedPhase, batches, state: TrainState, engine: Engine, train: TrainConfig) -> dict:
-    """One optimizer step of one phase over ``grad_accum_steps`` micro batches."""
+def optimizer_step(ph: PreparedPhase, batches, state: TrainState, engine: Engine, train: TrainConfig,
+                   seed: int) -> dict:
+    """One optimizer step of one phase over ``grad_accum_steps`` micro batches (``seed``: the
+    run's, for the objectives' per-sample draws)."""
     metrics: dict[str, float] = defaultdict(float)
     losses = []
     for micro in range(train.grad_accum_steps):
         t0 = time.perf_counter()
         batch = {k: v.to(engine.device, non_blocking=True) for k, v in next(batches).items()}
         metrics["data_wait_s"] += time.perf_counter() - t0
-        ctx = StepContext(state.step, micro, train.grad_accum_steps, engine.rank, engine.world_size)
+        ctx = StepContext(state.step, micro, train.grad_accum_steps, engine.rank, engine.world_size, seed)
         with ph.accumulating(is_last_micro_step=micro == train.grad_accum_steps - 1):
             out = ph.forward(batch, ctx)
             ph.backward(out.loss / train.grad_accum_steps)
@@ -186,7 +188,7 @@ def train(cfg: Config, meta: DataMeta | None = None) -> int:
             for ph in phases:
                 with ph.frozen():
                     for _ in range(ph.phase.repeats):
-                        meter.add(ph.name, optimizer_step(ph, batches, state, engine, cfg.train))
+                        meter.add(ph.name, optimizer_step(ph, batches, state, engine, cfg.train, cfg.run.seed))
             ema.update(sampled)
             state.step += 1
             state.samples_seen += global_batch

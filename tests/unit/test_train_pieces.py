@@ -114,7 +114,7 @@ def test_contract_hooks_run_per_micro_step_and_per_optimizer_step():
     batches = iter([{"x": torch.full((2,), float(i))} for i in range(6)])
     state = TrainState()
     for _ in range(3):
-        optimizer_step(ph, batches, state, engine, train)
+        optimizer_step(ph, batches, state, engine, train, seed=0)
     assert obj.calls == [("micro", 0.0), ("micro", 2.0), ("optimizer",),
                          ("micro", 4.0), ("micro", 6.0), ("optimizer",),
                          ("micro", 8.0), ("micro", 10.0), ("optimizer",)]

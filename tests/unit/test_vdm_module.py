@@ -119,6 +119,7 @@ def test_importance_history_updates_and_round_trips_through_state_dict():
     for step in range(6):
         out = m({"x": spins(16, (4,))}, StepContext(step, 0, 1, 0, 1))
         m.after_micro_step(out, lambda t: t)
+        m.after_optimizer_step(lambda t: t)
     assert int(m.sampler.count.sum()) == 6 * 16
     assert bool((m.sampler.count >= 2).all())  # ready: p is no longer uniform
     assert not torch.allclose(m.sampler.probs(), torch.full((5,), 0.2, dtype=torch.float64))
@@ -179,6 +180,7 @@ def test_report_profiles_losses_over_t_and_resets():
         out = m({"x": spins(16), "label": torch.full((16,), 2.27)},
                 StepContext(step=step, micro_step=0, grad_accum_steps=1, rank=0, world_size=1))
         m.after_micro_step(out, lambda t: t)
+        m.after_optimizer_step(lambda t: t)
         ts.append(out.t.numpy()), losses.append(out.diff_per_sample.numpy()), elbos.append(float(out.bits_per_dim))
     rep = m.report()
     prof = rep.profiles["vdm/t_profile"].as_dict()

@@ -19,6 +19,7 @@ from pipeline.data.meta import DataMeta
 from pipeline.errors import ConfigError
 from pipeline.objectives.base import AllGather, Report, SampledObjective, StepContext
 from pipeline.objectives.data_space import DataSpace
+from pipeline.objectives.draws import AnyDraws, Draws, GeneratorDraws, SampleDraws, as_draws
 from pipeline.objectives.vdm import terms
 from pipeline.objectives.vdm.config import VDMConfig
 from pipeline.objectives.vdm.denoiser import Denoiser, build_network
@@ -156,13 +157,14 @@ class VDM(SampledObjective):
         return terms.learned_time_map(tm, u)
 
     def diffusion_nats(
-        self, x0: torch.Tensor, u: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator | None = None
+        self, x0: torch.Tensor, u: torch.Tensor, labels: torch.Tensor | None, generator: AnyDraws = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict | None]:
         """Per-sample estimate of the diffusion term (nats), unbiased under uniform u.
 
         Returns (loss [B], tau [B], gamma [B] of the noisier latent, gradient holder or None).
         """
-        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        draws = as_draws(generator)
+        eps = draws.normal(x0.shape, x0.device)
 
         def eps_model(z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
             return self.denoiser(z, gamma, labels)
@@ -176,7 +178,7 @@ class VDM(SampledObjective):
             loss, tau, g = terms.diffusion_denoising_nats(x0, eps, k, K, self.schedule, eps_model)
             return loss, tau, g, None
         # The consistency form draws x_{t+1} given x_t: a second noise draw, after eps.
-        eps_step = torch.randn(x0.shape, device=x0.device, generator=generator)
+        eps_step = draws.normal(x0.shape, x0.device)
         loss, tau, g = terms.diffusion_consistency_nats(x0, eps, eps_step, k, K, self.schedule, eps_model)
         return loss, tau, g, None
 
@@ -187,6 +189,15 @@ class VDM(SampledObjective):
         return terms.prior_nats(x0, g1)
 
     # ----------------------------------------------------------------- training step
+    @staticmethod
+    def _draws(batch: dict[str, torch.Tensor], ctx: StepContext | None, noise_generator: torch.Generator | None,
+               time_generator: torch.Generator | None) -> tuple[Draws, Draws]:
+        """(noise, time-step) draws of one forward; see :meth:`forward`."""
+        if noise_generator is None and time_generator is None and "index" in batch and ctx is not None:
+            positions = batch["index"].cpu()
+            return SampleDraws(ctx.seed, 0, positions), SampleDraws(ctx.seed, 1, positions)
+        return GeneratorDraws(noise_generator), GeneratorDraws(time_generator)
+
     def forward(
         self,
         batch: dict[str, torch.Tensor],
@@ -195,8 +206,14 @@ class VDM(SampledObjective):
         noise_generator: torch.Generator | None = None,
         time_generator: torch.Generator | None = None,
     ) -> VDMOutput:
-        """One training estimate of the negative ELBO. The generators (default: the global RNG)
-        let a benchmark hold the noise eps fixed while redrawing the time steps, or vice versa."""
+        """One training estimate of the negative ELBO.
+
+        Where the draws come from: the generators when given (a benchmark holds the noise eps
+        fixed while redrawing the time steps, or vice versa); else, when the batch carries
+        each sample's global position in the data order (``batch["index"]``, as the training
+        stream's batches do), each sample's own streams keyed by (``ctx.seed``, position), so
+        the same sample draws the same eps and t on any number of ranks (elastic resume);
+        else the global RNG."""
         x_raw = batch["x"]
         if tuple(x_raw.shape[1:]) != self.sample_shape:
             raise ValueError(f"batch['x'] has sample shape {tuple(x_raw.shape[1:])}, expected {self.sample_shape}")
@@ -204,10 +221,11 @@ class VDM(SampledObjective):
         B = x0.shape[0]
         labels = self.check_labels(batch.get("label"), B)
         g0, g1 = self.endpoints(x0.device)
-        recon = self.recon_nats(x0, x_raw, g0, torch.randn(x0.shape, device=x0.device, generator=noise_generator))
+        noise, times = self._draws(batch, ctx, noise_generator, time_generator)
+        recon = self.recon_nats(x0, x_raw, g0, noise.normal(x0.shape, x0.device))
         prior = self._prior_nats_of_form(x0, g1)
-        u, w = self.sampler(B, ctx, x0.device, time_generator)
-        diff, tau, gam, holder = self.diffusion_nats(x0, u, labels, noise_generator)
+        u, w = self.sampler(B, ctx, x0.device, times)
+        diff, tau, gam, holder = self.diffusion_nats(x0, u, labels, noise)
         to_bpd = 1.0 / (self.num_dims * math.log(2))
         diff_w = w * diff
         per_sample = recon + prior + diff_w
@@ -231,11 +249,16 @@ class VDM(SampledObjective):
         )
 
     def after_micro_step(self, output: VDMOutput, all_gather: AllGather) -> None:
-        """Update the time-step sampler's loss history identically on every rank, and this
-        rank's watch (per-t profile, ELBO moments), from one micro batch's output."""
-        self.sampler.update(output.u, output.diff_per_sample, all_gather)
+        """Gather the micro batch's (u, loss) pairs for the time-step sampler's history (applied
+        after the optimizer step), and update this rank's watch (per-t profile, ELBO moments)."""
+        self.sampler.collect(output.u, output.diff_per_sample, all_gather)
         self._profile.update(output.t.detach().cpu().numpy(), output.diff_per_sample.detach().cpu().numpy())
         self._elbo_moments.update(float(output.bits_per_dim))
+
+    def after_optimizer_step(self, all_gather: AllGather) -> None:
+        """Append the step's gathered pairs to the sampler's history: its proposal stays fixed
+        over the whole global batch, however it is split into ranks x micro steps."""
+        self.sampler.commit()
 
     def report(self) -> Report:
         """Since the last report: the per-t diffusion-loss profile, the running variance of the

@@ -8,9 +8,11 @@ diffusion terms the term index is floor(u K) (every term has probability mass 1/
 the uniform sampler, so the K-scaled term is unbiased for the sum over terms).
 
 Samplers are ``nn.Module``s so that any state (the importance sampler's loss history) lives
-in registered buffers and is checkpointed with the model. ``update`` is called on every rank
-after each optimizer step with the same all-gathered values, so the state stays identical
-across ranks without extra communication.
+in registered buffers and is checkpointed with the model. ``collect`` all-gathers each micro
+step's (u, loss) pairs and ``commit`` appends them after the optimizer step, on every rank
+in the same order, so the state stays identical across ranks, and the proposal is fixed
+for a whole global batch whatever its split into ranks x micro steps (an elastic resume
+onto another world size draws what the uninterrupted run would have).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.objectives.base import AllGather, StepContext
+from pipeline.objectives.draws import AnyDraws, as_draws
 
 TIMESTEP_SAMPLERS = ("uniform", "stratified", "importance", "learned-schedule")
 
@@ -33,12 +36,18 @@ class TimestepSampler(nn.Module):
     """
 
     def forward(
-        self, batch_size: int, ctx: StepContext, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+        self, batch_size: int, ctx: StepContext, device: torch.device | str = "cpu", generator: AnyDraws = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def update(self, u: torch.Tensor, losses: torch.Tensor, all_gather: AllGather) -> None:
-        pass
+        """Append the all-gathered (u, loss) pairs to the state now."""
+
+    def collect(self, u: torch.Tensor, losses: torch.Tensor, all_gather: AllGather) -> None:
+        """One micro step's (u, loss) pairs, all-gathered now, appended at :meth:`commit`."""
+
+    def commit(self) -> None:
+        """After the optimizer step: append what :meth:`collect` gathered, in order."""
 
     def metrics(self, weight: torch.Tensor) -> dict[str, float]:
         return {}
@@ -52,14 +61,14 @@ class UniformSampler(TimestepSampler):
     """u ~ U[0, 1) independently per sample; w = 1."""
 
     def forward(
-        self, batch_size: int, ctx: StepContext, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+        self, batch_size: int, ctx: StepContext, device: torch.device | str = "cpu", generator: AnyDraws = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        u = torch.rand(batch_size, device=device, generator=generator)
+        u = as_draws(generator).uniform(batch_size, device, torch.float32)
         return u, torch.ones(batch_size, device=device)
 
 
 def stratified_uniform(
-    batch_size: int, ctx: StepContext, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    batch_size: int, ctx: StepContext, device: torch.device | str = "cpu", generator: AnyDraws = None
 ) -> torch.Tensor:
     """One point per stratum of [0, 1) across the global batch (ranks x micro steps x batch).
 
@@ -83,7 +92,7 @@ def stratified_uniform(
     shared = torch.Generator().manual_seed((0x9E3779B97F4A7C15 * (ctx.step + 1)) % (2**63 - 1))
     strata = torch.randperm(n, generator=shared)[slot * batch_size : (slot + 1) * batch_size]
     j = strata.to(device=device, dtype=torch.float64)
-    jitter = torch.rand(batch_size, device=device, generator=generator, dtype=torch.float64)
+    jitter = as_draws(generator).uniform(batch_size, device, torch.float64)
     return ((j + jitter) / n).to(torch.float32).clamp_(max=1 - 2**-24)
 
 
@@ -118,6 +127,7 @@ class ImportanceSampler(TimestepSampler):
         self.num_bins, self.history, self.uniform_mix = num_bins, history, uniform_mix
         self.register_buffer("loss_sq", torch.zeros(num_bins, history, dtype=torch.float64))
         self.register_buffer("count", torch.zeros(num_bins, dtype=torch.long))
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # gathered, not yet committed
 
     def ready(self) -> bool:
         """True once every bin holds a full history (until then the sampler is uniform)."""
@@ -145,6 +155,16 @@ class ImportanceSampler(TimestepSampler):
         u = ((k + within) / self.num_bins).to(torch.float32).clamp_(max=1 - 2**-24)
         w = (1.0 / (self.num_bins * p[k])).to(torch.float32)
         return u, w
+
+    @torch.no_grad()
+    def collect(self, u: torch.Tensor, losses: torch.Tensor, all_gather: AllGather) -> None:
+        self._pending.append((all_gather(u.detach().reshape(-1).float()),
+                              all_gather(losses.detach().reshape(-1).to(torch.float64))))
+
+    def commit(self) -> None:
+        for u, losses in self._pending:
+            self.update(u, losses, _gathered)
+        self._pending.clear()
 
     @torch.no_grad()
     def update(self, u: torch.Tensor, losses: torch.Tensor, all_gather: AllGather) -> None:
@@ -191,6 +211,10 @@ class ImportanceSampler(TimestepSampler):
             "sampler_history_checksum": self.history_checksum(),
             "sampler_history_count": float(self.count.sum()),
         }
+
+
+def _gathered(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def build_timestep_sampler(name: str, num_bins: int, history: int = 10, uniform_mix: float = 0.1) -> TimestepSampler:

@@ -56,13 +56,14 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="replace a shard set written with different parameters")
 
 
-def _user_array_options(p: argparse.ArgumentParser) -> None:
+def _user_array_options(p: argparse.ArgumentParser, *,
+                        label_kind_default: str = "non-negative integer labels -> class, else continuous") -> None:
     p.add_argument("--add-channel-dim", action="store_true", help="store [N, H, W] as [N, 1, H, W]")
     p.add_argument("--data-kind", choices=["spins", "levels", "continuous"],
                    help="default: inferred ({-1,+1} -> spins, non-negative ints -> levels, else continuous)")
     p.add_argument("--num-levels", type=_positive_int, help="for --data-kind levels (default max + 1)")
     p.add_argument("--label-kind", choices=["class", "continuous"],
-                   help="default: non-negative integer labels -> class, else continuous")
+                   help=f"default: {label_kind_default}")
 
 
 def register(subparsers) -> None:
@@ -73,7 +74,8 @@ def register(subparsers) -> None:
     )
     sub = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
     # One parser per source (in the order `--help` lists them), each with the shared options.
-    for add_source_parser in (_ising_parser, _digits_parser, _gmm_parser, _grf_parser, _npy_parser, _hf_parser):
+    for add_source_parser in (_ising_parser, _digits_parser, _gmm_parser, _grf_parser, _npy_parser, _hf_parser,
+                              _hdf5_parser):
         s = add_source_parser(sub)
         _common(s)
         s.set_defaults(func=_run)
@@ -140,6 +142,27 @@ def _hf_parser(sub) -> argparse.ArgumentParser:
     return s
 
 
+def _shape(s: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (e.g. 45,16,9), got {s!r}") from None
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (e.g. 45,16,9), got {s!r}")
+    return shape
+
+
+def _hdf5_parser(sub) -> argparse.ArgumentParser:
+    s = sub.add_parser("hdf5", help="a numeric HDF5 dataset (e.g. CaloChallenge showers), read in bounded memory")
+    s.add_argument("--path", required=True, help="HDF5 file")
+    s.add_argument("--x-key", required=True, help="dataset holding the samples [N, ...] (e.g. showers)")
+    s.add_argument("--label-key", help="dataset holding one label per sample, [N] or [N, 1] (e.g. incident_energies)")
+    s.add_argument("--x-shape", type=_shape, help="reshape each row to this shape, e.g. 45,16,9 (the element "
+                   "counts must agree); with --add-channel-dim the sample is [1, *shape]")
+    _user_array_options(s, label_kind_default="continuous (whole-number energies are not taken for classes)")
+    return s
+
+
 def _verify_parser(sub) -> None:
     s = sub.add_parser("verify", help="check shards against their manifest (sizes, the schema of a sample "
                                       "of members; sha256 with --sha256)")
@@ -183,6 +206,11 @@ def _source(args) -> tuple[dict[str, Any], Callable[[], sources.SourceData]]:
                   "split": args.split, **user}
         return params, lambda: sources.hf(args.path, x_column=args.x_column, label_column=args.label_column,
                                           split=args.split, **user)
+    if name == "hdf5":
+        params = {"path": args.path, "x_key": args.x_key, "label_key": args.label_key,
+                  "x_shape": list(args.x_shape) if args.x_shape else None, **user}
+        return params, lambda: sources.hdf5(args.path, x_key=args.x_key, label_key=args.label_key,
+                                            x_shape=args.x_shape, **user)
     raise AssertionError(name)
 
 

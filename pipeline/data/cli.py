@@ -79,6 +79,7 @@ def register(subparsers) -> None:
         s = add_source_parser(sub)
         _common(s)
         s.set_defaults(func=_run)
+    _calo_parser(sub)
     _verify_parser(sub)
 
 
@@ -161,6 +162,37 @@ def _hdf5_parser(sub) -> argparse.ArgumentParser:
                    "counts must agree); with --add-channel-dim the sample is [1, *shape]")
     _user_array_options(s, label_kind_default="continuous (whole-number energies are not taken for classes)")
     return s
+
+
+def _calo_parser(sub) -> None:
+    s = sub.add_parser("calo", help="calorimeter-like showers with analytic mean profiles, as a CaloChallenge "
+                                    "HDF5 file (then: pipeline shards hdf5)")
+    s.add_argument("--num-samples", type=_positive_int, required=True, help="showers")
+    s.add_argument("--out", required=True, help="output .h5 file (showers [N, voxels], incident_energies [N, 1], MeV)")
+    s.add_argument("--seed", type=_nonneg_int, default=0, help="seed (default 0)")
+    s.add_argument("--geometry", type=_shape, default=(45, 16, 9),
+                   help="layers,angular bins,radial bins (default 45,16,9: CaloChallenge dataset 2)")
+    s.add_argument("--energy-range", type=float, nargs=2, default=(1e3, 1e6), metavar=("MIN", "MAX"),
+                   help="incident energies, log-uniform, MeV (default 1000 1000000: 1 GeV - 1 TeV)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    s.set_defaults(func=_run_calo)
+
+
+def _run_calo(args) -> int:
+    from pipeline.physics import calo
+
+    try:
+        if len(args.geometry) != 3:
+            raise ValueError(f"calo: --geometry needs three numbers layers,angular,radial, got {args.geometry}")
+        geometry = calo.CaloGeometry(*args.geometry)
+        sources.calo_file(args.out, args.num_samples, seed=args.seed, geometry=geometry,
+                          material=calo.CaloMaterial(), energy_range_mev=tuple(args.energy_range),
+                          overwrite=args.overwrite)
+    except ValueError as e:
+        print(f"pipeline shards calo: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {args.num_samples} showers of {geometry.num_voxels} voxels ({','.join(map(str, geometry.shape))})")
+    return 0
 
 
 def _verify_parser(sub) -> None:

@@ -1,4 +1,5 @@
-"""Reading one numeric HDF5 dataset row by row, in bounded memory (h5py).
+"""Reading one numeric HDF5 dataset row by row, in bounded memory (h5py); writing the
+CaloChallenge layout.
 
 Physics data is mostly HDF5: the CaloChallenge layout is ``showers`` [N, voxels] float32
 with ``incident_energies`` [N, 1] float32 (MeV). Such files can be larger than RAM, so the
@@ -16,6 +17,10 @@ so each group reads the HDF5 chunks its rows lie in; on a chunked, compressed da
 chunks that is up to one chunk decompression per row. Fine for CaloChallenge-sized files
 (10^5 showers); for much larger ones, store the dataset contiguously (h5py's default) or
 with small chunks.
+
+:func:`write_calochallenge` writes ``showers`` [N, voxels] float32 and
+``incident_energies`` [N, 1] float32 chunk by chunk (``pipeline shards calo``), into a
+temporary file renamed into place, so a reader never sees half a file.
 
 The file is opened lazily in each process (the writer forks its workers; an h5py handle must
 not cross a fork), and is closed by :meth:`H5Rows.close`.
@@ -205,3 +210,30 @@ def read_labels(path: str, key: str, num_rows: int) -> np.ndarray:
     if labels.dtype.kind == "f" and not np.isfinite(labels).all():
         raise ValueError(f"hdf5: label dataset {key!r} has a NaN or Inf at row {int(np.argmax(~np.isfinite(labels)))}")
     return labels
+
+
+def write_calochallenge(path: str, chunks, *, num_samples: int, num_voxels: int, attrs: dict) -> None:
+    """Write ``chunks`` (an iterable of (showers [n, num_voxels], energies [n]) in MeV,
+    ``num_samples`` rows in all) as the CaloChallenge layout at ``path``; ``attrs`` (JSON
+    values) become the file's attributes."""
+    import json
+
+    import h5py
+
+    tmp = Path(path).with_name(f".{Path(path).name}.partial")
+    try:
+        with h5py.File(tmp, "w") as f:
+            showers = f.create_dataset("showers", (num_samples, num_voxels), dtype=np.float32,
+                                       chunks=(min(num_samples, 256), num_voxels))
+            energies = f.create_dataset("incident_energies", (num_samples, 1), dtype=np.float32)
+            start = 0
+            for x, e in chunks:
+                showers[start:start + len(x)] = x.astype(np.float32)
+                energies[start:start + len(x), 0] = np.asarray(e, dtype=np.float32)
+                start += len(x)
+            assert start == num_samples, (start, num_samples)
+            for k, v in attrs.items():
+                f.attrs[k] = json.dumps(v)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

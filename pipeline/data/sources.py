@@ -426,6 +426,39 @@ def hdf5(
     return SourceData(x=x, meta=meta, info=info)
 
 
+# ------------------------------------------------------------- calorimeter showers
+
+
+def calo_file(out: str, num_samples: int, *, seed: int, geometry, material, energy_range_mev: tuple[float, float],
+              overwrite: bool = False) -> None:
+    """Write ``num_samples`` showers of ``pipeline.physics.calo`` at log-uniform incident
+    energies to the HDF5 file ``out`` in the CaloChallenge layout (then ``pipeline shards
+    hdf5`` shards it). Drawn in fixed chunks of 256 showers from ``SeedSequence([seed, 1])``,
+    so the file depends only on the options; the attributes record them (``calo``, JSON)."""
+    from pipeline.physics import calo
+
+    if num_samples < 1:
+        raise ValueError(f"calo: --num-samples must be >= 1, got {num_samples}")
+    if not str(out).endswith((".h5", ".hdf5")):
+        raise ValueError(f"calo: --out must be an .h5 or .hdf5 file, got {out}")
+    if Path(out).exists() and not overwrite:
+        raise ValueError(f"calo: {out} exists; pass --overwrite to replace it")
+    rng = np.random.default_rng(_derived_seed(seed, 1))
+    energies = calo.sample_energies(num_samples, *energy_range_mev, rng)
+    calo.longitudinal_params(energies, material)  # energies too low for the profile: error now
+    chunk = 256
+
+    def chunks():
+        for start in range(0, num_samples, chunk):
+            e = energies[start:start + chunk]
+            yield calo.simulate(e, geometry, material, rng), e
+
+    hdf5_io.write_calochallenge(
+        str(out), chunks(), num_samples=num_samples, num_voxels=geometry.num_voxels,
+        attrs={"calo": {**calo.info(geometry, material, *energy_range_mev), "seed": seed}},
+    )
+
+
 # ------------------------------------------------------------- Gaussian random fields
 
 

@@ -74,8 +74,8 @@ def register(subparsers) -> None:
     )
     sub = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
     # One parser per source (in the order `--help` lists them), each with the shared options.
-    for add_source_parser in (_ising_parser, _digits_parser, _gmm_parser, _grf_parser, _npy_parser, _hf_parser,
-                              _hdf5_parser):
+    for add_source_parser in (_ising_parser, _digits_parser, _gmm_parser, _grf_parser, _phi4_parser, _npy_parser,
+                              _hf_parser, _hdf5_parser):
         s = add_source_parser(sub)
         _common(s)
         s.set_defaults(func=_run)
@@ -120,6 +120,24 @@ def _grf_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--cutoff-kind", choices=["gaussian", "sharp"], default="gaussian",
                    help="exp(-(k/k_c)^2) or 0 above k_c (default gaussian)")
     s.add_argument("--zero-mode-power", type=float, help="P(0) of the mean mode (default P(2 pi / L))")
+    return s
+
+
+def _phi4_parser(sub) -> argparse.ArgumentParser:
+    s = sub.add_parser("phi4", help="real scalar phi^4 on a periodic 2D lattice (Albergo et al. 2019), by HMC")
+    s.add_argument("--size", type=_positive_int, required=True, help="lattice side L")
+    s.add_argument("--kappa", type=float, required=True, help="hopping parameter (free field: < 1/4)")
+    s.add_argument("--lam", type=float, required=True, help="quartic coupling lambda >= 0 (0: the free field)")
+    s.add_argument("--num-samples", type=_positive_int, required=True, help="configurations")
+    g = s.add_argument_group("HMC")
+    g.add_argument("--step-size", type=float, default=0.1, help="leapfrog step (default 0.1)")
+    g.add_argument("--num-leapfrog", type=_positive_int, default=10, help="leapfrog steps per trajectory (default 10)")
+    g.add_argument("--num-chains", type=_positive_int, default=64, help="independent chains (default 64)")
+    g.add_argument("--burn-in", type=_nonneg_int, default=200, help="trajectories discarded per chain (default 200)")
+    g.add_argument("--pilot", type=_int_at_least(20), default=400,
+                   help="trajectories per chain measuring tau_int of |M| (default 400)")
+    g.add_argument("--thin-factor", type=float, default=2.0,
+                   help="store every ceil(F * tau_int) trajectories (default 2)")
     return s
 
 
@@ -227,6 +245,16 @@ def _source(args) -> tuple[dict[str, Any], Callable[[], sources.SourceData]]:
         field = _grf_field(args)  # validated before anything is written
         params["field"] = field.info()  # a table's rows, not only its path, identify the data
         return params, lambda: sources.grf(field, args.num_samples, seed=args.seed)
+    if name == "phi4":
+        from dataclasses import asdict
+
+        from pipeline.physics import phi4
+
+        theory = phi4.Phi4(args.size, args.kappa, args.lam)  # validated before anything is written
+        hmc = phi4.HMCConfig(step_size=args.step_size, num_leapfrog=args.num_leapfrog, num_chains=args.num_chains,
+                             burn_in=args.burn_in, pilot=args.pilot, thin_factor=args.thin_factor)
+        params = {"theory": asdict(theory), "num_samples": args.num_samples, "hmc": asdict(hmc)}
+        return params, lambda: sources.phi4(theory, args.num_samples, hmc, seed=args.seed)
     user = {"add_channel_dim": args.add_channel_dim, "data_kind": args.data_kind,
             "num_levels": args.num_levels, "label_kind": args.label_kind}
     if name == "npy":
@@ -295,6 +323,10 @@ def _run(args) -> int:
         f"{sp['train']['num_shards']} shards, validation {sp['validation']['num_samples']} in "
         f"{sp['validation']['num_shards']} shards"
     )
+    if "hmc" in m["info"]:
+        h = m["info"]["hmc"]
+        print(f"HMC: acceptance {h['acceptance']:.3f}, integrated autocorrelation time of |M| "
+              f"{h['tau_int_abs_m']:.2f} +- {h['tau_int_abs_m_stderr']:.2f} trajectories, thinned by {h['thin']}")
     return 0
 
 

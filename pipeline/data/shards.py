@@ -51,6 +51,8 @@ def meta_to_dict(meta: DataMeta) -> dict[str, Any]:
     d["sample_shape"] = list(meta.sample_shape)
     if meta.label_values is not None:
         d["label_values"] = list(meta.label_values)
+    if meta.label_range is not None:
+        d["label_range"] = list(meta.label_range)
     return d
 
 
@@ -59,6 +61,8 @@ def meta_from_dict(d: dict[str, Any]) -> DataMeta:
     d["sample_shape"] = tuple(d["sample_shape"])
     if d.get("label_values") is not None:
         d["label_values"] = tuple(float(v) for v in d["label_values"])
+    if d.get("label_range") is not None:
+        d["label_range"] = tuple(float(v) for v in d["label_range"])
     return DataMeta(**d)
 
 

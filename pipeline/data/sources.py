@@ -204,6 +204,9 @@ def _infer_meta(
     (only {-1, +1} -> spins; non-negative integers -> levels 0..max; else continuous)."""
     data_kind, num_levels = _infer_data_kind(stats, data_kind=data_kind, num_levels=num_levels)
     label_kind, num_classes, label_values = _infer_label_kind(labels, label_kind=label_kind)
+    label_range = None
+    if label_kind == "continuous" and label_values is None:
+        label_range = (float(labels.min()), float(labels.max()))
     return DataMeta(
         sample_shape=tuple(int(s) for s in sample_shape),
         data_kind=data_kind,
@@ -211,6 +214,7 @@ def _infer_meta(
         label_kind=label_kind,
         num_classes=num_classes,
         label_values=label_values,
+        label_range=label_range,
     )
 
 

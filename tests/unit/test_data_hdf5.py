@@ -148,3 +148,19 @@ def test_user_errors_exit_2_and_write_nothing(tmp_path, capsys, case, args, mess
     assert "pipeline shards hdf5: error:" in err
     assert re.search(message, err), err
     assert not out.exists()
+
+
+def test_many_continuous_labels_get_a_range_the_vdm_standardises_by(tmp_path):
+    """More than 256 distinct energies are not listed as label_values; the manifest keeps their
+    range, and the VDM's label embedding centres and scales by it (not by a [0, 1] default)."""
+    from pipeline.objectives.vdm.denoiser import Denoiser
+
+    src = _calo_file(tmp_path / "e.h5", 300, (4,), np.float32)
+    out = tmp_path / "s"
+    assert pipeline_main(["shards", "hdf5", "--path", str(tmp_path / "e.h5"), "--x-key", "showers",
+                          "--label-key", "incident_energies", "--out", str(out)]) == 0
+    meta = shards.meta_from_dict(shards.read_manifest(out)["meta"])
+    e = src["incident_energies"][:, 0].astype(np.float64)
+    assert meta.label_values is None and meta.label_range == (e.min(), e.max())
+    d = Denoiser(net=None, emb_dim=8, meta=meta)
+    assert d.label_center == pytest.approx((e.min() + e.max()) / 2) and d.label_scale == pytest.approx((e.max() - e.min()) / 2)

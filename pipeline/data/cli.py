@@ -172,8 +172,9 @@ def _shape(s: str) -> tuple[int, ...]:
 
 
 def _hdf5_parser(sub) -> argparse.ArgumentParser:
-    s = sub.add_parser("hdf5", help="a numeric HDF5 dataset (e.g. CaloChallenge showers), read in bounded memory")
-    s.add_argument("--path", required=True, help="HDF5 file")
+    s = sub.add_parser("hdf5", help="a numeric HDF5 dataset or Zarr array (e.g. CaloChallenge showers), read in "
+                                    "bounded memory")
+    s.add_argument("--path", required=True, help="HDF5 file, or Zarr store (a directory named *.zarr)")
     s.add_argument("--x-key", required=True, help="dataset holding the samples [N, ...] (e.g. showers)")
     s.add_argument("--label-key", help="dataset holding one label per sample, [N] or [N, 1] (e.g. incident_energies)")
     s.add_argument("--x-shape", type=_shape, help="reshape each row to this shape, e.g. 45,16,9 (the element "

@@ -1,13 +1,15 @@
-"""Reading one numeric HDF5 dataset row by row, in bounded memory (h5py); writing the
-CaloChallenge layout.
+"""Reading one numeric HDF5 dataset (or Zarr array) row by row, in bounded memory (h5py,
+zarr); writing the CaloChallenge layout.
 
 Physics data is mostly HDF5: the CaloChallenge layout is ``showers`` [N, voxels] float32
 with ``incident_energies`` [N, 1] float32 (MeV). Such files can be larger than RAM, so the
 samples are never loaded whole: :class:`H5Rows` looks like the ``x`` array of a
 :class:`~pipeline.data.sources.SourceData` (``len``, ``shape``, ``dtype``, ``x[i]``,
 ``x[indices]``) but asks h5py only for the rows an index names, at most ``block_rows`` at a
-time; the shard writer fetches one shard group's rows per call, so what is held at once is
-one group (``--samples-per-shard`` samples) plus one read block.
+time and from at most ``block_rows`` rows' worth of storage chunks; the shard writer fetches
+one shard group's rows per call, so what is held at once is one group
+(``--samples-per-shard`` samples) plus one read block (at least one chunk: a dataset stored
+in chunks much larger than 64 MiB is read a chunk at a time).
 
 One pass over the file in blocks (:func:`value_stats`) gives what the source needs to know
 about the values (finite? integers? only -1/+1? min/max) without holding them.
@@ -21,6 +23,9 @@ with small chunks.
 :func:`write_calochallenge` writes ``showers`` [N, voxels] float32 and
 ``incident_energies`` [N, 1] float32 chunk by chunk (``pipeline shards calo``), into a
 temporary file renamed into place, so a reader never sees half a file.
+
+A Zarr store (a directory ``*.zarr``, zarr-python 3) is read the same way: the same
+keys, checks and bounded reads (rows by index through ``.oindex``).
 
 The file is opened lazily in each process (the writer forks its workers; an h5py handle must
 not cross a fork), and is closed by :meth:`H5Rows.close`.
@@ -37,31 +42,71 @@ import numpy as np
 DEFAULT_BLOCK_BYTES = 64 * 2**20  # one read: a bounded slab, whatever the row size
 
 
-def _dataset_names(f) -> list[str]:
-    """Every dataset's path in an open h5py file (groups walked recursively)."""
-    import h5py
+def is_zarr(path: str) -> bool:
+    """A Zarr store is a directory named ``*.zarr``; anything else is read as HDF5."""
+    return str(path).rstrip("/").endswith(".zarr")
 
-    names: list[str] = []
-    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
-    return sorted(names)
+
+class _Store:
+    """An open HDF5 file or Zarr group: ``[key]``, ``close()`` and the paths of its arrays."""
+
+    def __init__(self, path: str):
+        self.zarr = is_zarr(path)
+        if self.zarr:
+            import zarr
+
+            try:
+                self.root = zarr.open_group(path, mode="r")
+            except Exception as e:  # zarr raises several types for "not a store"
+                raise ValueError(f"hdf5: cannot open {path} as a Zarr store ({e})") from None
+        else:
+            import h5py
+
+            try:
+                self.root = h5py.File(path, "r")
+            except OSError as e:
+                raise ValueError(f"hdf5: cannot open {path} as HDF5 ({e})") from None
+
+    def array(self, key: str):
+        """The array at ``key``, or None when there is none (missing, or a group)."""
+        if self.zarr:
+            import zarr
+
+            node = self.root[key] if key in self.root else None
+            return node if isinstance(node, zarr.Array) else None
+        import h5py
+
+        node = self.root[key] if key in self.root else None
+        return node if isinstance(node, h5py.Dataset) else None
+
+    def array_names(self) -> list[str]:
+        if self.zarr:
+            import zarr
+
+            return sorted(k for k, v in self.root.members(max_depth=None) if isinstance(v, zarr.Array))
+        import h5py
+
+        names: list[str] = []
+        self.root.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        return sorted(names)
+
+    def close(self) -> None:
+        if not self.zarr:  # a Zarr group holds no open handle
+            self.root.close()
 
 
 def open_dataset(path: str, key: str, what: str):
-    """(file, dataset) for ``key`` in the HDF5 file at ``path``; ValueError naming the keys
-    that exist when it is missing or not a dataset."""
-    import h5py
-
-    if not Path(path).is_file():
-        raise ValueError(f"hdf5: no such file {path}")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise ValueError(f"hdf5: cannot open {path} as HDF5 ({e})") from None
-    if key not in f or not isinstance(f[key], h5py.Dataset):
-        names = _dataset_names(f)
-        f.close()
+    """(store, array) for ``key`` in the HDF5 file or Zarr store at ``path``; ValueError
+    naming the arrays that exist when it is missing or not an array."""
+    if not (Path(path).is_dir() if is_zarr(path) else Path(path).is_file()):
+        raise ValueError(f"hdf5: no such {'Zarr store' if is_zarr(path) else 'file'} {path}")
+    store = _Store(path)
+    ds = store.array(key)
+    if ds is None:
+        names = store.array_names()
+        store.close()
         raise ValueError(f"hdf5: {path} has no dataset {key!r} (--{what}); its datasets are {names or 'none'}")
-    return f, f[key]
+    return store, ds
 
 
 def check_numeric(ds, path: str, key: str) -> None:
@@ -83,6 +128,8 @@ class H5Rows:
         try:
             check_numeric(ds, path, key)
             self.num_rows, row_shape, self.source_dtype = int(ds.shape[0]), tuple(ds.shape[1:]), ds.dtype
+            # Rows per storage chunk (1: contiguous, no chunks to decompress).
+            self.chunk_rows = int(ds.chunks[0]) if ds.chunks else 1
         finally:
             f.close()
         row_size = int(np.prod(row_shape, dtype=np.int64))
@@ -90,7 +137,7 @@ class H5Rows:
             raise ValueError(f"hdf5: --x-shape {','.join(map(str, sample_shape))} has "
                              f"{int(np.prod(sample_shape))} elements, but each row of {key!r} has shape "
                              f"{list(row_shape)} = {row_size} elements")
-        self.path, self.key = path, key
+        self.path, self.key, self.is_zarr = path, key, is_zarr(path)
         self.row_shape = row_shape
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else row_shape
         self.dtype = np.dtype(dtype) if dtype is not None else self.source_dtype
@@ -109,10 +156,8 @@ class H5Rows:
     def _ds(self):
         # Reopened after a fork: h5py handles are per process.
         if self._handle is None or self._handle[0] != os.getpid():
-            import h5py
-
-            f = h5py.File(self.path, "r")
-            self._handle = (os.getpid(), f, f[self.key])
+            store = _Store(self.path)
+            self._handle = (os.getpid(), store, store.array(self.key))
         return self._handle[2]
 
     def close(self) -> None:
@@ -121,9 +166,11 @@ class H5Rows:
         self._handle = None
 
     def _read(self, sel) -> np.ndarray:
-        a = self._ds()[sel]
+        ds = self._ds()
+        # Rows by index: h5py takes an increasing index array directly, Zarr through .oindex.
+        a = ds.oindex[sel] if self.is_zarr and not isinstance(sel, slice) else ds[sel]
         self.reads.append(len(a))
-        return a
+        return np.asarray(a)
 
     def _shape(self, rows: np.ndarray) -> np.ndarray:
         return rows.reshape(len(rows), *self.sample_shape).astype(self.dtype, copy=False)
@@ -140,16 +187,30 @@ class H5Rows:
 
     def _take(self, idx: np.ndarray) -> np.ndarray:
         """Rows ``idx`` in that order: read in increasing order (h5py's point selections
-        must be), at most ``block_rows`` per read, then put back in the order asked."""
+        must be), then put back in the order asked."""
         assert idx.ndim == 1 and (len(idx) == 0 or (idx.min() >= 0 and idx.max() < self.num_rows)), idx
         uniq, inverse = np.unique(idx, return_inverse=True)
         parts = []
-        for start in range(0, len(uniq), self.block_rows):
-            block = uniq[start:start + self.block_rows]
+        for block in self._read_blocks(uniq):
             contiguous = block[-1] - block[0] + 1 == len(block)
             parts.append(self._read(slice(int(block[0]), int(block[-1]) + 1) if contiguous else block))
         rows = np.concatenate(parts) if parts else np.zeros((0, *self.row_shape), self.source_dtype)
         return self._shape(rows)[inverse]
+
+    def _read_blocks(self, uniq: np.ndarray):
+        """``uniq`` (increasing) cut into reads of at most ``block_rows`` rows that touch at
+        most ``block_rows // chunk_rows`` storage chunks: a read decompresses whole chunks
+        (Zarr even all of them at once), so scattered rows must not pull in one chunk each."""
+        max_chunks = max(1, self.block_rows // self.chunk_rows)
+        chunk = uniq // self.chunk_rows
+        start = 0
+        while start < len(uniq):
+            end = min(start + self.block_rows, len(uniq))
+            new_chunk = np.flatnonzero(np.diff(chunk[start:end])) + 1  # where another chunk starts
+            if len(new_chunk) >= max_chunks:
+                end = start + int(new_chunk[max_chunks - 1])
+            yield uniq[start:end]
+            start = end
 
     def blocks(self):
         """(start, rows) over the whole dataset in order, ``block_rows`` at a time."""
@@ -204,7 +265,7 @@ def read_labels(path: str, key: str, num_rows: int) -> np.ndarray:
         if int(np.prod(ds.shape[1:], dtype=np.int64)) != 1:
             raise ValueError(f"hdf5: label dataset {key!r} has shape {list(ds.shape)}; a label is one value "
                              f"per sample ([N] or [N, 1])")
-        labels = ds[()].reshape(num_rows)  # one value per sample: N numbers, small next to x
+        labels = np.asarray(ds[...]).reshape(num_rows)  # one value per sample: N numbers, small next to x
     finally:
         f.close()
     if labels.dtype.kind == "f" and not np.isfinite(labels).all():

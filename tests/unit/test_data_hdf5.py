@@ -24,9 +24,16 @@ def _calo_file(path, num_rows: int, row_shape: tuple[int, ...], dtype, *, seed: 
     if np.dtype(dtype) == np.float16:  # the extremes of the format too: subnormal, max, tiny
         x.reshape(num_rows, -1)[0, :3] = [np.float16(6e-8), np.float16(65504), np.float16(-2.0**-14)]
     e = np.exp(rng.uniform(math.log(1e3), math.log(1e6), size=(num_rows, 1))).astype(np.float32)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("showers", data=x, chunks=chunks)
-        f["incident_energies"] = e
+    if str(path).endswith(".zarr"):
+        import zarr
+
+        g = zarr.open_group(str(path), mode="w")
+        g.create_array("showers", data=x, chunks=chunks or "auto")
+        g.create_array("incident_energies", data=e)
+    else:
+        with h5py.File(path, "w") as f:
+            f.create_dataset("showers", data=x, chunks=chunks)
+            f["incident_energies"] = e
     return {"showers": x, "incident_energies": e}
 
 
@@ -42,6 +49,7 @@ def _stream_all(out, num_train: int, batch: int, label_key: str) -> tuple[np.nda
     return np.concatenate([b["x"].numpy() for b in bs]), np.concatenate([b["label"].numpy() for b in bs])
 
 
+@pytest.mark.parametrize("store", ["calo.h5", "calo.zarr"])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("row_shape,cli_shape,sample_shape", [
     ((12,), [], (12,)),  # vectors
@@ -49,10 +57,10 @@ def _stream_all(out, num_train: int, batch: int, label_key: str) -> tuple[np.nda
     ((24,), ["--x-shape", "2,3,4", "--add-channel-dim"], (1, 2, 3, 4)),  # [C, D, H, W] volumes
     ((2, 2, 2, 3), [], (2, 2, 2, 3)),  # stored N-D already
 ])
-def test_round_trip_is_bitwise(tmp_path, dtype, row_shape, cli_shape, sample_shape):
-    src = _calo_file(tmp_path / "calo.h5", 60, row_shape, dtype)
+def test_round_trip_is_bitwise(tmp_path, store, dtype, row_shape, cli_shape, sample_shape):
+    src = _calo_file(tmp_path / store, 60, row_shape, dtype)
     out = tmp_path / "shards"
-    assert pipeline_main(["shards", "hdf5", "--path", str(tmp_path / "calo.h5"), "--x-key", "showers",
+    assert pipeline_main(["shards", "hdf5", "--path", str(tmp_path / store), "--x-key", "showers",
                           "--label-key", "incident_energies", *cli_shape, "--out", str(out),
                           "--samples-per-shard", "16", "--val-fraction", "0.2"]) == 0
     m = shards.read_manifest(out)
@@ -92,12 +100,13 @@ def test_class_labels(tmp_path):
     assert np.array_equal(data.x[np.array([5, 2, 5])], np.arange(240, dtype=np.float32).reshape(40, 6)[[5, 2, 5]])
 
 
-def test_reads_are_bounded_slices(tmp_path):
+@pytest.mark.parametrize("store", ["big.h5", "big.zarr"])
+def test_reads_are_bounded_slices(tmp_path, store):
     """A 4000 x 1024 float32 file (16 MiB), chunked by 50 rows, written as shards of 100
-    samples with read blocks of 64 rows: h5py is never asked for more than one block, the
-    statistics pass reads every row exactly once, and the peak of what Python holds stays far
-    below the file's size."""
-    path = tmp_path / "big.h5"
+    samples with read blocks of 64 rows: h5py (zarr) is never asked for more than one block,
+    the statistics pass reads every row exactly once, and the peak of what Python holds stays
+    far below the file's size."""
+    path = tmp_path / store
     src = _calo_file(path, 4000, (1024,), np.float32, chunks=(50, 1024))
     tracemalloc.start()
     try:
@@ -164,3 +173,13 @@ def test_many_continuous_labels_get_a_range_the_vdm_standardises_by(tmp_path):
     assert meta.label_values is None and meta.label_range == (e.min(), e.max())
     d = Denoiser(net=None, emb_dim=8, meta=meta)
     assert d.label_center == pytest.approx((e.min() + e.max()) / 2) and d.label_scale == pytest.approx((e.max() - e.min()) / 2)
+
+
+def test_zarr_missing_array_names_the_arrays(tmp_path, capsys):
+    _calo_file(tmp_path / "s.zarr", 5, (3,), np.float32)
+    assert pipeline_main(["shards", "hdf5", "--path", str(tmp_path / "s.zarr"), "--x-key", "x",
+                          "--out", str(tmp_path / "o")]) == 2
+    assert "has no dataset 'x' (--x-key); its datasets are ['incident_energies', 'showers']" in capsys.readouterr().err
+    assert pipeline_main(["shards", "hdf5", "--path", str(tmp_path / "none.zarr"), "--x-key", "x",
+                          "--out", str(tmp_path / "o")]) == 2
+    assert "no such Zarr store" in capsys.readouterr().err and not (tmp_path / "o").exists()

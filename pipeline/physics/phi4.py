@@ -210,6 +210,13 @@ def free_abs_magnetisation(size: int, kappa: float) -> float:
     return math.sqrt(2 * free_susceptibility(kappa) / (math.pi * size * size))
 
 
+def free_nll_nats_per_dim(size: int, kappa: float) -> float:
+    """Exact entropy of the free field per site, nats: the mean -log p(phi) of N(0, A^-1),
+    1/2 + log(2 pi) / 2 - (1 / 2V) sum_k log A(k) (E[S] = V / 2 by equipartition): what a
+    likelihood model's negative ELBO per dimension is bounded by."""
+    return 0.5 + 0.5 * math.log(2 * math.pi) + 0.5 * float(np.log(free_propagator_k(size, kappa)).mean())
+
+
 def info(theory: Phi4, cfg: HMCConfig, result: HMCResult) -> dict:
     """The manifest's record: the theory, the sampler and its measured autocorrelation, and
     at lam = 0 the exact free-field references."""
@@ -218,5 +225,6 @@ def info(theory: Phi4, cfg: HMCConfig, result: HMCResult) -> dict:
                                          "thin": result.thin}}
     if theory.lam == 0:
         d["free_field"] = {"susceptibility": free_susceptibility(theory.kappa),
-                           "abs_magnetisation": free_abs_magnetisation(theory.size, theory.kappa)}
+                           "abs_magnetisation": free_abs_magnetisation(theory.size, theory.kappa),
+                           "nll_nats_per_dim": free_nll_nats_per_dim(theory.size, theory.kappa)}
     return d

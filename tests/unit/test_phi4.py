@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 from scipy.integrate import quad
+from scipy.stats import multivariate_normal
 
 from pipeline.cli import main as pipeline_main
 from pipeline.data import shards
@@ -39,6 +40,8 @@ def test_free_propagator_is_the_inverse_hessian(size, kappa):
     # <|M|> of the normal M with variance sum_ij cov_ij / V^2
     var_m = cov.sum() / theory.num_sites**2
     assert phi4.free_abs_magnetisation(size, kappa) == pytest.approx(math.sqrt(2 * var_m / math.pi), rel=1e-10)
+    entropy = multivariate_normal(np.zeros(theory.num_sites), cov).entropy() / theory.num_sites
+    assert phi4.free_nll_nats_per_dim(size, kappa) == pytest.approx(entropy, rel=1e-10)
 
 
 def test_force_is_the_gradient_of_the_action():
@@ -142,3 +145,27 @@ def test_cli_phi4_shards(tmp_path, capsys):
         assert pipeline_main(args) == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def _exact_free_draws(size: int, kappa: float, num: int, rng) -> np.ndarray:
+    """Exact free-field configurations: C^(1/2) w with C = F^-1 diag(G(k)) F, w white."""
+    w = rng.standard_normal((num, size, size))
+    return np.fft.ifft2(np.sqrt(phi4.free_propagator_k(size, kappa)) * np.fft.fft2(w)).real
+
+
+def test_evaluator_against_exact_free_field():
+    from pipeline.eval.phi4 import compare_phi4
+
+    theory = phi4.Phi4(8, 0.2, 0.0)
+    rng = np.random.default_rng(5)
+    good = compare_phi4(_exact_free_draws(8, 0.2, 2000, rng), _exact_free_draws(8, 0.2, 500, rng), theory)
+    assert good["reference_kind"] == "exact free field" and good["susceptibility_reference"] == pytest.approx(2.5)
+    assert abs(good["abs_magnetisation_z"]) < 4 and abs(good["susceptibility_z"]) < 4
+    assert good["propagator_max_abs_z"] < 5 and good["propagator_max_rel_err"] < 0.25
+    bad = compare_phi4(1.2 * _exact_free_draws(8, 0.2, 2000, rng), _exact_free_draws(8, 0.2, 500, rng), theory)
+    assert bad["susceptibility_z"] > 10 and bad["abs_magnetisation_z"] > 5 and bad["propagator_max_abs_z"] > 10
+    assert bad["susceptibility"] == pytest.approx(1.44 * 2.5, rel=0.1)
+    # At lam > 0 the reference is the ensemble itself (with its tau_int inflation).
+    inter = compare_phi4(_exact_free_draws(8, 0.2, 300, rng), _exact_free_draws(8, 0.2, 300, rng),
+                         phi4.Phi4(8, 0.2, 0.01), tau_int=4.0, thin=2)
+    assert inter["reference_kind"] == "HMC ensemble" and inter["susceptibility_reference_stderr"] > 0

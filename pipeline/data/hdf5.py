@@ -254,6 +254,29 @@ def value_stats(rows: H5Rows) -> ValueStats:
                       min=lo, max=hi)
 
 
+def read_attrs(path: str) -> dict:
+    """The root attributes of the file (store) as JSON values: Zarr's are JSON already; of an
+    HDF5 file's, those holding JSON text (such as the ``calo`` record ``pipeline shards calo``
+    writes), decoded; other attributes are skipped."""
+    import json
+
+    store = _Store(path)
+    try:
+        if store.zarr:
+            return dict(store.root.attrs)
+        out = {}
+        for k, v in store.root.attrs.items():
+            v = v.decode() if isinstance(v, bytes) else v
+            if isinstance(v, str):
+                try:
+                    out[k] = json.loads(v)
+                except json.JSONDecodeError:
+                    pass
+        return out
+    finally:
+        store.close()
+
+
 def read_labels(path: str, key: str, num_rows: int) -> np.ndarray:
     """The label dataset [N] or [N, 1] as a vector [N]; ValueError when it has another
     length or more than one value per row."""

@@ -421,7 +421,8 @@ def hdf5(
     store_dtype = np.int8 if meta.data_kind == "spins" else None
     x = hdf5_io.H5Rows(path, x_key, sample_shape=sample_shape, dtype=store_dtype, block_bytes=block_bytes)
     info: dict[str, Any] = {"hdf5": {"path": str(path), "x_key": x_key, "label_key": label_key,
-                                     "row_shape": list(probe.row_shape), "dtype": str(probe.source_dtype)}}
+                                     "row_shape": list(probe.row_shape), "dtype": str(probe.source_dtype),
+                                     "attrs": hdf5_io.read_attrs(path)}}
     if meta.label_kind == "class":
         return SourceData(x=x, meta=meta, cls=labels.astype(np.int64), info=info)
     if meta.label_kind == "continuous":

@@ -1,6 +1,7 @@
 """End to end on calorimeter showers: `pipeline shards calo` (a CaloChallenge-layout HDF5
 file) -> `pipeline shards hdf5 --x-shape L,A,R --add-channel-dim` -> `pipeline train` of a
-VDM conditioned on the incident energy, a few steps, through the CLI. A small geometry
+VDM conditioned on the incident energy, a few steps, through the CLI -> `pipeline evaluate`
+(profiles and response against the analytic means). A small geometry
 (8 x 4 x 4) keeps every spatial size even, so `vdm.architecture=auto` takes the 3D UNet
 (45 x 16 x 9 has odd sizes and gets the MLP)."""
 
@@ -48,3 +49,14 @@ def test_calo_file_to_shards_to_vdm_training(tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert all(math.isfinite(r["vdm/bits_per_dim"]) and r["vdm/skipped"] == 0 for r in steps)
     assert (run / "checkpoints" / "step-00000004").is_dir()
+
+    # `pipeline evaluate` finds the showers' record (the HDF5 file's attributes, copied into
+    # the manifest) and compares the profiles with the analytic means, for the model and,
+    # as the noise level, for the held-out showers, which must pass.
+    assert m["info"]["hdf5"]["attrs"]["calo"]["geometry"]["num_layers"] == 8
+    r = run_pipeline("evaluate", "--run", str(run), "--data", str(data), "--num-samples", "32", "--num-steps", "4")
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["evaluation"] == "calo" and result["num_showers"] == 32 and result["step"] == 4
+    for key in ("longitudinal_max_rel_err", "radial_max_rel_err", "response", "response_analytic", "response_z"):
+        assert isinstance(result[key], float) and math.isfinite(result[key]), key
+    assert abs(result["response_z_data"]) < 4 and result["longitudinal_max_abs_z_data"] < 4.5

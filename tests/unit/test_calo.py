@@ -110,3 +110,21 @@ def test_cli_writes_the_calochallenge_layout(tmp_path, capsys):
         assert pipeline_main(["shards", "calo", "--num-samples", "3", "--out", str(tmp_path / "b.h5"), *bad]) == 2
         assert msg in capsys.readouterr().err
     assert not (tmp_path / "b.h5").exists()
+
+
+def test_evaluator_on_true_and_distorted_showers():
+    from pipeline.eval.calo import compare_calo
+
+    g = calo.CaloGeometry(num_layers=12, num_alpha=4, num_radial=5)
+    rng = np.random.default_rng(11)
+    e = calo.sample_energies(600, 1e3, 1e5, rng)
+    x = calo.simulate(e, g, MATERIAL, rng)
+    good = compare_calo(x, e, g, MATERIAL)
+    assert abs(good["response_z"]) < 4 and good["longitudinal_max_abs_z"] < 4.5 and good["radial_max_abs_z"] < 4.5
+    assert good["longitudinal_num_bins_judged"] >= 6 and good["response_analytic"] == pytest.approx(
+        calo.mean_response(e, g, MATERIAL).mean())
+    bad = compare_calo(x * 1.05, e, g, MATERIAL)  # 5 % too much energy everywhere
+    assert bad["response_rel_err"] == pytest.approx(good["response_rel_err"] * 1.05 + 0.05, abs=1e-9)
+    assert bad["response_z"] > 5
+    shifted = compare_calo(np.roll(x.reshape(600, *g.shape), 1, axis=1), e, g, MATERIAL)  # one layer deeper
+    assert shifted["longitudinal_max_abs_z"] > 10

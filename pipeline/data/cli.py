@@ -57,13 +57,14 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="replace a shard set written with different parameters")
 
 
-def _user_array_options(p: argparse.ArgumentParser) -> None:
+def _user_array_options(p: argparse.ArgumentParser, *,
+                        label_kind_default: str = "non-negative integer labels -> class, else continuous") -> None:
     p.add_argument("--add-channel-dim", action="store_true", help="store [N, H, W] as [N, 1, H, W]")
     p.add_argument("--data-kind", choices=["spins", "levels", "continuous"],
                    help="default: inferred ({-1,+1} -> spins, non-negative ints -> levels, else continuous)")
     p.add_argument("--num-levels", type=_positive_int, help="for --data-kind levels (default max + 1)")
     p.add_argument("--label-kind", choices=["class", "continuous"],
-                   help="default: non-negative integer labels -> class, else continuous")
+                   help=f"default: {label_kind_default}")
 
 
 def register(subparsers) -> None:
@@ -74,10 +75,12 @@ def register(subparsers) -> None:
     )
     sub = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
     # One parser per source (in the order `--help` lists them), each with the shared options.
-    for add_source_parser in (_ising_parser, _digits_parser, _gmm_parser, _grf_parser, _npy_parser, _hf_parser):
+    for add_source_parser in (_ising_parser, _digits_parser, _gmm_parser, _grf_parser, _phi4_parser, _npy_parser,
+                              _hf_parser, _hdf5_parser):
         s = add_source_parser(sub)
         _common(s)
         s.set_defaults(func=_run)
+    _calo_parser(sub)
     _verify_parser(sub)
     order.register(sub)
 
@@ -122,6 +125,24 @@ def _grf_parser(sub) -> argparse.ArgumentParser:
     return s
 
 
+def _phi4_parser(sub) -> argparse.ArgumentParser:
+    s = sub.add_parser("phi4", help="real scalar phi^4 on a periodic 2D lattice (Albergo et al. 2019), by HMC")
+    s.add_argument("--size", type=_positive_int, required=True, help="lattice side L")
+    s.add_argument("--kappa", type=float, required=True, help="hopping parameter (free field: < 1/4)")
+    s.add_argument("--lam", type=float, required=True, help="quartic coupling lambda >= 0 (0: the free field)")
+    s.add_argument("--num-samples", type=_positive_int, required=True, help="configurations")
+    g = s.add_argument_group("HMC")
+    g.add_argument("--step-size", type=float, default=0.1, help="leapfrog step (default 0.1)")
+    g.add_argument("--num-leapfrog", type=_positive_int, default=10, help="leapfrog steps per trajectory (default 10)")
+    g.add_argument("--num-chains", type=_positive_int, default=64, help="independent chains (default 64)")
+    g.add_argument("--burn-in", type=_nonneg_int, default=200, help="trajectories discarded per chain (default 200)")
+    g.add_argument("--pilot", type=_int_at_least(20), default=400,
+                   help="trajectories per chain measuring tau_int of |M| (default 400)")
+    g.add_argument("--thin-factor", type=float, default=2.0,
+                   help="store every ceil(F * tau_int) trajectories (default 2)")
+    return s
+
+
 def _npy_parser(sub) -> argparse.ArgumentParser:
     s = sub.add_parser("npy", help="arrays from .npy/.npz files")
     s.add_argument("--x", required=True, help=".npy or .npz file with samples [N, ...]")
@@ -140,6 +161,59 @@ def _hf_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--split", default="train", help="split to read (default train)")
     _user_array_options(s)
     return s
+
+
+def _shape(s: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (e.g. 45,16,9), got {s!r}") from None
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (e.g. 45,16,9), got {s!r}")
+    return shape
+
+
+def _hdf5_parser(sub) -> argparse.ArgumentParser:
+    s = sub.add_parser("hdf5", help="a numeric HDF5 dataset or Zarr array (e.g. CaloChallenge showers), read in "
+                                    "bounded memory")
+    s.add_argument("--path", required=True, help="HDF5 file, or Zarr store (a directory named *.zarr)")
+    s.add_argument("--x-key", required=True, help="dataset holding the samples [N, ...] (e.g. showers)")
+    s.add_argument("--label-key", help="dataset holding one label per sample, [N] or [N, 1] (e.g. incident_energies)")
+    s.add_argument("--x-shape", type=_shape, help="reshape each row to this shape, e.g. 45,16,9 (the element "
+                   "counts must agree); with --add-channel-dim the sample is [1, *shape]")
+    _user_array_options(s, label_kind_default="continuous (whole-number energies are not taken for classes)")
+    return s
+
+
+def _calo_parser(sub) -> None:
+    s = sub.add_parser("calo", help="calorimeter-like showers with analytic mean profiles, as a CaloChallenge "
+                                    "HDF5 file (then: pipeline shards hdf5)")
+    s.add_argument("--num-samples", type=_positive_int, required=True, help="showers")
+    s.add_argument("--out", required=True, help="output .h5 file (showers [N, voxels], incident_energies [N, 1], MeV)")
+    s.add_argument("--seed", type=_nonneg_int, default=0, help="seed (default 0)")
+    s.add_argument("--geometry", type=_shape, default=(45, 16, 9),
+                   help="layers,angular bins,radial bins (default 45,16,9: CaloChallenge dataset 2)")
+    s.add_argument("--energy-range", type=float, nargs=2, default=(1e3, 1e6), metavar=("MIN", "MAX"),
+                   help="incident energies, log-uniform, MeV (default 1000 1000000: 1 GeV - 1 TeV)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    s.set_defaults(func=_run_calo)
+
+
+def _run_calo(args) -> int:
+    from pipeline.physics import calo
+
+    try:
+        if len(args.geometry) != 3:
+            raise ValueError(f"calo: --geometry needs three numbers layers,angular,radial, got {args.geometry}")
+        geometry = calo.CaloGeometry(*args.geometry)
+        sources.calo_file(args.out, args.num_samples, seed=args.seed, geometry=geometry,
+                          material=calo.CaloMaterial(), energy_range_mev=tuple(args.energy_range),
+                          overwrite=args.overwrite)
+    except ValueError as e:
+        print(f"pipeline shards calo: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {args.num_samples} showers of {geometry.num_voxels} voxels ({','.join(map(str, geometry.shape))})")
+    return 0
 
 
 def _verify_parser(sub) -> None:
@@ -174,6 +248,16 @@ def _source(args) -> tuple[dict[str, Any], Callable[[], sources.SourceData]]:
         field = _grf_field(args)  # validated before anything is written
         params["field"] = field.info()  # a table's rows, not only its path, identify the data
         return params, lambda: sources.grf(field, args.num_samples, seed=args.seed)
+    if name == "phi4":
+        from dataclasses import asdict
+
+        from pipeline.physics import phi4
+
+        theory = phi4.Phi4(args.size, args.kappa, args.lam)  # validated before anything is written
+        hmc = phi4.HMCConfig(step_size=args.step_size, num_leapfrog=args.num_leapfrog, num_chains=args.num_chains,
+                             burn_in=args.burn_in, pilot=args.pilot, thin_factor=args.thin_factor)
+        params = {"theory": asdict(theory), "num_samples": args.num_samples, "hmc": asdict(hmc)}
+        return params, lambda: sources.phi4(theory, args.num_samples, hmc, seed=args.seed)
     user = {"add_channel_dim": args.add_channel_dim, "data_kind": args.data_kind,
             "num_levels": args.num_levels, "label_kind": args.label_kind}
     if name == "npy":
@@ -185,6 +269,11 @@ def _source(args) -> tuple[dict[str, Any], Callable[[], sources.SourceData]]:
                   "split": args.split, **user}
         return params, lambda: sources.hf(args.path, x_column=args.x_column, label_column=args.label_column,
                                           split=args.split, **user)
+    if name == "hdf5":
+        params = {"path": args.path, "x_key": args.x_key, "label_key": args.label_key,
+                  "x_shape": list(args.x_shape) if args.x_shape else None, **user}
+        return params, lambda: sources.hdf5(args.path, x_key=args.x_key, label_key=args.label_key,
+                                            x_shape=args.x_shape, **user)
     raise AssertionError(name)
 
 
@@ -237,6 +326,10 @@ def _run(args) -> int:
         f"{sp['train']['num_shards']} shards, validation {sp['validation']['num_samples']} in "
         f"{sp['validation']['num_shards']} shards"
     )
+    if "hmc" in m["info"]:
+        h = m["info"]["hmc"]
+        print(f"HMC: acceptance {h['acceptance']:.3f}, integrated autocorrelation time of |M| "
+              f"{h['tau_int_abs_m']:.2f} +- {h['tau_int_abs_m_stderr']:.2f} trajectories, thinned by {h['thin']}")
     return 0
 
 

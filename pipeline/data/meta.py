@@ -22,6 +22,9 @@ class DataMeta:
     label_kind: Literal["none", "class", "continuous"] = "none"
     num_classes: int | None = None  # for label_kind == "class"
     label_values: tuple[float, ...] | None = None  # distinct continuous labels (e.g. temperatures)
+    # (min, max) of continuous labels too many to list (> 256 distinct: incident energies),
+    # so that a model can standardise them; None when label_values lists them or unknown.
+    label_range: tuple[float, float] | None = None
     # Boundary conditions of a lattice / grid sample: "periodic" (a torus: Ising with periodic
     # boundaries, GRFs drawn by FFT), "open" (the array's edges are real edges: images), or
     # None when the source does not say (every manifest written before this field existed,

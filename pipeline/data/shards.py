@@ -51,6 +51,8 @@ def meta_to_dict(meta: DataMeta) -> dict[str, Any]:
     d["sample_shape"] = list(meta.sample_shape)
     if meta.label_values is not None:
         d["label_values"] = list(meta.label_values)
+    if meta.label_range is not None:
+        d["label_range"] = list(meta.label_range)
     return d
 
 
@@ -59,6 +61,8 @@ def meta_from_dict(d: dict[str, Any]) -> DataMeta:
     d["sample_shape"] = tuple(d["sample_shape"])
     if d.get("label_values") is not None:
         d["label_values"] = tuple(float(v) for v in d["label_values"])
+    if d.get("label_range") is not None:
+        d["label_range"] = tuple(float(v) for v in d["label_range"])
     return DataMeta(**d)
 
 
@@ -118,13 +122,14 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _sample(data: SourceData, i: int, key_width: int) -> dict[str, Any]:
+def _sample(data: SourceData, i: int, x: np.ndarray, key_width: int) -> dict[str, Any]:
+    """Sample ``i`` of ``data`` whose array ``x`` (= ``data.x[i]``) the caller has read."""
     meta = {"index": i}
     for k, col in data.json_columns.items():
         meta[k] = col[i].item()
     s = {
         "__key__": f"{i:0{key_width}d}",
-        "npy": _npy_bytes(data.x[i]),
+        "npy": _npy_bytes(x),
         "json": json.dumps(meta, sort_keys=True).encode(),
     }
     if data.cls is not None:
@@ -153,9 +158,12 @@ def _write_group(task: tuple[str, int, np.ndarray]) -> list[dict[str, Any]]:
         pattern, maxcount=st["samples_per_shard"], maxsize=st["max_shard_bytes"], post=done,
         verbose=0, mtime=0, user="pipeline", group="pipeline",
     )
+    # One read of the group's rows: for an on-demand x (HDF5) that bounds what is held to
+    # one group, and it is one gather, not one per sample.
+    rows = st["data"].x[indices]
     with writer:
-        for i in indices:
-            writer.write(_sample(st["data"], int(i), st["key_width"]))
+        for i, x in zip(indices, rows):
+            writer.write(_sample(st["data"], int(i), x, st["key_width"]))
     for s in shards:
         s["num_bytes"] = os.path.getsize(s["path"])
         s["sha256"] = sha256_file(s["path"])

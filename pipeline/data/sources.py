@@ -2,8 +2,9 @@
 
 A source returns :class:`SourceData`: the samples ``x`` [N, *sample_shape], optional class
 indices, per-sample JSON metadata columns and the :class:`DataMeta` a model needs. The data
-sets this project shards (Ising lattices, digits, mixtures, user arrays) fit in memory, so a
-source is a plain function rather than a streaming reader.
+sets this project generates (Ising lattices, digits, mixtures, fields) fit in memory, so a
+source is a plain function rather than a streaming reader; only HDF5 files, which may be
+larger than memory, hand the writer an ``x`` that reads its rows on demand (``hdf5.py``).
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data import hdf5 as hdf5_io
+from pipeline.data.hdf5 import ValueStats
 from pipeline.data.meta import DataMeta
 
 
 @dataclass
 class SourceData:
-    x: np.ndarray  # [N, *sample_shape]
+    # [N, *sample_shape]: an array, or an array-like read on demand (hdf5.H5Rows: len, shape,
+    # dtype, x[i] and x[indices]) for data larger than memory.
+    x: np.ndarray
     meta: DataMeta
     cls: np.ndarray | None = None  # [N] integer class indices, stored as the sample's "cls"
     # Per-sample metadata written to the sample's "json": column name -> array [N].
@@ -187,7 +192,8 @@ def gmm(dim: int, num_components: int, num_samples: int, *, seed: int) -> Source
 
 
 def _infer_meta(
-    x: np.ndarray,
+    sample_shape: tuple[int, ...],
+    stats: ValueStats,
     labels: np.ndarray | None,
     *,
     data_kind: str | None,
@@ -196,38 +202,41 @@ def _infer_meta(
 ) -> DataMeta:
     """DataMeta for user arrays: explicit options win; otherwise inferred from the values
     (only {-1, +1} -> spins; non-negative integers -> levels 0..max; else continuous)."""
-    data_kind, num_levels = _infer_data_kind(x, data_kind=data_kind, num_levels=num_levels)
+    data_kind, num_levels = _infer_data_kind(stats, data_kind=data_kind, num_levels=num_levels)
     label_kind, num_classes, label_values = _infer_label_kind(labels, label_kind=label_kind)
+    label_range = None
+    if label_kind == "continuous" and label_values is None:
+        label_range = (float(labels.min()), float(labels.max()))
     return DataMeta(
-        sample_shape=tuple(int(s) for s in x.shape[1:]),
+        sample_shape=tuple(int(s) for s in sample_shape),
         data_kind=data_kind,
         num_levels=num_levels,
         label_kind=label_kind,
         num_classes=num_classes,
         label_values=label_values,
+        label_range=label_range,
     )
 
 
-def _infer_data_kind(x: np.ndarray, *, data_kind: str | None, num_levels: int | None
+def _infer_data_kind(stats: ValueStats, *, data_kind: str | None, num_levels: int | None
                      ) -> tuple[str, int | None]:
-    """(data_kind, num_levels) of ``x``: the options checked against the values, or inferred."""
+    """(data_kind, num_levels) of values with ``stats``: the options checked, or inferred."""
     allowed = ("spins", "levels", "continuous")
     if data_kind is not None and data_kind not in allowed:
         raise ValueError(f"--data-kind must be one of {allowed}, got {data_kind!r}")
-    is_int = np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.bool_)
     if data_kind is None:
-        if np.isin(x, (-1, 1)).all():
+        if stats.is_spins:
             data_kind = "spins"
-        elif is_int and x.min() >= 0:
+        elif stats.integer_dtype and stats.min >= 0:
             data_kind = "levels"
         else:
             data_kind = "continuous"
-    if data_kind == "spins" and not np.isin(x, (-1, 1)).all():
+    if data_kind == "spins" and not stats.is_spins:
         raise ValueError("--data-kind spins needs every value in {-1, +1}")
     if data_kind == "levels":
-        if not np.all(x == np.round(x)) or x.min() < 0:
+        if not stats.is_integer or stats.min < 0:
             raise ValueError("--data-kind levels needs non-negative integer values")
-        top = int(x.max()) + 1
+        top = int(stats.max) + 1
         if num_levels is None:
             num_levels = top
         elif num_levels < top:
@@ -279,7 +288,8 @@ def _from_arrays(
         labels = np.asarray(labels)
         if labels.shape != (len(x),):
             raise ValueError(f"{what}: labels must have shape [{len(x)}], got {labels.shape}")
-    meta = _infer_meta(x, labels, data_kind=data_kind, num_levels=num_levels, label_kind=label_kind)
+    meta = _infer_meta(x.shape[1:], ValueStats.of(x), labels, data_kind=data_kind, num_levels=num_levels,
+                       label_kind=label_kind)
     if meta.data_kind == "spins":
         x = x.astype(np.int8)
     if meta.label_kind == "class":
@@ -376,6 +386,84 @@ def hf(
     )
 
 
+# ---------------------------------------------------------------------------- HDF5
+
+
+def hdf5(
+    path: str,
+    *,
+    x_key: str,
+    label_key: str | None = None,
+    x_shape: tuple[int, ...] | None = None,
+    add_channel_dim: bool = False,
+    data_kind: str | None = None,
+    num_levels: int | None = None,
+    label_kind: str | None = None,
+    block_bytes: int = hdf5_io.DEFAULT_BLOCK_BYTES,
+) -> SourceData:
+    """The rows of dataset ``x_key`` of an HDF5 file as samples (each reshaped to ``x_shape``,
+    then given a leading channel axis with ``add_channel_dim``), never loaded whole: ``x`` is
+    an :class:`~pipeline.data.hdf5.H5Rows` the shard writer reads a group at a time. The
+    label ``label_key`` ([N] or [N, 1]) becomes the class (``cls``) or, continuous (the
+    default), a json
+    field of the same name (CaloChallenge: ``incident_energies``), which ``data.label_key``
+    selects; the manifest's info names it."""
+    probe = hdf5_io.H5Rows(path, x_key, sample_shape=x_shape, block_bytes=block_bytes)
+    sample_shape = ((1,) if add_channel_dim else ()) + probe.sample_shape
+    stats = hdf5_io.value_stats(probe)
+    labels = hdf5_io.read_labels(path, label_key, len(probe)) if label_key is not None else None
+    if labels is not None and label_kind is None:
+        # Not inferred: whole-number energies (CaloChallenge dataset 1: powers of two in MeV)
+        # would otherwise pass for class indices.
+        label_kind = "continuous"
+    meta = _infer_meta(sample_shape, stats, labels, data_kind=data_kind, num_levels=num_levels,
+                       label_kind=label_kind)
+    store_dtype = np.int8 if meta.data_kind == "spins" else None
+    x = hdf5_io.H5Rows(path, x_key, sample_shape=sample_shape, dtype=store_dtype, block_bytes=block_bytes)
+    info: dict[str, Any] = {"hdf5": {"path": str(path), "x_key": x_key, "label_key": label_key,
+                                     "row_shape": list(probe.row_shape), "dtype": str(probe.source_dtype),
+                                     "attrs": hdf5_io.read_attrs(path)}}
+    if meta.label_kind == "class":
+        return SourceData(x=x, meta=meta, cls=labels.astype(np.int64), info=info)
+    if meta.label_kind == "continuous":
+        info["label_json_key"] = label_key
+        return SourceData(x=x, meta=meta, json_columns={label_key: labels.astype(np.float64)}, info=info)
+    return SourceData(x=x, meta=meta, info=info)
+
+
+# ------------------------------------------------------------- calorimeter showers
+
+
+def calo_file(out: str, num_samples: int, *, seed: int, geometry, material, energy_range_mev: tuple[float, float],
+              overwrite: bool = False) -> None:
+    """Write ``num_samples`` showers of ``pipeline.physics.calo`` at log-uniform incident
+    energies to the HDF5 file ``out`` in the CaloChallenge layout (then ``pipeline shards
+    hdf5`` shards it). Drawn in fixed chunks of 256 showers from ``SeedSequence([seed, 1])``,
+    so the file depends only on the options; the attributes record them (``calo``, JSON)."""
+    from pipeline.physics import calo
+
+    if num_samples < 1:
+        raise ValueError(f"calo: --num-samples must be >= 1, got {num_samples}")
+    if not str(out).endswith((".h5", ".hdf5")):
+        raise ValueError(f"calo: --out must be an .h5 or .hdf5 file, got {out}")
+    if Path(out).exists() and not overwrite:
+        raise ValueError(f"calo: {out} exists; pass --overwrite to replace it")
+    rng = np.random.default_rng(_derived_seed(seed, 1))
+    energies = calo.sample_energies(num_samples, *energy_range_mev, rng)
+    calo.longitudinal_params(energies, material)  # energies too low for the profile: error now
+    chunk = 256
+
+    def chunks():
+        for start in range(0, num_samples, chunk):
+            e = energies[start:start + chunk]
+            yield calo.simulate(e, geometry, material, rng), e
+
+    hdf5_io.write_calochallenge(
+        str(out), chunks(), num_samples=num_samples, num_voxels=geometry.num_voxels,
+        attrs={"calo": {**calo.info(geometry, material, *energy_range_mev), "seed": seed}},
+    )
+
+
 # ------------------------------------------------------------- Gaussian random fields
 
 
@@ -408,4 +496,27 @@ def grf(field, num_samples: int, *, seed: int) -> SourceData:
         meta=DataMeta(sample_shape=field.shape, data_kind="continuous"),
         json_columns=json_columns,
         info=info,
+    )
+
+
+# ------------------------------------------------------------------------ lattice phi^4
+
+
+def phi4(theory, num_samples: int, hmc, *, seed: int) -> SourceData:
+    """``num_samples`` configurations of ``theory`` (a ``pipeline.physics.phi4.Phi4``)
+    sampled by HMC with settings ``hmc`` from seed ``SeedSequence([seed, 1])``, stored
+    float32 [1, L, L] (periodic). Each sample's json has kappa, lam, its chain and trajectory;
+    the manifest's info the theory, the sampler's acceptance, the integrated autocorrelation
+    time of |M| and the thinning it chose, and at lam = 0 the exact free-field values."""
+    from pipeline.physics import phi4 as phi4_mod
+
+    if num_samples < 1:
+        raise ValueError(f"phi4: --num-samples must be >= 1, got {num_samples}")
+    result = phi4_mod.sample(theory, num_samples, hmc, np.random.default_rng(_derived_seed(seed, 1)))
+    return SourceData(
+        x=result.configs.astype(np.float32)[:, None],
+        meta=DataMeta(sample_shape=(1, theory.size, theory.size), data_kind="continuous", boundary="periodic"),
+        json_columns={"kappa": np.full(num_samples, theory.kappa), "lam": np.full(num_samples, theory.lam),
+                      "chain": result.chain.astype(np.int64), "trajectory": result.trajectory.astype(np.int64)},
+        info={**phi4_mod.info(theory, hmc, result), "seed": seed},
     )

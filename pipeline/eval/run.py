@@ -297,6 +297,14 @@ def evaluate_run(run_dir: str | Path, data_urls: str, opts: EvalOptions) -> dict
         from pipeline.eval.grf import evaluate_grf_run
 
         result = evaluate_grf_run(module, meta, info, data_urls, reference, opts)
+    elif source == "phi4" and "phi4" in (reference.manifest.get("info") or {}):
+        from pipeline.eval.phi4 import evaluate_phi4_run
+
+        result = evaluate_phi4_run(module, meta, info, data_urls, reference, opts)
+    elif "calo" in ((reference.manifest or {}).get("info") or {}).get("hdf5", {}).get("attrs", {}):
+        from pipeline.eval.calo import evaluate_calo_run
+
+        result = evaluate_calo_run(module, meta, info, data_urls, reference, opts)
     else:
         result = evaluate_generic_run(module, meta, info, data_urls, reference, opts)
     header = {

@@ -36,7 +36,9 @@ class Denoiser(nn.Module):
                 raise ValueError(f"label_kind 'class' needs num_classes >= 1 in DataMeta, got {meta.num_classes}")
             self.label_emb = nn.Embedding(meta.num_classes, emb_dim)
         elif meta.label_kind == "continuous":
-            vals = np.asarray(meta.label_values if meta.label_values else [0.0, 1.0], dtype=np.float64)
+            # Standardised by the listed values or, too many to list, the range's end points
+            # (mean: the midpoint, std: half the width); [0, 1] for a manifest that has neither.
+            vals = np.asarray(meta.label_values or meta.label_range or [0.0, 1.0], dtype=np.float64)
             self.label_center, self.label_scale = float(vals.mean()), float(vals.std() or 1.0)
             self.label_emb = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         elif meta.label_kind != "none":

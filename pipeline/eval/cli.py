@@ -32,6 +32,9 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     p.add_argument("--num-steps", type=int, default=None, help="sampling steps (diffusion models)")
+    p.add_argument("--sampler", default=None, help="VDMs: ancestral (default), ddim or dpm-solver")
+    p.add_argument("--eta", type=float, default=None, help="--sampler ddim: noise scale in [0, 1] (default 0)")
+    p.add_argument("--grid", default=None, help="VDMs: noise levels uniform in time (default) or logsnr")
     p.add_argument("--temperature", type=float, action="append", default=None,
                    help="Ising: evaluate at this temperature (repeat for several); default: those in the data")
     p.add_argument("--elbo-num-samples", type=int, default=256,
@@ -75,9 +78,11 @@ def _summary(r: dict) -> list[str]:
 
 def _evaluate(args) -> int:
     from pipeline.eval.run import EvalOptions, evaluate_run
+    from pipeline.objectives.vdm.config import sampler_from_options
 
     opts = EvalOptions(
-        num_samples=args.num_samples, seed=args.seed, num_steps=args.num_steps, temperatures=args.temperature,
+        num_samples=args.num_samples, seed=args.seed, num_steps=args.num_steps, sampler=sampler_from_options(args.sampler, args.eta, args.grid),
+        temperatures=args.temperature,
         elbo_num_samples=args.elbo_num_samples, elbo_noise_samples=args.elbo_noise_samples,
         z_max=args.z_max, alpha=args.alpha,
     )

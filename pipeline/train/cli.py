@@ -73,12 +73,9 @@ _FILE_SUFFIXES = (".npz", ".tar", ".png", ".json", ".pt", ".h5", ".txt")
 
 
 def sampler_config(args):
-    """A SamplerConfig when any of --sampler/--eta/--grid is given, else None (the model's default)."""
-    if args.sampler is None and args.eta is None and args.grid is None:
-        return None
-    from pipeline.objectives.vdm.config import SamplerConfig
+    from pipeline.objectives.vdm.config import sampler_from_options
 
-    return SamplerConfig(name=args.sampler or "ancestral", eta=args.eta, spacing=args.grid or "time")
+    return sampler_from_options(args.sampler, args.eta, args.grid)
 
 
 def _sample(args) -> int:

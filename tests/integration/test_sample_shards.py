@@ -152,3 +152,22 @@ def test_sampler_options_on_a_gan_are_refused(ising_shards, tmp_path):
         r = run_pipeline("sample", "--run", str(run), "--num-samples", "4", "--out", str(out), *extra, check=False)
         assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert not out.exists()
+
+
+def test_bench_samplers_prints_a_row_per_cell_and_a_json_last_line(vdm_run, ising_shards):
+    r = run_pipeline("bench", "samplers", "--run", str(vdm_run), "--data", str(ising_shards), "--steps", "4", "128",
+                     "--samplers", "ancestral", "dpm-solver", "--num-samples", "16")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    cells = [(row["sampler"], row["num_steps"]) for row in out["rows"]]
+    assert cells == [("ancestral", 4), ("ancestral", 128), ("dpm-solver", 4), ("dpm-solver", 128)]
+    for row in out["rows"]:
+        assert row["samples_per_s"] > 0 and -2.0 <= row["energy_per_spin"] <= 2.0 and row["energy_stderr"] > 0
+        assert "sigma_vs_reference" in row
+    assert out["reference"]["num_steps"] == 128 and isinstance(out["target_met"], bool)
+    # `pipeline evaluate` takes the same options
+    r = run_pipeline("evaluate", "--run", str(vdm_run), "--data", str(ising_shards), "--num-samples", "16",
+                     "--elbo-num-samples", "0", "--sampler", "ddim", "--eta", "0.2", "--num-steps", "5")
+    assert json.loads(r.stdout.strip().splitlines()[-1])["num_generated"] == 16
+    bad = run_pipeline("evaluate", "--run", str(vdm_run), "--data", str(ising_shards), "--sampler", "heun",
+                       check=False)
+    assert bad.returncode == 2 and "allowed: ancestral, ddim, dpm-solver" in bad.stderr

@@ -93,3 +93,11 @@ class SamplerConfig:
 
     def as_dict(self) -> dict:
         return {"sampler": self.name, "eta": self.eta, "grid": self.spacing}
+
+
+def sampler_from_options(name: str | None, eta: float | None, grid: str | None) -> SamplerConfig | None:
+    """The CLI's --sampler/--eta/--grid as a SamplerConfig; None when none is given (the model's
+    default, and the only value a model that samples in one pass accepts)."""
+    if name is None and eta is None and grid is None:
+        return None
+    return SamplerConfig(name=name or "ancestral", eta=eta, spacing=grid or "time")

@@ -171,3 +171,16 @@ def test_bench_samplers_prints_a_row_per_cell_and_a_json_last_line(vdm_run, isin
     bad = run_pipeline("evaluate", "--run", str(vdm_run), "--data", str(ising_shards), "--sampler", "heun",
                        check=False)
     assert bad.returncode == 2 and "allowed: ancestral, ddim, dpm-solver" in bad.stderr
+
+
+def test_evaluate_a_sample_set_on_disk(vdm_run, ising_shards, tmp_path):
+    out = tmp_path / "set"
+    run_pipeline("sample", "--run", str(vdm_run), "--out", str(out), "--num-samples", "30", "--samples-per-shard",
+                 "8", "--num-steps", "4")
+    r = run_pipeline("evaluate", "--samples", str(out), "--data", str(ising_shards))
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["num_samples"] == 30 and res["max_samples_in_memory"] == 8 and res["temperature"] == 3.0
+    assert res["energy_exact_finite"] < 0 and res["w1_energy"] >= 0
+    both = run_pipeline("evaluate", "--samples", str(out), "--run", str(vdm_run), "--data", str(ising_shards),
+                        check=False)
+    assert both.returncode == 2 and "exactly one of --run" in both.stderr

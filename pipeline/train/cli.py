@@ -42,8 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--label", type=float, action="append", default=None,
                    help="condition on this label (class index or temperature); repeat to cycle over several")
     s.add_argument("--png", default=None, help="also write a PNG grid of the samples here (.npy output)")
-    s.add_argument("--samples-per-shard", type=int, default=1000, help="--out DIR: samples per shard (default 1000)")
-    s.add_argument("--batch-size", type=int, default=256,
+    s.add_argument("--samples-per-shard", type=int, default=None, help="--out DIR: samples per shard (default 1000)")
+    s.add_argument("--batch-size", type=int, default=None,
                    help="samples per forward pass and per noise chunk (default 256; --out DIR; part of what "
                    "makes a sample set, so a resumed job needs the same)")
     s.set_defaults(func=_sample)
@@ -95,6 +95,8 @@ def _sample(args) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if out.suffix == ".npy":
+        if args.samples_per_shard is not None or args.batch_size is not None:
+            raise ConfigError("--samples-per-shard and --batch-size go with a directory --out (shards), not .npy")
         return _sample_npy(args, module, labels, sampler, info)
     if args.png:
         raise ConfigError("--png goes with an .npy --out; a shard directory is for many samples")
@@ -126,7 +128,8 @@ def _sample_dir(args, module, meta, labels, sampler, info) -> int:
     from pipeline.train.engines import build_engine
     from pipeline.train.export import EXPORT_WEIGHTS
 
-    plan = ss.ShardPlan(args.num_samples, args.samples_per_shard, args.batch_size)
+    plan = ss.ShardPlan(args.num_samples, 1000 if args.samples_per_shard is None else args.samples_per_shard,
+                        256 if args.batch_size is None else args.batch_size)
     plan.validate()
     out = Path(args.out)
     weights = RunDir(Path(args.run)).export / EXPORT_WEIGHTS
@@ -135,7 +138,8 @@ def _sample_dir(args, module, meta, labels, sampler, info) -> int:
               "num_samples": plan.num_samples, "seed": args.seed, "num_steps": args.num_steps, "sampler": how,
               "labels": args.label, "samples_per_shard": plan.samples_per_shard, "batch_size": plan.batch_size}
     if ss.check_out_dir(out, params) == "done":  # every rank checks, before any process group
-        print(f"{out} already holds these {plan.num_samples} samples (manifest complete); nothing to do")
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{out} already holds these {plan.num_samples} samples (manifest complete); nothing to do")
         return 0
     label_key = (info["config"].get("data") or {}).get("label_key") or "temperature"
     # Ranks finish their shards at different times (the last shards, a slower node): the collective

@@ -136,6 +136,9 @@ def test_each_sampler_through_the_cli_into_npy(vdm_run, tmp_path):
                      "--sampler", name, "--grid", "logsnr")
         x = np.load(out)
         assert x.shape == (6, 1, 8, 8) and set(np.unique(x)) <= {-1.0, 1.0}
+    bad = run_pipeline("sample", "--run", str(vdm_run), "--num-samples", "6", "--out", str(tmp_path / "no.npy"),
+                       "--batch-size", "4", check=False)
+    assert bad.returncode == 2 and "go with a directory --out" in bad.stderr and not (tmp_path / "no.npy").exists()
 
 
 def test_sampler_options_on_a_gan_are_refused(ising_shards, tmp_path):

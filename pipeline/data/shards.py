@@ -122,13 +122,15 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _sample(data: SourceData, i: int, x: np.ndarray, key_width: int) -> dict[str, Any]:
-    """Sample ``i`` of ``data`` whose array ``x`` (= ``data.x[i]``) the caller has read."""
-    meta = {"index": i}
+def _sample(data: SourceData, i: int, x: np.ndarray, key_width: int, first_index: int = 0) -> dict[str, Any]:
+    """Sample ``i`` of ``data`` whose array ``x`` (= ``data.x[i]``) the caller has read; its key
+    and json ``index`` are ``first_index + i`` (its index in the whole set, when ``data`` holds
+    a part of it)."""
+    meta = {"index": first_index + i}
     for k, col in data.json_columns.items():
         meta[k] = col[i].item()
     s = {
-        "__key__": f"{i:0{key_width}d}",
+        "__key__": f"{first_index + i:0{key_width}d}",
         "npy": _npy_bytes(x),
         "json": json.dumps(meta, sort_keys=True).encode(),
     }
@@ -168,6 +170,32 @@ def _write_group(task: tuple[str, int, np.ndarray]) -> list[dict[str, Any]]:
         s["num_bytes"] = os.path.getsize(s["path"])
         s["sha256"] = sha256_file(s["path"])
     return shards
+
+
+def write_one_shard(path: str | os.PathLike, data: SourceData, *, first_index: int, key_width: int) -> dict[str, Any]:
+    """Write every sample of ``data`` as one tar at ``path`` (keys ``first_index`` + i), staged
+    beside it and renamed into place, so ``path`` exists only complete; returns its manifest
+    entry (without ``split``). For writers that produce a shard set piece by piece (sampling
+    across ranks), with the same members and tar settings as :func:`write_shards`."""
+    import webdataset as wds
+
+    path = Path(path)
+    tmp = path.with_name(f".partial-{os.getpid()}-{path.name}")
+    with wds.TarWriter(str(tmp), mtime=0, user="pipeline", group="pipeline") as writer:
+        for i in range(len(data.x)):
+            writer.write(_sample(data, i, data.x[i], key_width, first_index))
+    entry = {"name": path.name, "num_samples": len(data.x), "num_bytes": os.path.getsize(tmp),
+             "sha256": sha256_file(tmp)}
+    os.replace(tmp, path)  # atomic: a reader (or a resumed writer) sees all of it or nothing
+    return entry
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    """``manifest.json`` in ``out_dir``, replaced atomically (written last: it marks the set complete)."""
+    out = Path(out_dir)
+    tmp = out / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, out / MANIFEST_NAME)
 
 
 def split_indices(num_samples: int, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
@@ -252,7 +280,7 @@ def write_shards(
         "source": source,
         "params": params,
         "meta": meta_to_dict(data.meta),
-        "schema": _sample_schema(data),
+        "schema": sample_schema(data),
         "total_samples": n,
         "splits": {
             s: {"num_samples": int(len(splits[s])), "num_shards": counters[s]} for s in SPLITS
@@ -261,9 +289,7 @@ def write_shards(
         "info": data.info,
     }
     assert sum(s["num_samples"] for s in shards) == n
-    tmp = out / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, out / MANIFEST_NAME)
+    write_manifest(out, manifest)
     return manifest
 
 
@@ -313,7 +339,7 @@ def _move_into_place(out: Path, tasks: list[tuple[str, int, np.ndarray]], writte
     return shards, counters
 
 
-def _sample_schema(data: SourceData) -> dict[str, Any]:
+def sample_schema(data: SourceData) -> dict[str, Any]:
     """The manifest's ``schema``: the members of every sample, from the first sample."""
     sample0 = data.x[0]
     schema: dict[str, Any] = {

@@ -25,13 +25,18 @@ def register(subparsers) -> None:
         "distance in a small classifier's features. Gaussian mixtures: exact log-likelihood and mode coverage. "
         "The last stdout line is a JSON object.",
     )
-    p.add_argument("--run", required=True, help="run directory (holds export/)")
+    p.add_argument("--run", default=None, help="run directory (holds export/)")
+    p.add_argument("--samples", default=None, help="instead of --run: a sample set written by `pipeline sample "
+                   "--out DIR` (2D Ising), read shard by shard in bounded memory")
     p.add_argument("--data", required=True, help="reference shards: a directory with manifest.json or tar path(s)")
     p.add_argument("--num-samples", type=int, default=1000,
                    help="samples to generate (per temperature for conditional models; default 1000)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     p.add_argument("--num-steps", type=int, default=None, help="sampling steps (diffusion models)")
+    p.add_argument("--sampler", default=None, help="VDMs: ancestral (default), ddim or dpm-solver")
+    p.add_argument("--eta", type=float, default=None, help="--sampler ddim: noise scale in [0, 1] (default 0)")
+    p.add_argument("--grid", default=None, help="VDMs: noise levels uniform in time (default) or logsnr")
     p.add_argument("--temperature", type=float, action="append", default=None,
                    help="Ising: evaluate at this temperature (repeat for several); default: those in the data")
     p.add_argument("--elbo-num-samples", type=int, default=256,
@@ -73,11 +78,44 @@ def _summary(r: dict) -> list[str]:
     return lines
 
 
+def _evaluate_samples(args) -> int:
+    """``--samples DIR``: the streamed evaluation of a sample set on disk (:mod:`pipeline.eval.sample_set`)."""
+    from pipeline.eval.reference import load_reference
+    from pipeline.eval.sample_set import evaluate_sample_set
+
+    try:
+        reference = load_reference(args.data, split="all")
+        temps = args.temperature
+        if not temps:
+            col = reference.json_column("temperature")
+            temps = sorted(set(col.tolist())) if col is not None else []
+        if len(temps) != 1:
+            raise ConfigError(f"--samples needs one temperature: give --temperature T (the reference data has "
+                              f"{temps or 'none'})")
+        result = evaluate_sample_set(args.samples, reference.x, temps[0])
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e)) from None
+    result["data"] = str(args.data)
+    print(f"evaluated {result['num_samples']} samples in {args.samples} (at most {result['max_samples_in_memory']} "
+          f"in memory): energy/spin {result['energy_per_spin']:.4f} +- {result['energy_per_spin_stderr']:.4f} "
+          f"(exact finite {result['energy_exact_finite']:.4f}); W1 {result['w1_energy']:.4f}")
+    print(json.dumps(result, allow_nan=False), flush=True)
+    return 0
+
+
 def _evaluate(args) -> int:
+    if (args.run is None) == (args.samples is None):
+        raise ConfigError("give exactly one of --run (sample from a run) and --samples (a sample set on disk)")
+    if args.samples is not None:
+        return _evaluate_samples(args)
     from pipeline.eval.run import EvalOptions, evaluate_run
+    from pipeline.objectives.vdm.config import sampler_from_options
 
     opts = EvalOptions(
-        num_samples=args.num_samples, seed=args.seed, num_steps=args.num_steps, temperatures=args.temperature,
+        num_samples=args.num_samples, seed=args.seed, num_steps=args.num_steps, sampler=sampler_from_options(args.sampler, args.eta, args.grid),
+        temperatures=args.temperature,
         elbo_num_samples=args.elbo_num_samples, elbo_noise_samples=args.elbo_noise_samples,
         z_max=args.z_max, alpha=args.alpha,
     )

@@ -20,6 +20,7 @@ class EvalOptions:
     num_samples: int = 1000  # generated samples (per temperature for conditional Ising models)
     seed: int = 0
     num_steps: int | None = None  # sampling steps (diffusion models)
+    sampler: Any = None  # a VDM's SamplerConfig (None: its default, ancestral)
     temperatures: list[float] | None = None  # Ising: evaluate at these (default: the data's)
     elbo_num_samples: int = 256  # held-out samples (per temperature) for the VDM's exact ELBO; 0 = skip
     elbo_noise_samples: int = 8
@@ -48,16 +49,17 @@ class EvalOptions:
 
 
 def generate(module, num_samples: int, labels: torch.Tensor | None, *, seed: int, num_steps: int | None,
-             batch_size: int) -> np.ndarray:
+             batch_size: int, sampler: Any = None) -> np.ndarray:
     """Samples in data space, drawn in batches; batch i uses the seed SeedSequence([seed, i])."""
     from pipeline.train.export import sample_from
 
+    module.check_sample_options(num_steps, sampler)  # a bad option is named before the first batch
     out = []
     for i, start in enumerate(range(0, num_samples, batch_size)):
         n = min(batch_size, num_samples - start)
         s = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
         lb = labels[start:start + n] if labels is not None else None
-        out.append(sample_from(module, n, lb, seed=s, num_steps=num_steps).detach().cpu().numpy())
+        out.append(sample_from(module, n, lb, seed=s, num_steps=num_steps, sampler=sampler).detach().cpu().numpy())
     x = np.concatenate(out)
     if not np.all(np.isfinite(x)):
         raise ValueError("the model produced non-finite samples (NaN/Inf); its weights have probably diverged")

@@ -173,7 +173,7 @@ def evaluate_grf_run(module, meta, info, urls, reference, opts) -> dict[str, Any
              "(negative) log-density, comparable only with densities of the same data in the same units"]
     t0 = time.perf_counter()
     x = generate(module, opts.num_samples, None, seed=opts.seed, num_steps=opts.num_steps,
-                 batch_size=opts.sample_batch_size)
+                 sampler=opts.sampler, batch_size=opts.sample_batch_size)
     t_sample = time.perf_counter() - t0
     t0 = time.perf_counter()
     result: dict[str, Any] = {"evaluation": "grf", "field": field.info()}

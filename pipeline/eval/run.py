@@ -128,7 +128,7 @@ def _ising_at(module, ref_x: np.ndarray, t: float, index: int, conditional: bool
     labels = torch.full((opts.num_samples,), t, dtype=torch.float32) if conditional else None
     t0 = time.perf_counter()
     x = generate(module, opts.num_samples, labels, seed=opts.seed + 7919 * index, num_steps=opts.num_steps,
-                 batch_size=opts.sample_batch_size)
+                 sampler=opts.sampler, batch_size=opts.sample_batch_size)
     timings["sample_s"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     rep = evaluate_ising(to_spins(x), ref_x, t, z_max=opts.z_max, alpha=opts.alpha)
@@ -198,7 +198,7 @@ def evaluate_digits_run(module, meta, info, urls, reference, opts, run_dir: Path
     labels = default_labels(meta, opts.num_samples) if meta.label_kind == "class" else None
     t0 = time.perf_counter()
     x = generate(module, opts.num_samples, labels, seed=opts.seed, num_steps=opts.num_steps,
-                 batch_size=opts.sample_batch_size)
+                 sampler=opts.sampler, batch_size=opts.sample_batch_size)
     t_sample = time.perf_counter() - t0
     t0 = time.perf_counter()
     cache = RunDir(run_dir).eval_cache
@@ -221,7 +221,7 @@ def evaluate_gmm_run(module, meta, info, urls, reference, opts) -> dict[str, Any
     notes: list[str] = []
     t0 = time.perf_counter()
     x = generate(module, opts.num_samples, None, seed=opts.seed, num_steps=opts.num_steps,
-                 batch_size=opts.sample_batch_size)
+                 sampler=opts.sampler, batch_size=opts.sample_batch_size)
     t_sample = time.perf_counter() - t0
     rep = evaluate_gmm(x.reshape(len(x), -1), params, reference=reference.x, z_max=opts.z_max)
     result = {"evaluation": "gmm", **rep.to_dict()}
@@ -252,7 +252,8 @@ def evaluate_generic_run(module, meta, info, urls, reference, opts) -> dict[str,
     notes = ["no physics or reference model is known for this data: per-dimension W1 only"]
     n = opts.num_samples
     labels = default_labels(meta, n) if meta.label_kind != "none" else None
-    x = generate(module, n, labels, seed=opts.seed, num_steps=opts.num_steps, batch_size=opts.sample_batch_size)
+    x = generate(module, n, labels, seed=opts.seed, num_steps=opts.num_steps, sampler=opts.sampler,
+                 batch_size=opts.sample_batch_size)
     g, r = x.reshape(len(x), -1), reference.x.reshape(len(reference.x), -1)
     w1 = [wasserstein1(g[:, j], r[:, j]) for j in range(g.shape[1])]
     result = {"evaluation": "generic", "w1_per_dim_mean": float(np.mean(w1)), "w1_per_dim_max": float(np.max(w1))}

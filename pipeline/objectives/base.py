@@ -12,8 +12,8 @@ what is declared here, nothing else (it never probes with ``hasattr``):
 - ``report()`` -> :class:`Report`: views for logging at each logging step (per-t profiles,
   sampler state); empty by default. The loop calls it with the phase's full weights in place
   (an FSDP-sharded parameter such as a learned schedule's is gathered first);
-- ``sample(...)``, on the objective whose weights are kept as EMA and exported
-  (:class:`SampledObjective`).
+- ``sample(...)`` and ``check_sample_options(...)``, on the objective whose weights are kept as
+  EMA and exported (:class:`SampledObjective`).
 
 Objectives know nothing of processes or backends: the loop hands them a :class:`StepContext`
 with the few integers that cross-rank schemes (stratified time steps) need, and an
@@ -82,7 +82,13 @@ class SampledObjective(Objective):
 
     @abstractmethod
     def sample(self, num_samples: int, labels: torch.Tensor | None = None, num_steps: int | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """``num_samples`` samples in data space. ``num_steps``: the sampler's number of steps
-        where it has one (a VDM); an objective that samples in one pass raises ValueError for
-        any other value than None."""
+               generator: torch.Generator | None = None, sampler: Any = None) -> torch.Tensor:
+        """``num_samples`` samples in data space. ``num_steps`` and ``sampler`` (a VDM's
+        :class:`~pipeline.objectives.vdm.config.SamplerConfig`): how an iterative sampler runs;
+        :meth:`check_sample_options` says which values this objective accepts."""
+
+    @abstractmethod
+    def check_sample_options(self, num_steps: int | None, sampler: Any) -> None:
+        """ValueError naming what is wrong when ``sample`` would refuse these options; called
+        before anything is sampled or written (an objective that samples in one forward pass,
+        a GAN's generator, accepts only None for both)."""

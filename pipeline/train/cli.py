@@ -21,15 +21,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.num_steps=200")
     p.set_defaults(func=_train)
 
-    s = sub.add_parser("sample", help="draw samples from a run's exported EMA weights")
+    s = sub.add_parser(
+        "sample", help="draw samples from a run's exported EMA weights (also under `accelerate launch`)",
+        description="Draw samples from a run's export. --out X.npy writes one array; --out DIR writes "
+        "WebDataset shards with a manifest (usable as data.train_urls), each rank of an `accelerate launch` "
+        "its share; each sample's noise depends only on --seed and its index, and a job started again "
+        "finishes the shards an interrupted one left.",
+    )
     s.add_argument("--run", required=True, help="run directory (holds export/)")
     s.add_argument("--num-samples", type=int, required=True)
-    s.add_argument("--out", required=True, help="output .npy file")
+    s.add_argument("--out", required=True, help="output .npy file, or a directory for WebDataset shards")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--num-steps", type=int, default=None, help="sampling steps (diffusion models; <= T)")
+    s.add_argument("--num-steps", type=int, default=None, help="sampling steps (diffusion models; <= T - 1 in "
+                   "discrete time)")
+    s.add_argument("--sampler", default=None, help="VDMs: ancestral (default), ddim or dpm-solver")
+    s.add_argument("--eta", type=float, default=None, help="--sampler ddim: noise scale in [0, 1] (default 0: "
+                   "deterministic)")
+    s.add_argument("--grid", default=None, help="VDMs: noise levels uniform in time (default) or in logsnr "
+                   "(continuous time)")
     s.add_argument("--label", type=float, action="append", default=None,
                    help="condition on this label (class index or temperature); repeat to cycle over several")
-    s.add_argument("--png", default=None, help="also write a PNG grid of the samples here")
+    s.add_argument("--png", default=None, help="also write a PNG grid of the samples here (.npy output)")
+    s.add_argument("--samples-per-shard", type=int, default=None, help="--out DIR: samples per shard (default 1000)")
+    s.add_argument("--batch-size", type=int, default=None,
+                   help="samples per forward pass and per noise chunk (default 256; --out DIR; part of what "
+                   "makes a sample set, so a resumed job needs the same)")
     s.set_defaults(func=_sample)
 
 
@@ -53,23 +69,47 @@ def _train(args) -> int:
     return train(cfg, meta)
 
 
-def _sample(args) -> int:
-    import numpy as np
+_FILE_SUFFIXES = (".npz", ".tar", ".png", ".json", ".pt", ".h5", ".txt")
 
-    from pipeline.train.export import load_export, sample_from
+
+def sampler_config(args):
+    from pipeline.objectives.vdm.config import sampler_from_options
+
+    return sampler_from_options(args.sampler, args.eta, args.grid)
+
+
+def _sample(args) -> int:
+    from pipeline.train.export import load_export
     from pipeline.train.sampling import default_labels
 
     if args.num_samples <= 0:
         raise ConfigError(f"--num-samples must be positive, got {args.num_samples}")
     out = Path(args.out)
-    if out.suffix != ".npy":
-        raise ConfigError(f"--out must end in .npy, got {str(out)!r}")
+    if out.suffix in _FILE_SUFFIXES:
+        raise ConfigError(f"--out must be a .npy file or a directory (for WebDataset shards), got {str(out)!r}")
     module, meta, info = load_export(Path(args.run))
+    sampler = sampler_config(args)
     try:
+        module.check_sample_options(args.num_steps, sampler)
         labels = default_labels(meta, args.num_samples, args.label)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    x = sample_from(module, args.num_samples, labels, seed=args.seed, num_steps=args.num_steps)
+    if out.suffix == ".npy":
+        if args.samples_per_shard is not None or args.batch_size is not None:
+            raise ConfigError("--samples-per-shard and --batch-size go with a directory --out (shards), not .npy")
+        return _sample_npy(args, module, labels, sampler, info)
+    if args.png:
+        raise ConfigError("--png goes with an .npy --out; a shard directory is for many samples")
+    return _sample_dir(args, module, meta, labels, sampler, info)
+
+
+def _sample_npy(args, module, labels, sampler, info) -> int:
+    import numpy as np
+
+    from pipeline.train.export import sample_from
+
+    x = sample_from(module, args.num_samples, labels, seed=args.seed, num_steps=args.num_steps, sampler=sampler)
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, x.cpu().numpy())
     print(f"wrote {x.shape[0]} samples of shape {tuple(x.shape[1:])} from step {info['step']} to {out}")
@@ -78,3 +118,37 @@ def _sample(args) -> int:
 
         print(f"grid: {save_grid_png(x.cpu().numpy(), Path(args.png))}")
     return 0
+
+
+def _sample_dir(args, module, meta, labels, sampler, info) -> int:
+    from pipeline.config import EngineConfig
+    from pipeline.data.hashing import sha256_file
+    from pipeline.run_dir import RunDir
+    from pipeline.train import sample_shards as ss
+    from pipeline.train.engines import build_engine
+    from pipeline.train.export import EXPORT_WEIGHTS
+
+    plan = ss.ShardPlan(args.num_samples, 1000 if args.samples_per_shard is None else args.samples_per_shard,
+                        256 if args.batch_size is None else args.batch_size)
+    plan.validate()
+    out = Path(args.out)
+    weights = RunDir(Path(args.run)).export / EXPORT_WEIGHTS
+    how = sampler.as_dict() if sampler is not None else None
+    params = {"source": ss.SOURCE, "weights_sha256": sha256_file(weights), "export_step": info["step"],
+              "num_samples": plan.num_samples, "seed": args.seed, "num_steps": args.num_steps, "sampler": how,
+              "labels": args.label, "samples_per_shard": plan.samples_per_shard, "batch_size": plan.batch_size}
+    if ss.check_out_dir(out, params) == "done":  # every rank checks, before any process group
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{out} already holds these {plan.num_samples} samples (manifest complete); nothing to do")
+        return 0
+    label_key = (info["config"].get("data") or {}).get("label_key") or "temperature"
+    # Ranks finish their shards at different times (the last shards, a slower node): the collective
+    # timeout that stops a training run whose rank died would stop a healthy sampling job here.
+    engine = build_engine(EngineConfig(timeout_s=7 * 24 * 3600))
+    try:
+        module.to(engine.device)
+        job = ss.SampleJob(module, meta, plan, args.seed, args.num_steps, sampler, labels, label_key, engine.device)
+        src = {"run": str(Path(args.run).resolve()), "export_step": info["step"]}
+        return ss.sample_to_shards(job, out, params, src, engine)
+    finally:
+        engine.close()

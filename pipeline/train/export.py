@@ -64,9 +64,13 @@ def load_export(run_dir: Path) -> tuple[nn.Module, DataMeta, dict[str, Any]]:
 
 @torch.no_grad()
 def sample_from(module: nn.Module, num_samples: int, labels: torch.Tensor | None, seed: int,
-                num_steps: int | None = None) -> torch.Tensor:
+                num_steps: int | None = None, sampler: Any = None) -> torch.Tensor:
+    """``module.sample`` with a generator seeded by ``seed``; ``num_steps`` / ``sampler`` passed
+    only when given, so that an objective without them (a GAN) is called as before."""
     g = torch.Generator().manual_seed(seed)
     kwargs: dict[str, Any] = {"labels": labels, "generator": g}
     if num_steps is not None:
         kwargs["num_steps"] = num_steps
+    if sampler is not None:
+        kwargs["sampler"] = sampler
     return module.sample(num_samples, **kwargs)

@@ -338,17 +338,23 @@ class GStep(_GANStep, SampledObjective):
             o.observable_matching = fm.detach()
         return o
 
+    def check_sample_options(self, num_steps: int | None, sampler) -> None:
+        if num_steps is not None:
+            raise ValueError(f"num_steps={num_steps}: --num-steps applies to VDM samplers; "
+                             f"a GAN's generator samples in one pass")
+        if sampler is not None:
+            raise ValueError("--sampler/--eta/--grid apply to VDM samplers; a GAN's generator samples in one "
+                             "forward pass (no steps, no noise schedule)")
+
     @torch.no_grad()
     def sample(self, num_samples: int, labels: torch.Tensor | None = None, num_steps: int | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, sampler=None) -> torch.Tensor:
         """``num_samples`` samples in data space: +-1 spins (sign of tanh, or drawn with mean
         tanh for gan.spin_output=bernoulli), levels
         0..L-1 (rounded), or raw continuous values. Conditional G: ``labels`` [num_samples]
         (class indices or e.g. temperatures); None draws classes uniformly / cycles over the
-        data's label values. ``num_steps`` must be None: G samples in one pass."""
-        if num_steps is not None:
-            raise ValueError(f"num_steps={num_steps}: --num-steps applies to VDM samplers; "
-                             f"a GAN's generator samples in one pass")
+        data's label values. ``num_steps`` and ``sampler`` must be None: G samples in one pass."""
+        self.check_sample_options(num_steps, sampler)  # G samples in one pass: both must be None
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         device = next(self.G.parameters()).device

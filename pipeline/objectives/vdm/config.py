@@ -63,3 +63,41 @@ class VDMConfig:
                 raise ConfigError(f"vdm.{name} must be positive, got {getattr(self, name)}")
         if self.sample_steps is not None and self.sample_steps < 1:
             raise ConfigError(f"vdm.sample_steps must be >= 1 or null, got {self.sample_steps}")
+
+
+SAMPLER_NAMES = ("ancestral", "ddim", "dpm-solver")
+GRID_SPACINGS = ("time", "logsnr")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How a VDM is sampled (``pipeline sample --sampler ... --eta ... --grid ...``); the number of
+    steps is passed beside it, as for any objective. The algorithms: :mod:`.samplers`."""
+
+    name: str = "ancestral"
+    eta: float | None = None  # DDIM only: 0 = deterministic (probability-flow), 1 = ancestral; default 0
+    # Grid of noise levels: "time" is uniform in t (every sampler's default; for a linear schedule it is
+    # also uniform in log-SNR), "logsnr" uniform in lambda = -gamma/2 (DPM-Solver++'s choice, Lu et al.
+    # 2022 sec. 3.4), continuous time only.
+    spacing: str = "time"
+
+    def validate(self) -> None:
+        if self.name not in SAMPLER_NAMES:
+            raise ConfigError(f"unknown sampler {self.name!r}; allowed: {', '.join(SAMPLER_NAMES)}")
+        if self.eta is not None and self.name != "ddim":
+            raise ConfigError(f"--eta applies to --sampler ddim only, not to {self.name!r}")
+        if self.eta is not None and not 0.0 <= self.eta <= 1.0:
+            raise ConfigError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: ancestral), got {self.eta}")
+        if self.spacing not in GRID_SPACINGS:
+            raise ConfigError(f"unknown grid spacing {self.spacing!r}; allowed: {', '.join(GRID_SPACINGS)}")
+
+    def as_dict(self) -> dict:
+        return {"sampler": self.name, "eta": self.eta, "grid": self.spacing}
+
+
+def sampler_from_options(name: str | None, eta: float | None, grid: str | None) -> SamplerConfig | None:
+    """The CLI's --sampler/--eta/--grid as a SamplerConfig; None when none is given (the model's
+    default, and the only value a model that samples in one pass accepts)."""
+    if name is None and eta is None and grid is None:
+        return None
+    return SamplerConfig(name=name or "ancestral", eta=eta, spacing=grid or "time")

@@ -20,8 +20,8 @@ from pipeline.errors import ConfigError
 from pipeline.objectives.base import AllGather, Report, SampledObjective, StepContext
 from pipeline.objectives.data_space import DataSpace
 from pipeline.objectives.draws import AnyDraws, Draws, GeneratorDraws, SampleDraws, as_draws
-from pipeline.objectives.vdm import terms
-from pipeline.objectives.vdm.config import VDMConfig
+from pipeline.objectives.vdm import samplers, terms
+from pipeline.objectives.vdm.config import SamplerConfig, VDMConfig
 from pipeline.objectives.vdm.denoiser import Denoiser, build_network
 from pipeline.objectives.vdm.schedules import LearnedSchedule, build_schedule
 from pipeline.objectives.vdm.timesteps import ImportanceSampler, build_timestep_sampler
@@ -279,7 +279,8 @@ class VDM(SampledObjective):
 
     # ----------------------------------------------------------------- sampling
     def sample_grid(self, num_steps: int | None, device) -> torch.Tensor:
-        """Times tau_0 = 0 < ... < tau_n = 1 visited by ancestral sampling with n steps."""
+        """Times tau_0 = 0 < ... < tau_n = 1 visited with n steps, uniform in t (discrete time: the
+        nearest latents of the chain, so the network is only asked at noise levels it was trained on)."""
         if self.continuous:
             n = num_steps if num_steps is not None else (self.cfg.sample_steps or 128)
             if n < 1:
@@ -295,6 +296,27 @@ class VDM(SampledObjective):
         idx = torch.from_numpy(np.round(np.linspace(0, K, n + 1)).astype(np.int64))
         return (idx.float() / K).to(device)
 
+    def sample_gammas(self, num_steps: int | None, device, spacing: str = "time") -> torch.Tensor:
+        """gamma at the grid's n + 1 points, increasing: uniform in t (``time``) or, in continuous
+        time, uniform in log-SNR (``logsnr``; the network takes gamma, so no time needs inverting)."""
+        taus = self.sample_grid(num_steps, device)
+        if spacing == "time":
+            return self.schedule(taus)[0]
+        if spacing != "logsnr":
+            raise ValueError(f"unknown grid spacing {spacing!r}; allowed: time, logsnr")
+        if not self.continuous:
+            raise ValueError("--grid logsnr needs a continuous-time VDM (vdm.num_timesteps=0): a discrete-time "
+                             "model knows only the noise levels of its T latents; use --grid time")
+        g0, g1 = self.endpoints(device)
+        return torch.linspace(float(g0), float(g1), len(taus), device=device)
+
+    def check_sample_options(self, num_steps: int | None, sampler: SamplerConfig | None) -> None:
+        if sampler is not None:
+            sampler.validate()
+            if sampler.spacing == "logsnr" and not self.continuous:
+                self.sample_gammas(1, "cpu", "logsnr")  # raises the error that names the fix
+        self.sample_grid(num_steps, "cpu")
+
     @torch.no_grad()
     def sample(
         self,
@@ -302,27 +324,38 @@ class VDM(SampledObjective):
         labels: torch.Tensor | None = None,
         num_steps: int | None = None,
         generator: torch.Generator | None = None,
+        sampler: SamplerConfig | None = None,
     ) -> torch.Tensor:
-        """Ancestral sampling: x_T ~ N(0, I), x_s ~ p(x_s | x_t) down a grid of times, x_0 ~ p(x_0 | x_1).
+        """z_T ~ N(0, I), down a grid of noise levels with ``sampler`` (default: ancestral,
+        x_s ~ p(x_s | x_t)), then x_0 ~ p(x_0 | z at tau = 0), the decoder.
 
         Returns samples in data space: +1/-1 for spins, integer levels 0..k-1, reals otherwise.
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        sampler = sampler or SamplerConfig()
+        self.check_sample_options(num_steps, sampler)
         device = next(self.parameters()).device
         labels = self.check_labels(labels.to(device) if labels is not None else None, num_samples)
-        taus = self.sample_grid(num_steps, device)
-        gammas, _ = self.schedule(taus)
+        gammas = self.sample_gammas(num_steps, device, sampler.spacing)
         shape = (num_samples,) + self.sample_shape
         z = torch.randn(shape, device=device, generator=generator)
-        for i in range(len(taus) - 1, 0, -1):
-            eps_hat = self.denoiser(z, gammas[i], labels)
-            mean, var = terms.reverse_mean_var(z, gammas[i], gammas[i - 1], eps_hat)
-            z = mean + var.sqrt() * torch.randn(shape, device=device, generator=generator)
-        g0 = gammas[0]
+
+        def eps_model(zt: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+            return self.denoiser(zt, gamma, labels)
+
+        def noise() -> torch.Tensor:
+            return torch.randn(shape, device=device, generator=generator)
+
+        z = samplers.run_sampler(sampler.name, eps_model, z, gammas, noise, sampler.eta or 0.0)
+        return self._decode(z, gammas[0], generator)
+
+    def _decode(self, z: torch.Tensor, g0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """x_0 ~ p(x_0 | z_0): the discrete decoder over the allowed values, or the Gaussian one."""
+        shape = z.shape
         a, s2 = terms.alpha_sq(g0).sqrt(), terms.sigma_sq(g0)
         if self.values is None:
-            return z / a + (s2.sqrt() / a) * torch.randn(shape, device=device, generator=generator)
+            return z / a + (s2.sqrt() / a) * torch.randn(shape, device=z.device, generator=generator)
         logits = -0.5 * (z.unsqueeze(-1) - a * self.values) ** 2 / s2
         idx = torch.multinomial(torch.softmax(logits.reshape(-1, len(self.values)), -1), 1, generator=generator)
         idx = idx.reshape(shape)

@@ -42,6 +42,9 @@ def _train(args) -> int:
     # Read once, here: a missing data set is reported before the process group starts, and
     # the loop and the stream use this copy (without a manifest, each read scans the shards).
     meta = read_meta(cfg.data.train_urls)
+    from pipeline.objectives.registry import check_data
+
+    check_data(cfg, meta)  # the model fits the data (labels, shapes): also before anything starts
     from pipeline.train.resume import check_resume
 
     # Before anything is written: an incompatible config leaves the run directory as it is.
@@ -56,20 +59,31 @@ def _train(args) -> int:
 def _sample(args) -> int:
     import numpy as np
 
+    from pipeline.track.images import is_image_shape
     from pipeline.train.export import load_export, sample_from
-    from pipeline.train.sampling import default_labels
+    from pipeline.train.sampling import default_labels, label_warnings
 
     if args.num_samples <= 0:
         raise ConfigError(f"--num-samples must be positive, got {args.num_samples}")
+    if args.num_steps is not None and args.num_steps < 1:
+        raise ConfigError(f"--num-steps must be >= 1 (or left out for the model's default), got {args.num_steps}")
     out = Path(args.out)
     if out.suffix != ".npy":
         raise ConfigError(f"--out must end in .npy, got {str(out)!r}")
     module, meta, info = load_export(Path(args.run))
+    if args.png and not is_image_shape(tuple(meta.sample_shape)):
+        # Checked before the .npy is written: a failed command leaves nothing half-done.
+        raise ConfigError(f"--png draws samples of shape [H, W] or [1, H, W]; this model's samples have shape "
+                          f"{tuple(meta.sample_shape)}; leave out --png")
     try:
         labels = default_labels(meta, args.num_samples, args.label)
+        # The objective's own argument checks (a GAN takes no --num-steps, a discrete VDM at
+        # most T - 1) raise ValueError before anything is drawn.
+        x = sample_from(module, args.num_samples, labels, seed=args.seed, num_steps=args.num_steps)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    x = sample_from(module, args.num_samples, labels, seed=args.seed, num_steps=args.num_steps)
+    for warning in label_warnings(meta, args.label):
+        print(f"warning: {warning}", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, x.cpu().numpy())
     print(f"wrote {x.shape[0]} samples of shape {tuple(x.shape[1:])} from step {info['step']} to {out}")

@@ -48,6 +48,8 @@ def load_export(run_dir: Path) -> tuple[nn.Module, DataMeta, dict[str, Any]]:
     from pipeline.config import config_from_dict
     from pipeline.objectives.registry import build_phases
 
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"no such run directory: {run_dir}")
     d = RunDir(run_dir).export
     if not (d / EXPORT_INFO).is_file():
         raise ConfigError(f"{run_dir}: no export found (expected {d / EXPORT_INFO}; has the run saved a checkpoint?)")

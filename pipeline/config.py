@@ -417,13 +417,30 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     return cfg
 
 
+def saved_dict(cfg: Config) -> dict[str, Any]:
+    """The config as a run writes it (``config.yaml``, ``export.json``): lists for tuples, and
+    every credential that reached a value (an expanded ``$HF_TOKEN`` inside a ``pipe:`` URL,
+    the value of a secret-named environment variable, a URL password) redacted, as in W&B
+    and metrics.jsonl (issue 15 item 8; :mod:`pipeline.track.secrets`)."""
+    from pipeline.track.secrets import Scrubber
+
+    return Scrubber().value(_plain(cfg.to_dict()))
+
+
+def redacted_keys(cfg: Config) -> list[str]:
+    """The dotted keys whose values :func:`saved_dict` redacts (the CLI names them)."""
+    saved = flatten(saved_dict(cfg))
+    return [k for k, v in flatten(_plain(cfg.to_dict())).items() if saved[k] != v]
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(saved_dict(cfg), sort_keys=False))
 
 
 def flat_config(cfg: Config) -> dict[str, Any]:
-    """The config as save_config writes it (lists for tuples), flattened to dotted keys."""
-    return flatten(_plain(cfg.to_dict()))
+    """The config as save_config writes it (lists for tuples, credentials redacted), flattened
+    to dotted keys: compared with a saved config.yaml, a redacted value is no change."""
+    return flatten(saved_dict(cfg))
 
 
 def read_saved_config(path: str | Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""``pipeline evaluate --run DIR --data SHARDS``: science evaluation of a trained run.
+"""``pipeline evaluate --run DIR [--data SHARDS]``: science evaluation of a trained run.
 
 Prints a short human-readable summary, then, as the last stdout line, one JSON object with
 the results (also written to ``--out``). Exit code 0 whether or not anything is flagged:
@@ -26,7 +26,10 @@ def register(subparsers) -> None:
         "The last stdout line is a JSON object.",
     )
     p.add_argument("--run", required=True, help="run directory (holds export/)")
-    p.add_argument("--data", required=True, help="reference shards: a directory with manifest.json or tar path(s)")
+    p.add_argument("--data", default=None,
+                   help="reference shards: a directory with manifest.json or tar path(s) (default: the run's own "
+                        "data.train_urls, as `pipeline bench variance`; a pipe: command stored in the run is never run: "
+                        "name it here)")
     p.add_argument("--num-samples", type=int, default=1000,
                    help="samples to generate (per temperature for conditional models; default 1000)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")

@@ -48,7 +48,16 @@ def _train(args) -> int:
     from pipeline.train.resume import check_resume
 
     # Before anything is written: an incompatible config leaves the run directory as it is.
-    for warning in check_resume(cfg, meta):
+    warnings = check_resume(cfg, meta)
+    from pipeline.config import redacted_keys
+
+    if redacted_keys(cfg):
+        warnings.append(
+            f"{', '.join(redacted_keys(cfg))} hold(s) a credential; it is redacted in config.yaml, export.json, "
+            "W&B and metrics.jsonl. Pass it through the environment instead (e.g. a pipe: command with "
+            "'$HF_TOKEN' in single quotes: its shell expands it when the command runs)"
+        )
+    for warning in warnings:
         if os.environ.get("RANK", "0") == "0":  # every rank checks; one says so
             print(f"warning: {warning}", file=sys.stderr, flush=True)
     from pipeline.train.loop import train

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Config, TrainConfig, save_config
+from pipeline.config import Config, TrainConfig, save_config, saved_dict
 from pipeline.data.meta import DataMeta
 from pipeline.data.stream import build_stream, read_meta
 from pipeline.errors import ConfigError
@@ -171,7 +171,7 @@ def train(cfg: Config, meta: DataMeta | None = None) -> int:
             t0 = time.perf_counter()
             path = ckpt.save(state.step, phases, shared, per_rank, data=stream.position_record())
             if engine.is_main:
-                write_export(run_dir.root, ema.module, cfg.to_dict(), meta, state.step)
+                write_export(run_dir.root, ema.module, saved_dict(cfg), meta, state.step)
                 tracker.log_event("checkpoint", step=state.step, path=str(path), seconds=time.perf_counter() - t0)
 
         preempt = PreemptionFlag()

@@ -42,9 +42,7 @@ def _train(args) -> int:
     # Read once, here: a missing data set is reported before the process group starts, and
     # the loop and the stream use this copy (without a manifest, each read scans the shards).
     meta = read_meta(cfg.data.train_urls)
-    from pipeline.objectives.registry import check_data
-
-    check_data(cfg, meta)  # the model fits the data (labels, shapes): also before anything starts
+    _check_data(cfg, meta)
     from pipeline.train.resume import check_resume
 
     # Before anything is written: an incompatible config leaves the run directory as it is.
@@ -63,6 +61,22 @@ def _train(args) -> int:
     from pipeline.train.loop import train
 
     return train(cfg, meta)
+
+
+def _check_data(cfg, meta) -> None:
+    """What needs the data's manifest, checked before any process group starts or anything is
+    written to run.dir (issue 15 items 10, 11): the model fits the data (labels, shapes), and
+    data.label_key is a field of the samples (the stream checks it again, but only once the
+    run directory exists). A pipe: URL is not run for this: it has no manifest to check."""
+    from pipeline.objectives.registry import check_data
+
+    check_data(cfg, meta)
+    if cfg.data.label_key is not None and "pipe:" not in cfg.data.train_urls:
+        from pipeline.data.resolve import resolve_shards
+        from pipeline.data.schema import check_label_key
+
+        urls = cfg.data.train_urls
+        check_label_key(cfg.data.label_key, resolve_shards(urls, verify_mode="off").schema, urls)
 
 
 def _sample(args) -> int:

@@ -43,5 +43,4 @@ def check_data(cfg: "Config", meta: "DataMeta") -> None:
     """ConfigError when the configured objective cannot be trained on data described by
     ``meta``. Torch-free (the objectives' config modules): the CLI calls it before any
     process group starts or anything is written to the run directory."""
-    section = {"vdm": cfg.vdm, "gan": cfg.gan}[cfg.objective]
-    section.check_data(meta)
+    getattr(cfg, cfg.objective).check_data(meta)  # the objective's own section (Config has one per objective)

@@ -163,6 +163,10 @@ def _check_not_run(f: Fixtures, tmp: Path, r: Result) -> None:
     assert not f.pipe_marker.exists(), "the pipe: command stored in the run was executed"
 
 
+def _check_evaluated_on_the_runs_data(f: Fixtures, tmp: Path, r: Result) -> None:
+    assert json.loads(r.stdout.strip().splitlines()[-1])["data"] == str(f.classes)
+
+
 def _check_warned_and_sampled(f: Fixtures, tmp: Path, r: Result) -> None:
     import numpy as np
 
@@ -218,6 +222,9 @@ CASES = [
          lambda f, tmp: ["evaluate", "--run", str(f.pipe_run), "--num-samples", "4"], 2,
          ("the run's data.train_urls is a pipe: command", "pass --data"), setup=_forget_marker,
          check=_check_not_run, watch=lambda f, tmp: [f.pipe_run]),
+    Case("evaluate-defaults-to-the-runs-own-data", "14",
+         lambda f, tmp: ["evaluate", "--run", str(f.vdm_run), "--num-samples", "4", "--elbo-num-samples", "0"], 0,
+         ("evaluated ",), watch=lambda f, tmp: [f.vdm_run], check=_check_evaluated_on_the_runs_data),
     Case("bench-variance-does-not-run-a-stored-pipe", "8",
          lambda f, tmp: ["bench", "variance", "--run", str(f.pipe_run)], 2,
          ("the run's data.train_urls is a pipe: command", "pass --data"), setup=_forget_marker,

@@ -146,3 +146,26 @@ def test_only_keys_the_user_set_are_refused_not_defaults(tmp_path):
                                     "gan_gmm"])
 def test_every_preset_sets_only_keys_its_objective_reads(preset):
     load_config(f"configs/{preset}.yaml")
+
+
+# ---------------------------------------------------------------- issue 15 item 8: credentials in config values
+
+
+def test_credentials_in_values_are_redacted_from_what_a_run_writes(tmp_path, monkeypatch):
+    from pipeline.config import flat_config, read_saved_config, redacted_keys, save_config
+
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"  # the shape of an AWS secret access key
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    urls = f"pipe:aws s3 cp s3://b/shard-000.tar - --secret {secret}"
+    inline = "pipe:env AWS_SECRET_ACCESS_KEY=abcdef123456 aws s3 cp s3://b/x.tar -"
+    cfg = load_config(None, BASE[1:] + [f"run.dir={tmp_path}", f"data.train_urls={urls}", f"data.val_urls={inline}"])
+    assert redacted_keys(cfg) == ["data.train_urls", "data.val_urls"]
+    save_config(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert secret not in text and "abcdef123456" not in text
+    assert "--secret <redacted>" in text and "AWS_SECRET_ACCESS_KEY=<redacted>" in text
+    # The run itself keeps the real value; a resume compares redacted with redacted.
+    assert cfg.data.train_urls == urls
+    assert read_saved_config(tmp_path / "config.yaml") == flat_config(cfg)
+    # Paths and ordinary values are not secrets.
+    assert redacted_keys(load_config(None, BASE)) == []

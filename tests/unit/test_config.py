@@ -169,3 +169,21 @@ def test_credentials_in_values_are_redacted_from_what_a_run_writes(tmp_path, mon
     assert read_saved_config(tmp_path / "config.yaml") == flat_config(cfg)
     # Paths and ordinary values are not secrets.
     assert redacted_keys(load_config(None, BASE)) == []
+
+
+def test_a_config_error_on_a_rank_other_than_0_is_said_by_that_rank_when_rank_0_does_not(monkeypatch, capsys):
+    """Rank 0 reports a ConfigError; another rank waits for the launcher to end it (rank 0
+    failed too) and, when that does not come, says it itself (issue 15 item 10)."""
+    import signal
+
+    import pipeline.cli as cli
+
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "_RANK0_REPORT_WAIT_S", 0.01)
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["train", "--config", "configs/quickstart.yaml", "train.nope=1"]) == 2
+    assert capsys.readouterr().err.startswith("pipeline train: error (rank 1): unknown config key 'train.nope'")
+    assert signal.getsignal(signal.SIGTERM) == handler
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["train", "--config", "configs/quickstart.yaml", "train.nope=1"]) == 2
+    assert capsys.readouterr().err.startswith("pipeline train: error: unknown config key 'train.nope'")

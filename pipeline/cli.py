@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from pipeline.errors import ConfigError
@@ -46,8 +47,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
-        print(f"pipeline {args.command}: error: {e}", file=sys.stderr)
+        _report_config_error(args.command, e)
         return 2
+
+
+# How long a rank other than 0 waits for rank 0 to report a config error (see below).
+_RANK0_REPORT_WAIT_S = 10.0
+
+
+def _report_config_error(command: str, error: ConfigError) -> None:
+    """Print ``error`` once per launch. Under `accelerate launch` every rank runs this CLI and
+    finds the same error before any process group starts: rank 0 says it and exits 2. The
+    others stay silent and wait (at most ``_RANK0_REPORT_WAIT_S``) before exiting 2 too: a
+    rank that exited first would make the elastic agent SIGTERM rank 0 before it printed.
+    The agent's SIGTERM, once rank 0 has exited, ends the wait with exit code 2. A rank still
+    waiting after that (rank 0 did not fail: e.g. a path missing on this node only, or rank 0
+    on another node) says it itself, naming its rank: never lost, at worst once per node."""
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
+        print(f"pipeline {command}: error: {error}", file=sys.stderr, flush=True)
+        return
+    import signal
+    import time
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: os._exit(2))
+    time.sleep(_RANK0_REPORT_WAIT_S)
+    signal.signal(signal.SIGTERM, previous)  # main() may run in-process: leave the handler as it was
+    print(f"pipeline {command}: error (rank {rank}): {error}", file=sys.stderr, flush=True)
 
 
 def run() -> None:

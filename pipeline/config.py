@@ -373,8 +373,42 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
     raw = _merge(raw, parse_overrides(overrides or []))
     cfg = build(Config, raw)
+    check_objective_keys(raw, cfg.objective)
     cfg.validate()
     return cfg
+
+
+# Keys of shared sections that only one objective reads, with what the other one reads
+# instead. A GAN has one learning rate per phase (gan.lr_d, gan.lr_g), so train.lr would be
+# silently ignored (issue 15 item 5). train.betas is read by both (a GAN's default when
+# gan.betas is null); warm-up, decay, clipping and weight decay apply to every phase.
+OBJECTIVE_ONLY_KEYS: dict[str, tuple[str, str]] = {
+    "train.lr": ("vdm", "a GAN's learning rates are gan.lr_d and gan.lr_g"),
+}
+OBJECTIVE_SECTIONS = ("vdm", "gan")
+
+
+def check_objective_keys(raw: dict[str, Any], objective: str) -> None:
+    """ConfigError naming every key the user SET (in the YAML or on the command line: the
+    keys of ``raw``, before defaults are filled in) that ``objective`` does not read: a key
+    of :data:`OBJECTIVE_ONLY_KEYS` meant for another objective, or a key of the other
+    objective's section. Defaults are never refused; a saved ``config.yaml`` (every key
+    written) is read with :func:`config_from_dict`, which does not call this."""
+    problems = []
+    for key in flatten(raw):
+        only = OBJECTIVE_ONLY_KEYS.get(key)
+        section = key.split(".", 1)[0]
+        if only is not None and only[0] != objective:
+            problems.append(f"{key} ({only[1]})")
+        elif section in OBJECTIVE_SECTIONS and section != objective:
+            problems.append(f"{key} (the {section} section is read only with objective={section}; "
+                            f"objective={objective} reads the {objective}.* keys)")
+    if problems:
+        raise ConfigError(
+            f"objective={objective} does not read these keys that are set in the config or the overrides: "
+            f"{'; '.join(problems)}. Remove them (a preset of the other objective sets them: start from a "
+            f"configs/{objective}_*.yaml preset), or choose the objective they belong to"
+        )
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:
@@ -383,13 +417,30 @@ def config_from_dict(d: dict[str, Any]) -> Config:
     return cfg
 
 
+def saved_dict(cfg: Config) -> dict[str, Any]:
+    """The config as a run writes it (``config.yaml``, ``export.json``): lists for tuples, and
+    every credential that reached a value (an expanded ``$HF_TOKEN`` inside a ``pipe:`` URL,
+    the value of a secret-named environment variable, a URL password) redacted, as in W&B
+    and metrics.jsonl (issue 15 item 8; :mod:`pipeline.track.secrets`)."""
+    from pipeline.track.secrets import Scrubber
+
+    return Scrubber().value(_plain(cfg.to_dict()))
+
+
+def redacted_keys(cfg: Config) -> list[str]:
+    """The dotted keys whose values :func:`saved_dict` redacts (the CLI names them)."""
+    saved = flatten(saved_dict(cfg))
+    return [k for k, v in flatten(_plain(cfg.to_dict())).items() if saved[k] != v]
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(saved_dict(cfg), sort_keys=False))
 
 
 def flat_config(cfg: Config) -> dict[str, Any]:
-    """The config as save_config writes it (lists for tuples), flattened to dotted keys."""
-    return flatten(_plain(cfg.to_dict()))
+    """The config as save_config writes it (lists for tuples, credentials redacted), flattened
+    to dotted keys: compared with a saved config.yaml, a redacted value is no change."""
+    return flatten(saved_dict(cfg))
 
 
 def read_saved_config(path: str | Path) -> dict[str, Any]:

@@ -263,10 +263,10 @@ def load_pool(run_dir: Path, info: dict, data: str | None) -> tuple[torch.Tensor
     validation split when the set has one."""
     from pipeline.eval.reference import has_split, load_reference
 
+    from pipeline.eval.common import run_data
+
     data_cfg = info["config"].get("data") or {}
-    urls = data or data_cfg.get("train_urls")
-    if not urls:
-        raise ConfigError(f"{run_dir}: the run's config names no data.train_urls; pass --data SHARDS")
+    urls = run_data(run_dir, info, data)
     split = "validation" if has_split(urls, "validation") else "all"
     ref = load_reference(urls, split=split)
     meta = info["meta"]

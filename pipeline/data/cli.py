@@ -294,6 +294,13 @@ def _grf_field(args):
     return grf.GRF(args.ndim, args.size, spectrum, channels=args.channels, zero_mode_power=args.zero_mode_power)
 
 
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """``key: old -> new`` for each creation parameter that differs (issue 15 item 14)."""
+    new = json.loads(json.dumps(new))  # as the manifest stores them (lists for tuples)
+    keys = sorted(set(old) | set(new))
+    return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
+
+
 def _run(args) -> int:
     try:
         source_params, make = _source(args)
@@ -308,7 +315,7 @@ def _run(args) -> int:
         old = shards_mod.existing_params(args.out)
         if old is not None and old != json.loads(json.dumps(params)) and not args.overwrite:
             raise ValueError(
-                f"{args.out} holds a shard set written with other parameters ({old}); "
+                f"{args.out} holds a shard set written with other parameters ({_differences(old, params)}); "
                 "pass --overwrite to replace it or choose another --out"
             )
         data = make()

@@ -27,7 +27,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ import numpy as np
 
 from pipeline.data.hashing import sha256_file  # noqa: F401 - also part of this module's API
 from pipeline.data.meta import DataMeta
+from pipeline.errors import ConfigError
 from pipeline.data.sources import SourceData
 
 MANIFEST_NAME = "manifest.json"
@@ -77,12 +78,40 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     try:
         m = json.loads(p.read_text())
     except FileNotFoundError:
-        raise ValueError(f"no {MANIFEST_NAME} at {p}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p} is not valid JSON: {e}") from None
-    if m.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{p}: unknown manifest format {m.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+        raise ConfigError(f"no {MANIFEST_NAME} at {p}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p} is not valid JSON ({e}); rewrite the shards with `pipeline shards ...`") from None
+    _check_manifest(m, p)
     return m
+
+
+# What readers take from a manifest; each shard entry as write_shards records it.
+_MANIFEST_FIELDS = ("format", "meta", "shards")
+_SHARD_FIELDS = ("name", "split", "num_samples", "num_bytes", "sha256")
+
+
+def _check_manifest(m: Any, p: Path) -> None:
+    """ConfigError naming what is missing or wrong in manifest ``m`` (read from ``p``), so a
+    damaged or hand-written manifest fails here with its path, not as a KeyError later."""
+    redo = "; rewrite the shards with `pipeline shards ...` (or remove the manifest to read the tars alone)"
+    if not isinstance(m, dict):
+        raise ConfigError(f"{p} must hold a JSON object, got {type(m).__name__}{redo}")
+    if m.get("format") != MANIFEST_FORMAT:
+        raise ConfigError(f"{p}: unknown manifest format {m.get('format')!r}, expected {MANIFEST_FORMAT!r}{redo}")
+    missing = [k for k in _MANIFEST_FIELDS if k not in m]
+    if missing:
+        raise ConfigError(f"{p} lacks the field(s) {', '.join(missing)}{redo}")
+    try:
+        meta_from_dict(m["meta"])
+    except (TypeError, KeyError, ValueError) as e:
+        names = ", ".join(f.name for f in fields(DataMeta))
+        raise ConfigError(f"{p}: 'meta' is not a valid data description ({e}); it holds {names}{redo}") from None
+    if not isinstance(m["shards"], list) or not all(isinstance(s, dict) for s in m["shards"]):
+        raise ConfigError(f"{p}: 'shards' must be a list of objects{redo}")
+    for i, s in enumerate(m["shards"]):
+        lacking = [k for k in _SHARD_FIELDS if k not in s]
+        if lacking:
+            raise ConfigError(f"{p}: shards[{i}] lacks {', '.join(lacking)}{redo}")
 
 
 def verify(directory: str | os.PathLike, *, checksum: bool = False, split: str | None = None,

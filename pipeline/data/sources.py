@@ -342,6 +342,12 @@ def npy(
     )
 
 
+def _looks_like_path(path: str) -> bool:
+    """Whether ``path`` can only be a file system path, not a hub name (NAME or OWNER/NAME)."""
+    return (path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path
+            or any(c in path for c in "*?[") or path.endswith((".parquet", ".arrow", ".json", ".csv")))
+
+
 def hf(
     path: str,
     *,
@@ -368,6 +374,11 @@ def hf(
         raise ValueError(
             f"hf: {path} is neither a save_to_disk directory nor .parquet/.arrow files"
         )
+    elif _looks_like_path(path):
+        # A hub name is `name` or `owner/name`; asking the hub for a missing local path
+        # reports a network or repository error that never names the path (issue 15 item 10).
+        raise ValueError(f"hf: --path {path} does not exist (a local path: it is not looked up on the hub; "
+                         f"a hub name is NAME or OWNER/NAME)")
     else:
         ds = datasets.load_dataset(path)  # a hub name; fails clearly when offline
     if isinstance(ds, datasets.DatasetDict):

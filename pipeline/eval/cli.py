@@ -1,4 +1,4 @@
-"""``pipeline evaluate --run DIR --data SHARDS``: science evaluation of a trained run.
+"""``pipeline evaluate --run DIR [--data SHARDS]``: science evaluation of a trained run.
 
 Prints a short human-readable summary, then, as the last stdout line, one JSON object with
 the results (also written to ``--out``). Exit code 0 whether or not anything is flagged:
@@ -27,8 +27,11 @@ def register(subparsers) -> None:
     )
     p.add_argument("--run", default=None, help="run directory (holds export/)")
     p.add_argument("--samples", default=None, help="instead of --run: a sample set written by `pipeline sample "
-                   "--out DIR` (2D Ising), read shard by shard in bounded memory")
-    p.add_argument("--data", required=True, help="reference shards: a directory with manifest.json or tar path(s)")
+                   "--out DIR` (2D Ising), read shard by shard in bounded memory; needs --data")
+    p.add_argument("--data", default=None,
+                   help="reference shards: a directory with manifest.json or tar path(s) (default with --run: the "
+                        "run's own data.train_urls, as `pipeline bench variance`; a pipe: command stored in the run "
+                        "is never run: name it here)")
     p.add_argument("--num-samples", type=int, default=1000,
                    help="samples to generate (per temperature for conditional models; default 1000)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -83,6 +86,8 @@ def _evaluate_samples(args) -> int:
     from pipeline.eval.reference import load_reference
     from pipeline.eval.sample_set import evaluate_sample_set
 
+    if args.data is None:
+        raise ConfigError("--samples needs --data: the reference shards to judge the sample set against")
     try:
         reference = load_reference(args.data, split="all")
         temps = args.temperature

@@ -15,6 +15,32 @@ from pipeline.eval.ising import DEFAULT_ALPHA, DEFAULT_Z_MAX
 from pipeline.eval.reference import ReferenceSet, has_split, load_reference
 
 
+def run_data(run_dir: Any, info: dict[str, Any], data: str | None) -> str:
+    """The data a command that reads a run measures on: ``data`` when the user names it
+    (``--data``), else the run's own ``data.train_urls`` from its export. A ``pipe:`` URL runs
+    a shell command once per shard per pass; one stored in a run directory (which may come
+    from anyone) is never run without the user naming it (issue 15 item 8), nor is a URL whose
+    credential was redacted when the run was saved."""
+    from pipeline.errors import ConfigError
+    from pipeline.track.secrets import REDACTED
+
+    if data:
+        return data
+    urls = (info.get("config", {}).get("data") or {}).get("train_urls")
+    if not urls:
+        raise ConfigError(f"{run_dir}: the run's config names no data.train_urls; pass --data SHARDS")
+    if "pipe:" in urls:
+        raise ConfigError(
+            f"{run_dir}: the run's data.train_urls is a pipe: command ({urls!r}), which would run in a shell; "
+            "a command that reads a run never runs it on its own: pass --data (the same command, if you trust it, "
+            "or the shards' directory)"
+        )
+    if REDACTED in urls:
+        raise ConfigError(f"{run_dir}: the run's data.train_urls held a credential and was saved redacted "
+                          f"({urls!r}); pass --data")
+    return urls
+
+
 @dataclass
 class EvalOptions:
     num_samples: int = 1000  # generated samples (per temperature for conditional Ising models)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.data.meta import DataMeta
-from pipeline.eval.common import EvalOptions, _held_out, _is_vdm, _vdm_likelihood, generate
+from pipeline.eval.common import EvalOptions, _held_out, _is_vdm, _vdm_likelihood, generate, run_data
 from pipeline.eval.reference import ReferenceSet, load_reference
 from pipeline.run_dir import RunDir
 
@@ -272,13 +272,15 @@ def _is_ising(meta: DataMeta) -> bool:
     return meta.data_kind == "spins" and (len(shape) == 2 or (len(shape) == 3 and shape[0] == 1))
 
 
-def evaluate_run(run_dir: str | Path, data_urls: str, opts: EvalOptions) -> dict[str, Any]:
-    """Load ``run_dir``'s export, sample from it and evaluate against the shards at ``data_urls``."""
+def evaluate_run(run_dir: str | Path, data_urls: str | None, opts: EvalOptions) -> dict[str, Any]:
+    """Load ``run_dir``'s export, sample from it and evaluate against the shards at ``data_urls``
+    (None: the run's own data, see :func:`pipeline.eval.common.run_data`)."""
     from pipeline.train.export import load_export
 
     opts.validate()
     t_start = time.perf_counter()
     module, meta, info = load_export(Path(run_dir))
+    data_urls = run_data(run_dir, info, data_urls)
     torch.manual_seed(opts.seed)
     reference = load_reference(data_urls, split="all")
     if tuple(reference.meta.sample_shape) != tuple(meta.sample_shape):

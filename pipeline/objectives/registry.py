@@ -37,3 +37,10 @@ def build_phases(cfg: "Config", meta: "DataMeta") -> "list[Phase]":
     phases = OBJECTIVES[cfg.objective](cfg, meta)
     assert sum(p.ema for p in phases) == 1, "exactly one phase holds the model that is sampled"
     return phases
+
+
+def check_data(cfg: "Config", meta: "DataMeta") -> None:
+    """ConfigError when the configured objective cannot be trained on data described by
+    ``meta``. Torch-free (the objectives' config modules): the CLI calls it before any
+    process group starts or anything is written to the run directory."""
+    getattr(cfg, cfg.objective).check_data(meta)  # the objective's own section (Config has one per objective)

@@ -43,6 +43,11 @@ def to_uint8(images: Any, value_range: tuple[float, float] | None = None) -> tup
     return np.round(np.clip(y, 0.0, 1.0) * 255.0).astype(np.uint8), finite
 
 
+def is_image_shape(sample_shape: tuple[int, ...]) -> bool:
+    """Whether samples of this shape ([H, W] or [1, H, W]) can be drawn as a grid."""
+    return len(sample_shape) == 2 or (len(sample_shape) == 3 and sample_shape[0] == 1)
+
+
 def grid_shape(num_images: int, ncols: int | None = None) -> tuple[int, int]:
     """(rows, cols) of the grid: as square as possible unless ``ncols`` is given."""
     cols = ncols if ncols is not None else math.ceil(math.sqrt(num_images))

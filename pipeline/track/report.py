@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -183,7 +184,12 @@ def make_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[
     if not (log.series or log.profiles or log.images):
         raise ValueError(f"{metrics_path} holds no metrics ({log.num_bad_lines} unreadable lines)")
     out = Path(out_dir) if out_dir is not None else rd.report
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. --out under /proc, or a file's path (issue 15 item 10)
+        raise ValueError(f"cannot create the output directory {str(out)!r}: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"the output directory {str(out)!r} is not writable")
     written = [
         plot_elbo(log, out / "elbo.png"),
         plot_profiles(log, out / "t_profile.png"),

@@ -104,7 +104,10 @@ def validate(directory: Path) -> dict[str, Any]:
         manifest = json.loads(mpath.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{mpath}: not valid JSON ({e})") from None
-    for name, info in manifest["files"].items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{mpath}: no 'files' table (not a checkpoint manifest)")
+    for name, info in files.items():
         f = directory / name
         if not f.is_file():
             raise CheckpointError(f"{directory}: file {name} is missing")
@@ -145,6 +148,8 @@ class Checkpointer:
         if engine.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".partial-*"):  # left by a crash mid-write
+                print(f"checkpoint: removing {stale.name}, an incomplete checkpoint left by a crash mid-write",
+                      file=sys.stderr, flush=True)
                 shutil.rmtree(stale, ignore_errors=True)
         engine.barrier()
 
@@ -209,8 +214,11 @@ class Checkpointer:
             if d.is_dir() and not d.name.startswith(".") and m.is_file():
                 try:
                     out.append((int(json.loads(m.read_text())["step"]), d))
-                except (json.JSONDecodeError, KeyError, ValueError):
-                    out.append((-1, d))  # unreadable manifest: oldest, validated (and rejected) last
+                except (json.JSONDecodeError, KeyError, ValueError, TypeError):
+                    # Unreadable manifest: ordered by the directory's name, so that it is tried
+                    # (and reported as skipped) in its place, not after an older valid one.
+                    name_step = d.name.removeprefix("step-")
+                    out.append((int(name_step) if name_step.isdigit() else -1, d))
         return sorted(out, key=lambda x: x[0], reverse=True)
 
     def _apply_retention(self, just_saved: Path) -> None:
@@ -251,6 +259,9 @@ class Checkpointer:
         if pointer.is_file():
             candidates.append(self.root / pointer.read_text().strip())
         candidates += [d for _, d in self._complete() if d not in candidates]
+        if candidates and not pointer.is_file():
+            print(f"checkpoint: no {LATEST} file in {self.root}; trying the checkpoints newest first",
+                  file=sys.stderr, flush=True)
         rejected = []
         for d in candidates:
             try:

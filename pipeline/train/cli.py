@@ -58,10 +58,20 @@ def _train(args) -> int:
     # Read once, here: a missing data set is reported before the process group starts, and
     # the loop and the stream use this copy (without a manifest, each read scans the shards).
     meta = read_meta(cfg.data.train_urls)
+    _check_data(cfg, meta)
     from pipeline.train.resume import check_resume
 
     # Before anything is written: an incompatible config leaves the run directory as it is.
-    for warning in check_resume(cfg, meta):
+    warnings = check_resume(cfg, meta)
+    from pipeline.config import redacted_keys
+
+    if redacted_keys(cfg):
+        warnings.append(
+            f"{', '.join(redacted_keys(cfg))} hold(s) a credential; it is redacted in config.yaml, export.json, "
+            "W&B and metrics.jsonl. Pass it through the environment instead (e.g. a pipe: command with "
+            "'$HF_TOKEN' in single quotes: its shell expands it when the command runs)"
+        )
+    for warning in warnings:
         if os.environ.get("RANK", "0") == "0":  # every rank checks; one says so
             print(f"warning: {warning}", file=sys.stderr, flush=True)
     from pipeline.train.loop import train
@@ -78,22 +88,47 @@ def sampler_config(args):
     return sampler_from_options(args.sampler, args.eta, args.grid)
 
 
+def _check_data(cfg, meta) -> None:
+    """What needs the data's manifest, checked before any process group starts or anything is
+    written to run.dir (issue 15 items 10, 11): the model fits the data (labels, shapes), and
+    data.label_key is a field of the samples (the stream checks it again, but only once the
+    run directory exists). A pipe: URL is not run for this: it has no manifest to check."""
+    from pipeline.objectives.registry import check_data
+
+    check_data(cfg, meta)
+    if cfg.data.label_key is not None and "pipe:" not in cfg.data.train_urls:
+        from pipeline.data.resolve import resolve_shards
+        from pipeline.data.schema import check_label_key
+
+        urls = cfg.data.train_urls
+        check_label_key(cfg.data.label_key, resolve_shards(urls, verify_mode="off").schema, urls)
+
+
 def _sample(args) -> int:
+    from pipeline.track.images import is_image_shape
     from pipeline.train.export import load_export
-    from pipeline.train.sampling import default_labels
+    from pipeline.train.sampling import default_labels, label_warnings
 
     if args.num_samples <= 0:
         raise ConfigError(f"--num-samples must be positive, got {args.num_samples}")
+    if args.num_steps is not None and args.num_steps < 1:
+        raise ConfigError(f"--num-steps must be >= 1 (or left out for the model's default), got {args.num_steps}")
     out = Path(args.out)
     if out.suffix in _FILE_SUFFIXES:
         raise ConfigError(f"--out must be a .npy file or a directory (for WebDataset shards), got {str(out)!r}")
     module, meta, info = load_export(Path(args.run))
     sampler = sampler_config(args)
+    if args.png and not is_image_shape(tuple(meta.sample_shape)):
+        # Checked before the .npy is written: a failed command leaves nothing half-done.
+        raise ConfigError(f"--png draws samples of shape [H, W] or [1, H, W]; this model's samples have shape "
+                          f"{tuple(meta.sample_shape)}; leave out --png")
     try:
         module.check_sample_options(args.num_steps, sampler)
         labels = default_labels(meta, args.num_samples, args.label)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    for warning in label_warnings(meta, args.label):
+        print(f"warning: {warning}", file=sys.stderr)
     if out.suffix == ".npy":
         if args.samples_per_shard is not None or args.batch_size is not None:
             raise ConfigError("--samples-per-shard and --batch-size go with a directory --out (shards), not .npy")
@@ -108,7 +143,12 @@ def _sample_npy(args, module, labels, sampler, info) -> int:
 
     from pipeline.train.export import sample_from
 
-    x = sample_from(module, args.num_samples, labels, seed=args.seed, num_steps=args.num_steps, sampler=sampler)
+    try:
+        # The objective's own argument checks (a discrete VDM takes at most T - 1 steps) raise
+        # ValueError before anything is drawn.
+        x = sample_from(module, args.num_samples, labels, seed=args.seed, num_steps=args.num_steps, sampler=sampler)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, x.cpu().numpy())

@@ -43,11 +43,22 @@ def write_export(run_dir: Path, module: nn.Module, config: dict[str, Any], meta:
     return final
 
 
+def export_step(run_dir: Path) -> int | None:
+    """The step of the run's export, None when there is none (or it cannot be read)."""
+    path = RunDir(run_dir).export / EXPORT_INFO
+    try:
+        return int(json.loads(path.read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_export(run_dir: Path) -> tuple[nn.Module, DataMeta, dict[str, Any]]:
     """Rebuild the sampled module (the phase with ``ema=True``) with the exported weights."""
     from pipeline.config import config_from_dict
     from pipeline.objectives.registry import build_phases
 
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"no such run directory: {run_dir}")
     d = RunDir(run_dir).export
     if not (d / EXPORT_INFO).is_file():
         raise ConfigError(f"{run_dir}: no export found (expected {d / EXPORT_INFO}; has the run saved a checkpoint?)")

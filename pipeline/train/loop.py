@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Config, TrainConfig, save_config
+from pipeline.config import Config, TrainConfig, save_config, saved_dict
 from pipeline.data.meta import DataMeta
 from pipeline.data.stream import build_stream, read_meta
 from pipeline.errors import ConfigError
@@ -29,7 +29,7 @@ from pipeline.train.checkpoint import LATEST, Checkpointer, atomic_write_text
 from pipeline.train.ema import EMA
 from pipeline.train.engines import build_engine
 from pipeline.train.engines.base import Engine, PreparedPhase
-from pipeline.train.export import write_export
+from pipeline.train.export import export_step, write_export
 from pipeline.train.state import RNGState, TrainState, seed_everything
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal, asks the launcher to requeue
@@ -173,9 +173,17 @@ def train(cfg: Config, meta: DataMeta | None = None) -> int:
             t0 = time.perf_counter()
             path = ckpt.save(state.step, phases, shared, per_rank, data=stream.position_record())
             if engine.is_main:
-                write_export(run_dir.root, ema.module, cfg.to_dict(), meta, state.step)
+                write_export(run_dir.root, ema.module, saved_dict(cfg), meta, state.step)
                 tracker.log_event("checkpoint", step=state.step, path=str(path), seconds=time.perf_counter() - t0)
 
+        if manifest is not None and engine.is_main and export_step(run_dir.root) != state.step:
+            # A crash between a checkpoint and its export (or a damaged export) leaves sample
+            # and evaluate without the weights of the step resumed from: write them again.
+            print(f"export: missing or not of step {state.step}; rewriting it from the checkpoint", flush=True)
+            write_export(run_dir.root, ema.module, saved_dict(cfg), meta, state.step)
+        if state.step >= cfg.train.num_steps and engine.is_main:
+            print(f"step {state.step} = train.num_steps: the run is finished, nothing to train "
+                  f"(raise train.num_steps to train longer)", flush=True)
         preempt = PreemptionFlag()
         reference: dict = {}  # a real batch, to compare the physics of samples against
         batches = _remember_first(iter(stream), reference)
@@ -280,7 +288,9 @@ def _log_interval(meter: Meter, phases: list[PreparedPhase], engine: Engine, tra
 def _print_where(run_dir: RunDir, samples_path, ckpt: Checkpointer) -> None:
     """The last lines of a finished run: where its directory, samples and checkpoint are."""
     print(f"run: {run_dir.root.resolve()}")
-    print(f"samples: {Path(samples_path).resolve() if samples_path else None}")
+    # No grid for samples that are not images (vectors, points): say so rather than "None".
+    where = Path(samples_path).resolve() if samples_path else "no PNG grid (only [H, W] or [1, H, W] samples make one)"
+    print(f"samples: {where}")
     print(f"checkpoint: {ckpt.find_latest_valid()[0].resolve()}")
 
 

@@ -63,6 +63,22 @@ def has_checkpoints(run_dir: RunDir) -> bool:
     return run_dir.checkpoints.is_dir() and any(run_dir.checkpoints.glob(f"step-*/{MANIFEST}"))
 
 
+def _check_not_past_the_end(run_dir: RunDir, num_steps: int) -> None:
+    """A run whose checkpoints are beyond ``train.num_steps`` cannot be continued to it: say so
+    instead of restoring, training nothing and printing where the samples would be (issue 15
+    item 14). The step is read from the checkpoint directories' names, without loading them."""
+    from pipeline.train.checkpoint import MANIFEST
+
+    steps = [int(m.parent.name.removeprefix("step-")) for m in run_dir.checkpoints.glob(f"step-*/{MANIFEST}")
+             if m.parent.name.removeprefix("step-").isdigit()]
+    if steps and max(steps) > num_steps:
+        raise ConfigError(
+            f"run.dir={run_dir.root} holds checkpoints up to step {max(steps)}, beyond train.num_steps={num_steps}: "
+            f"the run is already past the end it is asked to train to. Give train.num_steps >= {max(steps)} to "
+            "continue it, or a fresh run.dir"
+        )
+
+
 def classify(old: dict[str, Any], new: dict[str, Any], objective: str) -> tuple[list[Change], list[Change]]:
     """(errors, warnings) between two flat (dotted) config dicts of a run of ``objective``."""
     errors, warnings = [], []
@@ -102,6 +118,7 @@ def check_resume(cfg: Config, meta: DataMeta) -> list[str]:
     run_dir = RunDir(cfg.run.dir)
     if not has_checkpoints(run_dir):
         return []
+    _check_not_past_the_end(run_dir, cfg.train.num_steps)
     errors: list[Change] = []
     warnings: list[Change] = []
     if run_dir.config.is_file():

@@ -15,6 +15,9 @@ def default_labels(meta: DataMeta, n: int, values: list[float] | None = None) ->
         return None
     if meta.label_kind == "class":
         assert meta.num_classes is not None
+        fractional = [v for v in values or () if float(v) != int(v)]
+        if fractional:  # int() would silently take class 2 for 2.5 (issue 15 item 14)
+            raise ValueError(f"labels {fractional} are not class indices; allowed: integers 0..{meta.num_classes - 1}")
         pool = [int(v) for v in values] if values else list(range(meta.num_classes))
         bad = [v for v in pool if not 0 <= v < meta.num_classes]
         if bad:
@@ -24,3 +27,16 @@ def default_labels(meta: DataMeta, n: int, values: list[float] | None = None) ->
     if not pool:
         raise ValueError("this model is conditional on a continuous label: give --label VALUE")
     return torch.tensor([pool[i % len(pool)] for i in range(n)], dtype=torch.float32)
+
+
+def label_warnings(meta: DataMeta, values: list[float] | None) -> list[str]:
+    """Continuous labels outside the range the model was trained on: allowed (a model may be
+    asked to extrapolate), but what it draws there was never compared with data, so say so."""
+    if meta.label_kind != "continuous" or not values or not meta.label_values:
+        return []
+    lo, hi = min(meta.label_values), max(meta.label_values)
+    outside = [v for v in values if not lo <= v <= hi]
+    if not outside:
+        return []
+    return [f"labels {outside} lie outside the labels the model was trained on ({lo:g}..{hi:g}: "
+            f"{', '.join(f'{v:g}' for v in meta.label_values)}); its samples there are an extrapolation"]

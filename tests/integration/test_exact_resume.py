@@ -40,8 +40,13 @@ OBJECTIVES = {
 }
 
 
+# quickstart.yaml sets train.lr and the vdm section, which a GAN does not read (refused).
+BASE_CONFIG = {"vdm": "configs/quickstart.yaml", "gan": "tests/integration/gan_quickstart.yaml"}
+
+
 def train_args(run: Path, shards: Path, objective: str, *extra: str) -> list[str]:
-    return ["train", *COMMON, *OBJECTIVES[objective], f"run.dir={run}", f"data.train_urls={shards}", *extra]
+    common = [BASE_CONFIG[objective] if a == "configs/quickstart.yaml" else a for a in COMMON]
+    return ["train", *common, *OBJECTIVES[objective], f"run.dir={run}", f"data.train_urls={shards}", *extra]
 
 
 # --------------------------------------------------------------------------- launching

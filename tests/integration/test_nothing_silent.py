@@ -3,6 +3,11 @@ data stream at the exact global sample (issue 16), says what it lost (the per-ra
 the manifests record where the data stream stands; a run directory whose checkpoints
 are all damaged stops with exit 2 naming each, and keeps them byte for byte."""
 
+"""Issue 15 "Nothing silent", through the real CLI: a 2 -> 1 -> 2 process resume says what it
+lost and the manifests record where the data stream stands. (A run directory whose checkpoints
+are all damaged, a misspelt data.label_key and the other single-command cases are rows of
+tests/faults/test_matrix.py.)"""
+
 from __future__ import annotations
 
 import json
@@ -103,3 +108,10 @@ def test_misspelt_label_key_exits_2_naming_the_keys(tmp_path, ising_shards):
     assert r.returncode == 2, r.stderr[-3000:]
     assert "data.label_key='temprature'" in r.stderr and "'temperature'" in r.stderr
     assert "corrupt" not in r.stderr
+
+    # The 1-rank run stood 4 steps into its own order at step 8.
+    assert "world size 1 -> 2: the data stream's position (32 samples into epoch 0" in r.stderr
+    assert _data(run, 10) == {"global_samples_consumed": 8 * BATCH + 2 * 2 * 2 * BATCH, "world_size": 2, "epoch": 0}
+    s10 = [_stream(run, 10, rank) for rank in (0, 1)]
+    assert [s["samples_consumed"] for s in s10] == [2 * BATCH, 2 * BATCH]
+    assert s10[0]["order_seed"] not in (s6["order_seed"], s6["seed"])

@@ -109,3 +109,81 @@ def test_exponent_floats_without_a_dot_are_numbers_in_overrides_and_yaml(tmp_pat
 
 def test_integers_and_words_stay_what_they_were():
     assert parse_overrides(["a.b=12", "a.c=1e", "a.d=e5", "a.e=off"]) == {"a": {"b": 12, "c": "1e", "d": "e5", "e": "off"}}
+
+
+# ---------------------------------------------------------------- issue 15 item 5: keys an objective does not read
+
+
+@pytest.mark.parametrize("objective, overrides, needles", [
+    ("gan", ["train.lr=0.5"], ["train.lr (a GAN's learning rates are gan.lr_d and gan.lr_g)"]),
+    ("gan", ["vdm.channels=8", "vdm.num_timesteps=3"], ["vdm.channels (the vdm section", "vdm.num_timesteps"]),
+    ("vdm", ["gan.lr_d=0.1"], ["gan.lr_d (the gan section is read only with objective=gan; objective=vdm reads"]),
+])
+def test_a_key_the_objective_does_not_read_is_refused_naming_what_it_reads(objective, overrides, needles):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, BASE + [f"objective={objective}", *overrides])
+    msg = str(e.value)
+    assert f"objective={objective} does not read these keys" in msg
+    for needle in needles:
+        assert needle in msg
+
+
+def test_only_keys_the_user_set_are_refused_not_defaults(tmp_path):
+    # Defaults of both sections and of train.lr are always there; only set keys count.
+    cfg = load_config(None, BASE + ["objective=gan", "gan.lr_d=0.1", "train.betas=[0.5, 0.9]"])
+    assert cfg.gan.lr_d == 0.1 and cfg.train.lr == 2e-4
+    assert load_config(None, BASE + ["train.lr=0.1", "vdm.channels=8"]).train.lr == 0.1
+    # ... in the YAML as on the command line: quickstart.yaml sets train.lr and vdm.*.
+    with pytest.raises(ConfigError, match=r"train\.lr \(a GAN's.*vdm\.num_timesteps"):
+        load_config("configs/quickstart.yaml", ["objective=gan"])
+    yml = tmp_path / "gan.yaml"
+    yml.write_text("run: {dir: /tmp/r}\ndata: {train_urls: /tmp/d}\ntrain: {num_steps: 3, lr: 0.5}\nobjective: gan\n")
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        load_config(yml)
+
+
+@pytest.mark.parametrize("preset", ["quickstart", "vdm_ising", "vdm_digits", "vdm_grf2d", "gan_ising", "gan_digits",
+                                    "gan_gmm"])
+def test_every_preset_sets_only_keys_its_objective_reads(preset):
+    load_config(f"configs/{preset}.yaml")
+
+
+# ---------------------------------------------------------------- issue 15 item 8: credentials in config values
+
+
+def test_credentials_in_values_are_redacted_from_what_a_run_writes(tmp_path, monkeypatch):
+    from pipeline.config import flat_config, read_saved_config, redacted_keys, save_config
+
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"  # the shape of an AWS secret access key
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    urls = f"pipe:aws s3 cp s3://b/shard-000.tar - --secret {secret}"
+    inline = "pipe:env AWS_SECRET_ACCESS_KEY=abcdef123456 aws s3 cp s3://b/x.tar -"
+    cfg = load_config(None, BASE[1:] + [f"run.dir={tmp_path}", f"data.train_urls={urls}", f"data.val_urls={inline}"])
+    assert redacted_keys(cfg) == ["data.train_urls", "data.val_urls"]
+    save_config(cfg, tmp_path / "config.yaml")
+    text = (tmp_path / "config.yaml").read_text()
+    assert secret not in text and "abcdef123456" not in text
+    assert "--secret <redacted>" in text and "AWS_SECRET_ACCESS_KEY=<redacted>" in text
+    # The run itself keeps the real value; a resume compares redacted with redacted.
+    assert cfg.data.train_urls == urls
+    assert read_saved_config(tmp_path / "config.yaml") == flat_config(cfg)
+    # Paths and ordinary values are not secrets.
+    assert redacted_keys(load_config(None, BASE)) == []
+
+
+def test_a_config_error_on_a_rank_other_than_0_is_said_by_that_rank_when_rank_0_does_not(monkeypatch, capsys):
+    """Rank 0 reports a ConfigError; another rank waits for the launcher to end it (rank 0
+    failed too) and, when that does not come, says it itself (issue 15 item 10)."""
+    import signal
+
+    import pipeline.cli as cli
+
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "_RANK0_REPORT_WAIT_S", 0.01)
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["train", "--config", "configs/quickstart.yaml", "train.nope=1"]) == 2
+    assert capsys.readouterr().err.startswith("pipeline train: error (rank 1): unknown config key 'train.nope'")
+    assert signal.getsignal(signal.SIGTERM) == handler
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["train", "--config", "configs/quickstart.yaml", "train.nope=1"]) == 2
+    assert capsys.readouterr().err.startswith("pipeline train: error: unknown config key 'train.nope'")

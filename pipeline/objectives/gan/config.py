@@ -1,16 +1,21 @@
 """The GAN's configuration: :class:`GANConfig` and every check that needs only the config.
 
 Kept free of torch and numpy so that parsing and validating a config (``pipeline.config``,
-the CLI's argument errors) never imports them; checks that need the data (shapes, label
-kinds) are in :func:`pipeline.objectives.gan.nets.build_nets`.
+the CLI's argument errors) never imports them. Checks that need the data's manifest (shapes,
+label kinds) are :meth:`GANConfig.check_data`, which the CLI runs before any process group
+starts or anything is written to the run directory (issue 15 item 10), and
+:func:`pipeline.objectives.gan.nets.build_nets` again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.data.meta import DataMeta
 
 
 @dataclass
@@ -124,3 +129,51 @@ class GANConfig:
                     f"gan.labelled_fraction must be in (0, 1 - gan.heldout_fraction = "
                     f"{1.0 - self.heldout_fraction:g}], got {self.labelled_fraction}"
                 )
+
+    def check_data(self, meta: "DataMeta") -> tuple[str, str, int]:
+        """(arch, padding, number of D outputs) for data described by ``meta``, with the
+        ``auto`` choices resolved; ConfigError when the config does not fit the data."""
+        shape = tuple(meta.sample_shape)
+        arch = self.arch if self.arch != "auto" else ("conv" if len(shape) == 3 else "mlp")
+        if arch == "conv" and len(shape) != 3:
+            raise ConfigError(f"gan.arch='conv' needs samples of shape (C, H, W); this data has {shape}")
+        padding = self.padding if self.padding != "auto" else ("circular" if meta.data_kind == "spins" else "zeros")
+        self._check_labels(meta)
+        self._check_parts(meta, arch)
+        return arch, padding, (meta.num_classes if self.semi_supervised != "off" else 1)
+
+    def _check_labels(self, meta: "DataMeta") -> None:
+        if self.conditional and meta.label_kind == "none":
+            raise ConfigError(
+                "gan.conditional=true but the data has no labels (its manifest says label_kind='none'); "
+                "set gan.conditional=false, or write the shards with labels (e.g. `pipeline shards npy --labels`)"
+            )
+        if self.conditional and meta.label_kind == "class" and not meta.num_classes:
+            raise ConfigError("gan.conditional=true with class labels needs num_classes in the data's manifest")
+        if self.semi_supervised != "off" and (meta.label_kind != "class" or not meta.num_classes
+                                              or meta.num_classes < 2):
+            raise ConfigError(
+                f"gan.semi_supervised={self.semi_supervised!r} needs class labels with num_classes >= 2; "
+                f"this data has label_kind={meta.label_kind!r}, num_classes={meta.num_classes}"
+            )
+
+    def _check_parts(self, meta: "DataMeta", arch: str) -> None:
+        """The opt-in parts that need spin lattices or the conv networks."""
+        shape = tuple(meta.sample_shape)
+        if self.spin_output != "sign" and meta.data_kind != "spins":
+            raise ConfigError(f"gan.spin_output={self.spin_output!r} needs spin data; this data is "
+                              f"{meta.data_kind!r} (use gan.spin_output=sign)")
+        if self.g_noise_inputs and arch != "conv":
+            raise ConfigError(f"gan.g_noise_inputs=true needs the conv networks (gan.arch={arch!r})")
+        if self.g_convs_per_stage != 1 and arch != "conv":
+            raise ConfigError(f"gan.g_convs_per_stage > 1 needs the conv networks (gan.arch={arch!r})")
+        if self.g_film and (not self.conditional or arch != "conv"):
+            raise ConfigError(f"gan.g_film=true needs gan.conditional=true and the conv networks (gan.arch={arch!r})")
+        if self.g_observable_matching > 0 and (meta.data_kind != "spins" or len(shape) != 3 or shape[0] != 1):
+            raise ConfigError(f"gan.g_observable_matching > 0 needs spin lattices of shape (1, H, W); this data "
+                              f"is {meta.data_kind!r} of shape {shape}")
+        if self.d_lattice_observables and (meta.data_kind != "spins" or arch != "conv"):
+            raise ConfigError(
+                f"gan.d_lattice_observables=true needs spin lattices (data kind 'spins', shape (1, H, W)) and "
+                f"the conv networks; this data is {meta.data_kind!r} of shape {shape} with gan.arch={arch!r}"
+            )

@@ -1,16 +1,20 @@
 """The VDM's typed configuration (the ``vdm:`` section of a run config).
 
 Torch-free and numpy-free on purpose: the config layer validates a run's settings without
-importing the model. Every check that needs only the config lives in :meth:`VDMConfig.validate`;
-checks against the data (the manifest's data kind) are the model's.
+importing the model. Every check that needs only the config lives in :meth:`VDMConfig.validate`,
+every check against the data's manifest in :meth:`VDMConfig.check_data`: both run before any
+process group starts or anything is written to the run directory (issue 15 item 10).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.data.meta import DataMeta
 
 
 @dataclass
@@ -64,6 +68,31 @@ class VDMConfig:
         if self.sample_steps is not None and self.sample_steps < 1:
             raise ConfigError(f"vdm.sample_steps must be >= 1 or null, got {self.sample_steps}")
 
+    def resolve_architecture(self, sample_shape: tuple[int, ...]) -> str:
+        """``unet`` or ``mlp`` for samples of this shape. ``auto`` takes the UNet for 2D and 3D
+        fields with even sizes and the MLP otherwise: a [C, L] array may be a vector of
+        features, so a 1D UNet is asked for by name. ConfigError when a UNet is asked for
+        samples it cannot take."""
+        fields = 2 <= len(sample_shape) <= 4 and all(s % 2 == 0 for s in sample_shape[1:])
+        if self.architecture == "auto":
+            return "unet" if fields and len(sample_shape) >= 3 else "mlp"
+        if self.architecture == "unet" and not fields:
+            raise ConfigError(
+                f"vdm.architecture=unet needs samples [C, L], [C, H, W] or [C, D, H, W] with even spatial sizes; "
+                f"got {tuple(sample_shape)} (the data's sample shape); use vdm.architecture=mlp (or auto)"
+            )
+        return self.architecture
+
+    def check_data(self, meta: "DataMeta") -> None:
+        """ConfigError when this config cannot be trained on data described by ``meta``."""
+        if self.data_kind != "auto" and self.data_kind != meta.data_kind:
+            raise ConfigError(f"vdm.data_kind={self.data_kind!r} but the data's manifest says {meta.data_kind!r}; "
+                              f"set vdm.data_kind=auto or {meta.data_kind!r}")
+        if meta.data_kind == "levels" and (not meta.num_levels or meta.num_levels < 2):
+            raise ConfigError(f"data_kind 'levels' needs num_levels >= 2 in the data's manifest, got {meta.num_levels}")
+        if meta.label_kind == "class" and (not meta.num_classes or meta.num_classes < 1):
+            raise ConfigError(f"label_kind 'class' needs num_classes >= 1 in the data's manifest, got {meta.num_classes}")
+        self.resolve_architecture(tuple(meta.sample_shape))
 
 SAMPLER_NAMES = ("ancestral", "ddim", "dpm-solver")
 GRID_SPACINGS = ("time", "logsnr")

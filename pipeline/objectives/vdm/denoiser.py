@@ -58,16 +58,8 @@ class Denoiser(nn.Module):
 def build_network(cfg: VDMConfig, meta: DataMeta) -> nn.Module:
     """The network inside the :class:`Denoiser`: a UNet whose convolutions match the samples'
     dimensionality ([C, L], [C, H, W], [C, D, H, W] with even spatial sizes), or an MLP.
-    ``architecture: auto`` takes the UNet for 2D and 3D fields with even sizes and the MLP
-    otherwise: a [C, L] array may be a vector of features, so a 1D UNet is asked for by name."""
+    Which one: :meth:`VDMConfig.resolve_architecture` (also run before training starts)."""
     shape = tuple(meta.sample_shape)
-    fields = 2 <= len(shape) <= 4 and all(s % 2 == 0 for s in shape[1:])
-    arch = cfg.architecture
-    if arch == "auto":
-        arch = "unet" if fields and len(shape) >= 3 else "mlp"
-    if arch == "unet":
-        if not fields:
-            raise ValueError(f"vdm.architecture=unet needs samples [C, L], [C, H, W] or [C, D, H, W] with even "
-                             f"spatial sizes; got {shape}")
+    if cfg.resolve_architecture(shape) == "unet":
         return UNet(shape[0], cfg.channels, cfg.emb_dim, periodic=cfg.periodic, ndim=len(shape) - 1)
     return MLP(int(np.prod(shape)), cfg.mlp_hidden, cfg.mlp_layers, cfg.emb_dim)

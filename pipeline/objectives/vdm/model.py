@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 
 from pipeline.data.meta import DataMeta
-from pipeline.errors import ConfigError
 from pipeline.objectives.base import AllGather, Report, SampledObjective, StepContext
 from pipeline.objectives.data_space import DataSpace
 from pipeline.objectives.draws import AnyDraws, Draws, GeneratorDraws, SampleDraws, as_draws
@@ -61,8 +60,7 @@ class VDM(SampledObjective):
     def __init__(self, cfg: VDMConfig, meta: DataMeta, denoiser: nn.Module | None = None):
         super().__init__()
         cfg.validate()
-        if cfg.data_kind != "auto" and cfg.data_kind != meta.data_kind:
-            raise ConfigError(f"vdm.data_kind={cfg.data_kind!r} but the data's manifest says {meta.data_kind!r}")
+        cfg.check_data(meta)
         self.cfg, self.meta = cfg, meta
         self.sample_shape = tuple(meta.sample_shape)
         self.num_dims = int(np.prod(self.sample_shape))

@@ -151,12 +151,12 @@ class Config:
                     f"engine.fsdp={self.engine.fsdp!r} needs engine.backend=accelerate; with DeepSpeed, "
                     "shard through engine.zero_stage (3 shards parameters too) and leave engine.fsdp=off"
                 )
-            if self.engine.mixed_precision != "no":
-                # FSDP2's MixedPrecisionPolicy (bf16 params, fp32 reduction) would be the way on
-                # GPUs; it could not be tested without one, so FSDP runs in fp32 only.
+            if self.engine.mixed_precision == "fp16":
+                # fp16 needs loss scaling, which the FSDP2 path has not got (bf16 needs none:
+                # it has fp32's exponent range).
                 raise ConfigError(
-                    f"engine.fsdp={self.engine.fsdp!r} supports engine.mixed_precision='no' only, got "
-                    f"{self.engine.mixed_precision!r}; for bf16/fp16 with sharding use engine.backend=deepspeed"
+                    f"engine.fsdp={self.engine.fsdp!r} supports engine.mixed_precision 'no' or 'bf16', got 'fp16'; "
+                    "for fp16 with loss scaling use engine.backend=deepspeed"
                 )
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and self.engine.backend == "accelerate":
             # Accelerate's FSDP plugin (distributed_type FSDP) never runs on CPU-only machines and

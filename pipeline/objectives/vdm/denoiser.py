@@ -67,5 +67,9 @@ def build_network(cfg: VDMConfig, meta: DataMeta) -> nn.Module:
         if not fields:
             raise ValueError(f"vdm.architecture=unet needs samples [C, L], [C, H, W] or [C, D, H, W] with even "
                              f"spatial sizes; got {shape}")
-        return UNet(shape[0], cfg.channels, cfg.emb_dim, periodic=cfg.periodic, ndim=len(shape) - 1)
+        return UNet(shape[0], cfg.channels, cfg.emb_dim, periodic=cfg.periodic, ndim=len(shape) - 1,
+                    activation_checkpointing=cfg.activation_checkpointing)
+    if cfg.activation_checkpointing:
+        raise ValueError(f"vdm.activation_checkpointing=true needs the UNet; samples {shape} get the MLP "
+                         "(vdm.architecture=auto), which has no blocks to checkpoint")
     return MLP(int(np.prod(shape)), cfg.mlp_hidden, cfg.mlp_layers, cfg.emb_dim)

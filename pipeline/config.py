@@ -97,6 +97,7 @@ class EngineConfig:
     # Batch size, accumulation, clipping, precision and offload always come from this config.
     deepspeed_config: str | None = None
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    compile: bool = False  # torch.compile the networks (denoiser, G, D): pipeline/train/compile.py
     timeout_s: int = 120  # collective timeout: a dead rank stops the others within this
 
 
@@ -171,6 +172,9 @@ class Config:
                 raise ConfigError("engine.deepspeed_config is used only with engine.backend=deepspeed")
             if not os.path.isfile(self.engine.deepspeed_config):
                 raise ConfigError(f"engine.deepspeed_config={self.engine.deepspeed_config!r}: no such file")
+        if self.engine.compile and self.engine.backend == "deepspeed" and self.engine.zero_stage == 3:
+            raise ConfigError("engine.compile=true cannot be used with ZeRO-3 (engine.zero_stage=3), whose parameter "
+                              "partitioning hooks a compiled graph bypasses; use zero_stage 1 or 2, or engine.fsdp")
         if self.engine.offload_optimizer and self.engine.backend != "deepspeed":
             raise ConfigError("engine.offload_optimizer=true needs engine.backend=deepspeed")
         self.data.validate()

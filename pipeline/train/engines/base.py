@@ -115,6 +115,10 @@ class PreparedPhase(ABC):
                     if d is not None:
                         memo[id(d)] = OrderedDict()
             out = self._deepcopy(memo)
+        for m in out.modules():
+            # engine.compile: the copied compiled forward is the original's (a function closing
+            # over the original module); the copy runs eagerly.
+            m._compiled_call_impl = None
         return out.eval().requires_grad_(False)
 
     def _deepcopy(self, memo: dict[int, object]) -> nn.Module:

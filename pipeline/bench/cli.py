@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-_BENCHMARKS = ["pipeline.bench.data", "pipeline.bench.variance", "pipeline.bench.train"]
+_BENCHMARKS = ["pipeline.bench.data", "pipeline.bench.variance", "pipeline.bench.train", "pipeline.bench.scale"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

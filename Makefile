@@ -10,7 +10,7 @@ DATA   ?= data/ising-T3.0-L16
 RUN    ?= runs/quickstart
 PYTEST_ARGS ?=
 
-.PHONY: venv quickstart test test-unit data clean
+.PHONY: venv quickstart test test-unit data clean device-wheels
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ test: venv data
 
 test-unit: venv
 	$(PY) -m pytest -q -ra tests/unit $(PYTEST_ARGS)
+
+# The GPU check machine has no network: the wheels it lacks (computed from pyproject.toml minus
+# scripts/device_provided.txt) go into device-wheels/ for scripts/device_check.sh (docs/benchmarks.md).
+DEVICE_PYTHON ?= 3.12
+device-wheels: venv
+	$(PY) scripts/device_wheels.py download --dest device-wheels --python-version $(DEVICE_PYTHON)
 
 clean:
 	rm -rf $(VENV) data runs wandb .pytest_cache

@@ -97,6 +97,7 @@ class EngineConfig:
     # Batch size, accumulation, clipping, precision and offload always come from this config.
     deepspeed_config: str | None = None
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    compile: bool = False  # torch.compile the networks (denoiser, G, D): pipeline/train/compile.py
     timeout_s: int = 120  # collective timeout: a dead rank stops the others within this
 
 
@@ -151,12 +152,12 @@ class Config:
                     f"engine.fsdp={self.engine.fsdp!r} needs engine.backend=accelerate; with DeepSpeed, "
                     "shard through engine.zero_stage (3 shards parameters too) and leave engine.fsdp=off"
                 )
-            if self.engine.mixed_precision != "no":
-                # FSDP2's MixedPrecisionPolicy (bf16 params, fp32 reduction) would be the way on
-                # GPUs; it could not be tested without one, so FSDP runs in fp32 only.
+            if self.engine.mixed_precision == "fp16":
+                # fp16 needs loss scaling, which the FSDP2 path has not got (bf16 needs none:
+                # it has fp32's exponent range).
                 raise ConfigError(
-                    f"engine.fsdp={self.engine.fsdp!r} supports engine.mixed_precision='no' only, got "
-                    f"{self.engine.mixed_precision!r}; for bf16/fp16 with sharding use engine.backend=deepspeed"
+                    f"engine.fsdp={self.engine.fsdp!r} supports engine.mixed_precision 'no' or 'bf16', got 'fp16'; "
+                    "for fp16 with loss scaling use engine.backend=deepspeed"
                 )
         if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and self.engine.backend == "accelerate":
             # Accelerate's FSDP plugin (distributed_type FSDP) never runs on CPU-only machines and
@@ -171,6 +172,9 @@ class Config:
                 raise ConfigError("engine.deepspeed_config is used only with engine.backend=deepspeed")
             if not os.path.isfile(self.engine.deepspeed_config):
                 raise ConfigError(f"engine.deepspeed_config={self.engine.deepspeed_config!r}: no such file")
+        if self.engine.compile and self.engine.backend == "deepspeed" and self.engine.zero_stage == 3:
+            raise ConfigError("engine.compile=true cannot be used with ZeRO-3 (engine.zero_stage=3), whose parameter "
+                              "partitioning hooks a compiled graph bypasses; use zero_stage 1 or 2, or engine.fsdp")
         if self.engine.offload_optimizer and self.engine.backend != "deepspeed":
             raise ConfigError("engine.offload_optimizer=true needs engine.backend=deepspeed")
         self.data.validate()

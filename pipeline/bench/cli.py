@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
-_BENCHMARKS = ["pipeline.bench.data", "pipeline.bench.variance", "pipeline.bench.train", "pipeline.bench.samplers"]
+_BENCHMARKS = ["pipeline.bench.data", "pipeline.bench.variance", "pipeline.bench.train", "pipeline.bench.samplers",
+               "pipeline.bench.scale"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

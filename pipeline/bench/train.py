@@ -52,7 +52,8 @@ BACKENDS = {
 
 
 def _model_overrides(args) -> list[str]:
-    return [
+    extra = ["engine.compile=true"] if getattr(args, "compile", False) else []
+    return [*extra,
         "objective=vdm", "vdm.data_kind=spins", f"vdm.num_timesteps={args.num_timesteps}",
         f"vdm.channels={args.channels}", "train.lr=0.0005", "train.warmup_steps=0",
         "data.num_workers=0", "track.wandb=off", "track.progress_bar=false", "train.num_sample_images=16",
@@ -147,8 +148,10 @@ def read_run(run_dir: Path) -> dict[str, float]:
         raise ValueError(f"{run_dir}: need at least 2 logging intervals to skip start-up, got {len(intervals)}")
     step_time_s = statistics.median(r["perf/step_time_s"] for r in intervals[1:])
     samples_per_step = intervals[-1]["train/samples_seen"] / intervals[-1]["step"]
+    cuda = [r["sys/cuda_max_allocated_gib"] for r in intervals if "sys/cuda_max_allocated_gib" in r]
     return {"steps_per_s": 1.0 / step_time_s, "samples_per_s": samples_per_step / step_time_s,
-            "checkpoint_s": statistics.mean(saves) if saves else float("nan")}
+            "step_time_s": step_time_s, "checkpoint_s": statistics.mean(saves) if saves else float("nan"),
+            **({"cuda_peak_gib": max(cuda)} if cuda else {})}
 
 
 def bare_loop_steps_per_s(config: Path, shards: Path, overrides: list[str], *, num_steps: int,
@@ -212,19 +215,42 @@ def bare_loop_in_subprocess(config: Path, shards: Path, overrides: list[str], *,
     return float(json.loads(r.stdout.strip().splitlines()[-1]))
 
 
-def bench(args) -> dict[str, Any]:
+def _setup(args) -> tuple[Path, Path, list[str], dict[str, Any]]:
+    """(shards, config, overrides every run shares, the summary's settings)."""
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
     shards = write_spin_shards(work / "data", size=args.size, num_samples=args.num_samples)
     config = work / "bench.yaml"
     config.write_text("run: {dir: unused}\ndata: {train_urls: unused}\ntrain: {num_steps: 1}\n")
     n = args.num_steps
-    log_every = max(1, n // 5)
-    b = args.batch_per_rank
-    common = [*_model_overrides(args), f"train.num_steps={n}", f"train.log_every_steps={log_every}",
+    common = [*_model_overrides(args), f"train.num_steps={n}", f"train.log_every_steps={max(1, n // 5)}",
               f"train.checkpoint_every_steps={args.checkpoint_every_steps}"]
-    out: dict[str, Any] = {"num_steps": n, "batch_per_rank": b, "size": args.size, "channels": args.channels,
-                           "checkpoint_every_steps": args.checkpoint_every_steps}
+    out: dict[str, Any] = {"num_steps": n, "batch_per_rank": args.batch_per_rank, "size": args.size,
+                           "channels": args.channels, "checkpoint_every_steps": args.checkpoint_every_steps,
+                           "compile": args.compile, "device": args.device}
+    return shards, config, common, out
+
+
+def bench_cuda(args) -> dict[str, Any]:
+    """One GPU: the pipeline on 1 process in bf16 (batch 2 x batch_per_rank): samples/s, step
+    time, peak GPU memory, and model FLOP utilisation against ``--peak-tflops``."""
+    from pipeline.bench.scale import step_flops
+
+    shards, config, common, out = _setup(args)
+    batch = 2 * args.batch_per_rank
+    r = run_train(Path(shards).parent.parent / "cuda-1proc", config, shards,
+                  [*common, f"data.batch_per_rank={batch}", "engine.mixed_precision=bf16"], num_processes=1, threads=1)
+    flops = step_flops(args.channels, args.size, batch)
+    out.update(samples_per_s=r["samples_per_s"], step_time_s=r["step_time_s"], cuda_peak_gib=r.get("cuda_peak_gib"),
+               step_flops=flops, mfu=flops / r["step_time_s"] / (args.peak_tflops * 1e12), checkpoint_s=r["checkpoint_s"])
+    return out
+
+
+def bench(args) -> dict[str, Any]:
+    shards, config, common, out = _setup(args)
+    work = Path(shards).parent.parent
+    n, b = args.num_steps, args.batch_per_rank
+    log_every = max(1, n // 5)
 
     def say(msg: str) -> None:
         print(msg, flush=True)
@@ -305,6 +331,11 @@ def register(bench_subparsers) -> None:
     p.add_argument("--quick", action="store_true",
                    help="tiny smoke size: 10 steps, 8x8, channels 8, T=10, batch 8 (figures meaningless)")
     p.add_argument("--work-dir", help="keep runs and data here (default: a temp dir)")
+    p.add_argument("--compile", action="store_true", help="engine.compile=true in every run (torch.compile)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu: the figures above; cuda: 1 process on the GPU in bf16, samples/s, step time, "
+                        "peak GPU memory, MFU (default cpu)")
+    p.add_argument("--peak-tflops", type=float, default=790.0, help="peak for MFU, TFLOP/s (default 790: H200 bf16)")
     p.set_defaults(func=_main)
 
 
@@ -314,6 +345,14 @@ def _main(args) -> int:
         args.batch_per_rank, args.num_samples = 8, 512
     if args.num_steps < 2:
         raise ValueError(f"--num-steps must be >= 2 (the first logging interval is discarded), got {args.num_steps}")
+    import torch
+
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA GPU is visible here (torch.cuda.is_available() is False)")
+        print(json.dumps(bench_cuda(args)))
+        return 0
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # --device cpu on a GPU machine: the runs stay on the CPU
     out = bench(args)
     for key in ("ratio_vs_bare_loop", "dp_efficiency", "checkpoint_share"):
         if not math.isfinite(out[key]):

@@ -72,12 +72,13 @@ class UNet(nn.Module):
     """
 
     def __init__(self, in_channels: int, channels: int = 16, emb_dim: int = 64, periodic: bool = True,
-                 ndim: int = 2):
+                 ndim: int = 2, activation_checkpointing: bool = False):
         super().__init__()
         if in_channels < 1 or channels < 1:
             raise ValueError(f"UNet needs in_channels >= 1 and channels >= 1, got {in_channels}, {channels}")
         conv, conv_transpose = _convs(ndim)
         self.ndim = ndim
+        self.activation_checkpointing = activation_checkpointing
         pm = "circular" if periodic else "zeros"
         c, c2 = channels, 2 * channels
         # Creation order (and so the initial weights drawn from a seed) is the same in
@@ -99,7 +100,19 @@ class UNet(nn.Module):
             names = {1: "[B, C, L]", 2: "[B, C, H, W]", 3: "[B, C, D, H, W]"}[self.ndim]
             raise ValueError(f"UNet(ndim={self.ndim}) needs input {names} with every spatial size even "
                              f"(one stride-2 down-sampling level), got {tuple(z.shape)}")
-        h0 = self.enc(self.inp(z), emb)
-        h = self.mid(self.down(h0), emb)
-        h = self.dec(torch.cat([self.up(h), h0], dim=1), emb)
+        h0 = self._block(self.enc, self.inp(z), emb)
+        h = self._block(self.mid, self.down(h0), emb)
+        h = self._block(self.dec, torch.cat([self.up(h), h0], dim=1), emb)
         return self.out(F.silu(self.out_norm(h)))
+
+    def _block(self, block: ResBlock, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """``block(x, emb)``; with activation checkpointing, its inner activations (norms, SiLUs,
+        the first convolution's output) are not kept for backward but recomputed from ``x``
+        there (Chen et al. 2016, "Training deep nets with sublinear memory cost"): memory for
+        one extra forward of the block. Non-reentrant checkpointing (torch's recommended mode)
+        works with autograd hooks (FSDP2, DeepSpeed) and inputs that need no gradient."""
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(block, x, emb, use_reentrant=False)
+        return block(x, emb)

@@ -27,6 +27,7 @@ from pipeline.run_dir import RunDir
 from pipeline.track.metrics import memory_metrics
 from pipeline.train.checkpoint import LATEST, Checkpointer, atomic_write_text
 from pipeline.train.ema import EMA
+from pipeline.train.compile import compile_networks
 from pipeline.train.engines import build_engine
 from pipeline.train.engines.base import Engine, PreparedPhase
 from pipeline.train.export import export_step, write_export
@@ -149,7 +150,11 @@ def train(cfg: Config, meta: DataMeta | None = None) -> int:
         seed_everything(cfg.run.seed * 1000 + engine.rank)
         if meta is None:
             meta = read_meta(cfg.data.train_urls)
-        phases = [engine.prepare(p, cfg.train) for p in build_phases(cfg, meta)]
+        built = build_phases(cfg, meta)
+        if cfg.engine.compile:
+            for p in built:
+                assert compile_networks(p.module), f"phase {p.name!r} holds no network to compile"
+        phases = [engine.prepare(p, cfg.train) for p in built]
         sampled = next(p for p in phases if p.phase.ema)
         ema = EMA(sampled, cfg.train.ema_decay)
         stream = build_stream(cfg.data, rank=engine.rank, world_size=engine.world_size, seed=cfg.run.seed, meta=meta)

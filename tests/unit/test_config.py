@@ -84,8 +84,9 @@ def test_fsdp_needs_the_accelerate_backend_and_fp32():
     assert load_config(None, BASE + ["engine.fsdp=shard_grad_op"]).engine.fsdp == "shard_grad_op"
     with pytest.raises(ConfigError, match=r"engine.fsdp='full_shard' needs engine.backend=accelerate; with DeepSpeed"):
         load_config(None, BASE + ["engine.fsdp=full_shard", "engine.backend=deepspeed"])
-    with pytest.raises(ConfigError, match=r"supports engine.mixed_precision='no' only, got 'bf16'"):
-        load_config(None, BASE + ["engine.fsdp=shard_grad_op", "engine.mixed_precision=bf16"])
+    with pytest.raises(ConfigError, match=r"supports engine.mixed_precision 'no' or 'bf16', got 'fp16'"):
+        load_config(None, BASE + ["engine.fsdp=shard_grad_op", "engine.mixed_precision=fp16"])
+    assert load_config(None, BASE + ["engine.fsdp=full_shard", "engine.mixed_precision=bf16"]).engine.mixed_precision == "bf16"
     with pytest.raises(ConfigError, match="allowed: 'off', 'full_shard', 'shard_grad_op'"):
         load_config(None, BASE + ["engine.fsdp=hybrid"])
 

@@ -34,6 +34,9 @@ class VDMConfig:
     data_kind: Literal["auto", "spins", "levels", "continuous"] = "auto"
     architecture: Literal["auto", "unet", "mlp"] = "auto"  # auto: unet for [C, H, W], mlp otherwise
     channels: int = 16  # UNet width at full resolution
+    # Recompute each UNet residual block's activations in backward instead of keeping them
+    # (memory for compute; gradients unchanged). UNet only.
+    activation_checkpointing: bool = False
     emb_dim: int = 64  # conditioning embedding (noise level + label)
     mlp_hidden: int = 128
     mlp_layers: int = 3
@@ -65,6 +68,9 @@ class VDMConfig:
         for name in ("channels", "emb_dim", "mlp_hidden", "mlp_layers"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"vdm.{name} must be positive, got {getattr(self, name)}")
+        if self.activation_checkpointing and self.architecture == "mlp":
+            raise ConfigError("vdm.activation_checkpointing=true applies to the UNet; vdm.architecture=mlp has no "
+                              "blocks to checkpoint (use architecture unet or auto with 2D/3D fields)")
         if self.sample_steps is not None and self.sample_steps < 1:
             raise ConfigError(f"vdm.sample_steps must be >= 1 or null, got {self.sample_steps}")
 

@@ -61,5 +61,9 @@ def build_network(cfg: VDMConfig, meta: DataMeta) -> nn.Module:
     Which one: :meth:`VDMConfig.resolve_architecture` (also run before training starts)."""
     shape = tuple(meta.sample_shape)
     if cfg.resolve_architecture(shape) == "unet":
-        return UNet(shape[0], cfg.channels, cfg.emb_dim, periodic=cfg.periodic, ndim=len(shape) - 1)
+        return UNet(shape[0], cfg.channels, cfg.emb_dim, periodic=cfg.periodic, ndim=len(shape) - 1,
+                    activation_checkpointing=cfg.activation_checkpointing)
+    if cfg.activation_checkpointing:
+        raise ValueError(f"vdm.activation_checkpointing=true needs the UNet; samples {shape} get the MLP "
+                         "(vdm.architecture=auto), which has no blocks to checkpoint")
     return MLP(int(np.prod(shape)), cfg.mlp_hidden, cfg.mlp_layers, cfg.emb_dim)

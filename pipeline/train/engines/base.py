@@ -83,6 +83,18 @@ class PreparedPhase(ABC):
     @abstractmethod
     def load(self, directory: Path, rank: int) -> None: ...
 
+    def model_state_bytes(self) -> dict[str, int]:
+        """{"params", "grads", "optimizer"}: bytes of this rank's own tensors (``engines/memory.py``).
+        Call it after a backward, before ``step``, for the gradients to be there."""
+        from pipeline.train.engines.memory import StateCounter, optimizer_state_tensors
+
+        counter = StateCounter()
+        params = list(self.module.parameters())
+        counter.add("params", params)
+        counter.add("optimizer", optimizer_state_tensors(self.optimizer))
+        counter.add("grads", [p.grad for p in params])
+        return counter.bytes
+
     def full_weights(self) -> contextlib.AbstractContextManager:
         """Context in which ``module``'s parameters are whole, for code that reads them outside
         forward (e.g. an objective's log report, the EMA). Collective where the backend shards
@@ -115,6 +127,10 @@ class PreparedPhase(ABC):
                     if d is not None:
                         memo[id(d)] = OrderedDict()
             out = self._deepcopy(memo)
+        for m in out.modules():
+            # engine.compile: the copied compiled forward is the original's (a function closing
+            # over the original module); the copy runs eagerly.
+            m._compiled_call_impl = None
         return out.eval().requires_grad_(False)
 
     def _deepcopy(self, memo: dict[int, object]) -> nn.Module:

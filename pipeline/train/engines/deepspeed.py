@@ -253,6 +253,24 @@ class _DeepSpeedPhase(PreparedPhase):
     def lr(self):
         return float(self.base_optimizer.param_groups[0]["lr"])
 
+    def model_state_bytes(self) -> dict[str, int]:
+        """As the base class counts, plus what the ZeRO optimizer holds: its fp32 master
+        partitions (attributes named ``*fp32*``) as optimizer state, their ``.grad`` and its gradient
+        partitions and buffers (``*grad*``) as gradients; its flat parameter buffers are the parameters."""
+        from pipeline.train.engines.memory import StateCounter, optimizer_state_tensors, tensors_in
+
+        zero = self.ds_engine.optimizer
+        counter = StateCounter()
+        params = list(self.module.parameters())
+        counter.add("params", params)
+        counter.add("optimizer", optimizer_state_tensors(self.base_optimizer))
+        attrs = {k: v for k, v in vars(zero).items() if k != "optimizer"}
+        counter.add("optimizer", [t for k, v in attrs.items() if "fp32" in k for t in tensors_in(v)])
+        counter.add("grads", [p.grad for p in params])
+        counter.add("grads", [p.grad for k, v in attrs.items() if "fp32" in k for p in tensors_in(v)])
+        counter.add("grads", [t for k, v in attrs.items() if "grad" in k.lower() for t in tensors_in(v)])
+        return counter.bytes
+
     # -- checkpoints --------------------------------------------------------------------
 
     def _dir(self, directory: Path) -> Path:

@@ -41,6 +41,8 @@ class _FSDPPhase(_AcceleratePhase):
       stay replicated, as under DDP: ``_clip`` averages their gradients over the ranks.
     * Checkpoints: torch.distributed.checkpoint, one file per rank with its shards of model
       and optimizer, in ``<dir>/fsdp-<phase>/``; loading reshards onto any world size.
+    * bf16 (``engine.mixed_precision=bf16``): bf16 parameters and compute, fp32 gradient
+      reduction and fp32 master weights and Adam state (``FSDPEngine.mp_policy``).
     """
 
     def __init__(self, phase: Phase, train: TrainConfig, engine: FSDPEngine):
@@ -60,10 +62,8 @@ class _FSDPPhase(_AcceleratePhase):
         self.replicated = [p for p in module.parameters() if p.dim() == 0]
         # full_shard frees the gathered parameters after forward (gathered again for backward);
         # shard_grad_op keeps them until the end of backward: less communication, more memory.
-        # fp32 only: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) would be the way
-        # to bf16 on GPUs, untested without one, so Config.validate refuses it.
         fully_shard(module, mesh=self.engine.mesh, reshard_after_forward=self.engine.cfg.fsdp == "full_shard",
-                    ignored_params=set(self.replicated))
+                    ignored_params=set(self.replicated), mp_policy=self.engine.mp_policy())
         self.engine.fsdp_modules.append(weakref.ref(module))
         # AdamW over the sharded parameters (DTensors), built after sharding; the replicated
         # ones in a group of their own (foreach kernels do not mix DTensors and tensors).
@@ -72,6 +72,13 @@ class _FSDPPhase(_AcceleratePhase):
         opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=phase.lr, betas=phase.betas,
                                 weight_decay=train.weight_decay)
         return module, opt, opt
+
+    def forward(self, batch, ctx):
+        # bf16: FSDP hands the forward bf16 parameters (MixedPrecisionPolicy); autocast, as
+        # Accelerate does for DDP, runs the ops that need range or precision (norms, log/exp,
+        # reductions) in fp32 and casts the fp32 inputs where a bf16 weight meets them.
+        with self.engine.autocast():
+            return self.wrapped(batch, ctx)
 
     def backward(self, loss):
         loss.backward()
@@ -85,6 +92,20 @@ class _FSDPPhase(_AcceleratePhase):
 
     def full_weights(self):
         return self.engine.gathered([self.wrapped])
+
+    @contextlib.contextmanager
+    def full_state(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.engine.cfg.mixed_precision == "no":
+            with super().full_state() as full:
+                yield full
+            return
+        # Under bf16, unsharding gives bf16 copies; the EMA and the export want the fp32 master
+        # weights, gathered from the shards themselves.
+        from torch.distributed.tensor import DTensor
+
+        with torch.no_grad():
+            named = [*self.module.named_parameters(), *self.module.named_buffers()]
+            yield {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach() for n, t in named}
 
     def _deepcopy(self, memo: dict[int, object]) -> nn.Module:
         module = self.module
@@ -186,6 +207,23 @@ class FSDPEngine(AccelerateEngine):
 
     def prepare(self, phase: Phase, train: TrainConfig) -> PreparedPhase:
         return _FSDPPhase(phase, train, self)
+
+    def mp_policy(self):
+        """bf16: parameters all-gathered and computed in bf16, gradients reduce-scattered in fp32
+        into the fp32 sharded master parameters the optimizer steps (FSDP2's
+        MixedPrecisionPolicy). Inputs are not cast: autocast decides per op (``autocast``)."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        if self.cfg.mixed_precision == "no":
+            return MixedPrecisionPolicy()
+        assert self.cfg.mixed_precision == "bf16", "Config.validate refuses fp16 with FSDP"
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                    cast_forward_inputs=False)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.mixed_precision == "no":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     @contextlib.contextmanager
     def gathered(self, modules: list[nn.Module]) -> Iterator[None]:

@@ -88,6 +88,7 @@ class Stream:
         self._position = 0  # samples consumed by this rank, in the current order
         self._global_base = 0  # global_samples_consumed at position 0 of the current order
         self._corrupt = 0
+        self._storage_retries = 0  # transient object-store errors retried by the decoding workers
         self._loader_iter = None
         self._current: dict[str, Any] | None = None  # window being consumed
         self._offset = 0  # samples of _current already consumed
@@ -118,6 +119,11 @@ class Stream:
                 "epoch": self._position // self.plan.samples_per_rank}
 
     @property
+    def storage_retries(self) -> int:
+        """Transient object-store errors retried while decoding (see pipeline.data.storage)."""
+        return self._storage_retries
+
+    @property
     def corrupt_count(self) -> int:
         """Batch slots filled by a substitute because the scheduled sample was corrupt."""
         return self._corrupt
@@ -140,8 +146,13 @@ class Stream:
             worker_init_fn=_ignore_job_signals,
         )
         self._loader_iter = iter(loader)
-        self._current = next(self._loader_iter)
+        self._current = self._next_window()
         self._offset = offset
+
+    def _next_window(self) -> dict[str, Any]:
+        window = next(self._loader_iter)
+        self._storage_retries += int(window["storage_retries"])
+        return window
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._loader_iter is None:
@@ -152,7 +163,7 @@ class Stream:
             cur = self._current
             n = len(cur["x"])
             if self._offset == n:
-                self._current = next(self._loader_iter)
+                self._current = self._next_window()
                 self._offset = 0
                 continue
             take = min(need, n - self._offset)

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pipeline.data import schema, tario
+from pipeline.data import schema, storage, tario
 from pipeline.data.plan import Piece, Plan
 from pipeline.data.resolve import short_list
 
@@ -30,13 +30,15 @@ class Decoder:
     def _piece(self, piece: Piece) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, list[str]]:
         """(x, label, valid, reasons) of one shard piece; logs the shard's first corruption."""
         url = self.plan.urls[piece.shard]
-        buf = tario.read_url(url)
+        try:
+            buf, reasons = tario.read_url(url), []
+        except storage.Unreadable as e:  # retried already: its samples become corrupt slots
+            buf, reasons = b"", [f"unreadable: {e}"]
         idx = tario.scan_tar(buf)
         n = len(piece)
         wanted = np.arange(piece.start, piece.stop)
         have = wanted < len(idx)  # samples past a truncation point do not exist
-        reasons = []
-        if idx.problem or not have.all():
+        if not reasons and (idx.problem or not have.all()):
             reasons.append(f"{url}: {idx.problem or 'fewer samples than the manifest lists'}")
         x, valid = self._samples(url, buf, idx, wanted, have, reasons)
         label = None if self.plan.label_key is None else self._labels(buf, idx, wanted, valid)
@@ -112,6 +114,7 @@ class Decoder:
 
     def window(self, epoch: int, w: int) -> dict[str, Any]:
         plan = self.plan
+        retries_before = storage.retry_count()
         windows = plan.windows(epoch)
         x, label, valid = self._decode(windows[w])
         order = plan.window_order(epoch, w, len(x))
@@ -145,6 +148,7 @@ class Decoder:
             "window": w,
             "x": torch.from_numpy(np.ascontiguousarray(x[src])),
             "substituted": torch.from_numpy(~valid),
+            "storage_retries": storage.retry_count() - retries_before,  # this worker's, for this window
         }
         if label is not None:
             out["label"] = torch.from_numpy(np.ascontiguousarray(label[src]))

@@ -257,6 +257,7 @@ def _log_interval(meter: Meter, phases: list[PreparedPhase], engine: Engine, tra
     metrics["perf/samples_per_s"] = num_samples / elapsed_s
     metrics["perf/step_time_s"] = elapsed_s / num_steps
     metrics["data/corrupt_samples"] = float(stream.corrupt_count)
+    metrics["data/storage_retries"] = float(stream.storage_retries)
     metrics["train/bad_steps"] = float(state.bad_steps)
     metrics["train/samples_seen"] = float(state.samples_seen)
     metrics.update(memory_metrics())

@@ -12,6 +12,11 @@ the manifest (or by shard names) never sees a half-written shard. Writing is det
 (fixed tar mtime/owner, seeded split), so the same command gives byte-identical shards, and
 a second run with the same parameters finds the manifest and does nothing.
 
+An object-store output (``--out s3://bucket/prefix``) is staged in a local temporary
+directory and uploaded shard by shard through :mod:`pipeline.data.storage` (an object
+appears whole or not at all), the old manifest deleted first and the new one put last: a
+reader never sees a manifest whose shards are not all there.
+
 Samples are assigned to shards in groups of ``samples_per_shard``; each group is written by
 its own ShardWriter (splitting further if ``max_shard_bytes`` is reached), which lets
 ``workers`` processes write groups in parallel while the result does not depend on

@@ -31,10 +31,11 @@ def _upload(s3, local: Path, prefix: str) -> str:
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    """The logged training metrics per step, without those that measure time or memory."""
+    """The logged training metrics per step, without those that measure time or memory
+    (``*_s``, ``perf/``, ``sys/``)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k.startswith(("vdm/", "train/", "data/")) or k == "step"}
-            for r in rows if "event" not in r]
+    return [{k: v for k, v in r.items() if k.startswith(("vdm/", "train/", "data/")) and not k.endswith("_s")
+             or k == "step"} for r in rows if "event" not in r]
 
 
 def test_shards_cli_writes_to_s3_and_verifies(s3, ising_shards):

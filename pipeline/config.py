@@ -308,6 +308,24 @@ def _field_names(cls: type) -> str:
     return ", ".join(f.name for f in dataclasses.fields(cls))
 
 
+# Store settings that look harmless by name but belong to the environment, like credentials.
+_STORE_SETTINGS = {"endpoint_url", "endpoint", "aws_access_key_id", "storage_options", "s3", "region_name"}
+
+
+def _refuse_credential(key: str, name: str) -> None:
+    """ConfigError for a key that looks like a credential or an object-store setting: the
+    config is written to run.dir/config.yaml and to W&B, so they come from the environment."""
+    from pipeline.track.secrets import is_secret_name  # stdlib only
+
+    if is_secret_name(name) or name.lower() in _STORE_SETTINGS:
+        raise ConfigError(
+            f"config key '{key}' looks like a credential or an object-store setting; those are never read "
+            "from the config (it is written to run.dir/config.yaml and W&B): set AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY and, for S3-compatible stores (MinIO, Ceph), AWS_ENDPOINT_URL in the "
+            "environment or in ~/.aws/credentials and ~/.aws/config (WANDB_API_KEY, HF_TOKEN likewise)"
+        )
+
+
 def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     """Construct dataclass ``cls`` from a nested dict, checking every key and type."""
     hints = typing.get_type_hints(cls)
@@ -316,6 +334,7 @@ def build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     for k, v in values.items():
         key = f"{prefix}.{k}" if prefix else k
         if k not in names:
+            _refuse_credential(key, k)
             raise ConfigError(f"unknown config key '{key}'; allowed keys here: {_field_names(cls)}")
         kwargs[k] = _coerce(key, hints[k], v)
     missing = [

@@ -43,7 +43,8 @@ def _fraction(s: str) -> float:
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
+    g.add_argument("--out", required=True,
+                   help="output directory or object-store prefix such as s3://bucket/prefix (shards + manifest.json)")
     g.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the source and of the split (default 0)")
     g.add_argument("--samples-per-shard", type=_positive_int, default=1000,
                    help="maximum samples per shard (ShardWriter maxcount; default 1000)")
@@ -219,7 +220,7 @@ def _run_calo(args) -> int:
 def _verify_parser(sub) -> None:
     s = sub.add_parser("verify", help="check shards against their manifest (sizes, the schema of a sample "
                                       "of members; sha256 with --sha256)")
-    s.add_argument("dir", help="shard directory holding manifest.json")
+    s.add_argument("dir", help="shard directory or object-store prefix (s3://bucket/prefix) holding manifest.json")
     s.add_argument("--sha256", action="store_true", help="also compare sha256 checksums")
     s.add_argument("--schema-members", type=int, default=8, metavar="K",
                    help="members per shard whose shape, dtype and keys are checked against the schema "

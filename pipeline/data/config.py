@@ -9,7 +9,9 @@ from pipeline.errors import ConfigError
 @dataclass
 class DataConfig:
     # Shard URLs: a directory holding manifest.json, a path, brace notation
-    # (shard-{000000..000127}.tar) or a `pipe:` command.
+    # (shard-{000000..000127}.tar) or a `pipe:` command; or the same in an object store
+    # (s3://bucket/prefix/ holding manifest.json, s3://bucket/p/train-{000000..000009}.tar;
+    # gs://, hf://, https:// alike), credentials and endpoint from the environment.
     train_urls: str
     val_urls: str | None = None
     batch_per_rank: int = 64
@@ -24,6 +26,11 @@ class DataConfig:
     verify: str = "size"
 
     def validate(self) -> None:
+        from pipeline.data.storage import check_url  # stdlib only
+
+        for urls in (self.train_urls, self.val_urls):
+            if urls:
+                check_url(urls)  # credentials never in a URL of the config
         if self.batch_per_rank <= 0:
             raise ConfigError(f"data.batch_per_rank must be a positive integer, got {self.batch_per_rank}")
         if self.num_workers < 0:

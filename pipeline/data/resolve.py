@@ -2,7 +2,10 @@
 each holds, and what the data is (:class:`DataMeta`).
 
 ``urls`` is a directory holding manifest.json, a manifest.json path, a tar path, brace
-notation, or a ``pipe:`` command. Counts and meta come from a manifest when there is one
+notation, or a ``pipe:`` command; or an object-store prefix holding manifest.json
+(``s3://bucket/prefix/``), a manifest.json URL, or shard URLs in brace notation, read
+through :mod:`pipeline.data.storage` (a store that cannot be reached is a ConfigError here,
+before training starts). Counts and meta come from a manifest when there is one
 (next to the shards is enough); otherwise shards are scanned once and meta is inferred from
 the first decodable samples, with a warning.
 """
@@ -17,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data import tario
+from pipeline.data import storage, tario
 from pipeline.data.meta import DataMeta
-from pipeline.data.shards import MANIFEST_NAME, meta_from_dict, read_manifest, verify
+from pipeline.data.shards import MANIFEST_NAME, meta_from_dict, read_manifest, shard_url, verify
 from pipeline.errors import ConfigError
 
 log = logging.getLogger("pipeline.data")
@@ -30,17 +33,31 @@ class ShardSet:
     urls: list[str]
     num_samples: list[int]  # per shard
     meta: DataMeta | None  # from a manifest, when there is one
-    manifest_dir: Path | None
+    manifest_dir: Path | str | None  # str: an object-store prefix
     schema: dict[str, Any] | None = None  # the manifest's sample schema, when there is one
 
 
-def _find_manifest(urls: str) -> Path | None:
+def _find_manifest(urls: str) -> Path | str | None:
+    if storage.is_remote(urls):
+        return _remote_manifest(urls)
     p = Path(urls)
     if p.name == MANIFEST_NAME and p.is_file():
         return p.parent
     if p.is_dir() and (p / MANIFEST_NAME).is_file():
         return p
     return None
+
+
+def _remote_manifest(urls: str) -> str | None:
+    """The object-store prefix whose manifest ``urls`` names (``s3://b/p/``, ``s3://b/p``,
+    ``s3://b/p/manifest.json``), or None for shard URLs (a ``.tar`` or brace notation).
+    ConfigError when the store cannot be read or the manifest is not there."""
+    storage.check_url(urls)
+    if "{" in urls or urls.endswith(".tar"):
+        return None
+    prefix = urls.removesuffix(MANIFEST_NAME).rstrip("/")
+    storage.require(storage.join(prefix, MANIFEST_NAME), f"{urls} names no shards (no .tar, no braces) and its")
+    return prefix
 
 
 def _expand(urls: str) -> list[str]:
@@ -63,7 +80,7 @@ def resolve_shards(urls: str, *, split: str = "train", verify_mode: str = "size"
     mdir = _find_manifest(urls)
     if mdir is not None:
         return _manifest_shards(mdir, split=split, verify_mode=verify_mode)
-    expanded, local = _expand_existing(urls)
+    expanded, local = _expand_remote(urls) if storage.is_remote(urls) else _expand_existing(urls)
     counts, meta, manifest_dir = _neighbour_manifest(local, expanded)
     num = []
     for u in expanded:
@@ -75,16 +92,20 @@ def resolve_shards(urls: str, *, split: str = "train", verify_mode: str = "size"
     return ShardSet(urls=expanded, num_samples=num, meta=meta, manifest_dir=manifest_dir)
 
 
-def _manifest_shards(mdir: Path, *, split: str, verify_mode: str) -> ShardSet:
-    """The ``split`` shards a manifest directory lists, checked as ``verify_mode`` says."""
+def _manifest_shards(mdir: Path | str, *, split: str, verify_mode: str) -> ShardSet:
+    """The ``split`` shards a manifest directory (or object-store prefix) lists, checked as
+    ``verify_mode`` says."""
     m = read_manifest(mdir)
+    manifest_url = shard_url(mdir, MANIFEST_NAME)
     shards = [s for s in m["shards"] if s["split"] == split]
     if not shards:
         have = sorted({s["split"] for s in m["shards"]})
-        raise ValueError(f"{mdir / MANIFEST_NAME} lists no {split!r} shards (it has {have})")
-    for s in shards:
-        if not (mdir / s["name"]).is_file():
-            raise ConfigError(f"shard {mdir / s['name']} listed in {mdir / MANIFEST_NAME} is missing")
+        raise ValueError(f"{manifest_url} lists no {split!r} shards (it has {have})")
+    urls = [shard_url(mdir, s["name"]) for s in shards]
+    found = storage.sizes(urls)
+    for u in urls:
+        if found[u] is None:
+            raise ConfigError(f"shard {u} listed in {manifest_url} is missing")
     if verify_mode != "off":
         for problem in verify(mdir, checksum=verify_mode == "sha256", split=split):
             # The stream still runs: damaged samples are skipped and counted.
@@ -92,7 +113,7 @@ def _manifest_shards(mdir: Path, *, split: str, verify_mode: str) -> ShardSet:
             warnings.warn(f"{problem}; its damaged samples will be skipped", stacklevel=3)
             log.warning("%s; its damaged samples will be skipped", problem)
     return ShardSet(
-        urls=[str(mdir / s["name"]) for s in shards],
+        urls=urls,
         num_samples=[int(s["num_samples"]) for s in shards],
         meta=meta_from_dict(m["meta"]),
         manifest_dir=mdir,
@@ -121,20 +142,34 @@ def _expand_existing(urls: str) -> tuple[list[str], list[str]]:
     return expanded, local
 
 
+def _expand_remote(urls: str) -> tuple[list[str], list[str]]:
+    """``urls`` (object-store shard URLs) expanded, and those of them next to a manifest
+    (all or none); ConfigError for an unreadable store or the first missing shard."""
+    expanded = _expand(urls)
+    storage.require(expanded[0], "shard")
+    found = storage.sizes(expanded)
+    for u in expanded:
+        if found[u] is None:
+            raise ConfigError(f"shard {u} does not exist")
+    return expanded, expanded
+
+
 def _neighbour_manifest(local: list[str], expanded: list[str]
-                        ) -> tuple[dict[str, int], DataMeta | None, Path | None]:
+                        ) -> tuple[dict[str, int], DataMeta | None, Path | str | None]:
     """(counts per url, meta, manifest dir) from a manifest next to the shards, when it lists
     all of them; else ({}, None, None)."""
     # A manifest next to the shards supplies counts and meta when it lists all of them.
     meta = manifest_dir = None
     counts: dict[str, int] = {}
     if local and len(local) == len(expanded):
-        parent = Path(local[0].removeprefix("file:")).parent
-        if (parent / MANIFEST_NAME).is_file():
+        remote = storage.is_remote(local[0])
+        parent = storage.parent(local[0]) if remote else Path(local[0].removeprefix("file:")).parent
+        if storage.exists(shard_url(parent, MANIFEST_NAME)):
             try:
                 m = read_manifest(parent)
-                listed = {str(parent / s["name"]): int(s["num_samples"]) for s in m["shards"]}
-                names = [str(parent / Path(u.removeprefix("file:")).name) for u in local]
+                listed = {shard_url(parent, s["name"]): int(s["num_samples"]) for s in m["shards"]}
+                names = [shard_url(parent, u.rsplit("/", 1)[-1] if remote else Path(u.removeprefix("file:")).name)
+                         for u in local]
                 if all(n in listed for n in names):
                     counts = {u: listed[n] for u, n in zip(local, names)}
                     meta, manifest_dir = meta_from_dict(m["meta"]), parent

@@ -12,6 +12,11 @@ the manifest (or by shard names) never sees a half-written shard. Writing is det
 (fixed tar mtime/owner, seeded split), so the same command gives byte-identical shards, and
 a second run with the same parameters finds the manifest and does nothing.
 
+An object-store output (``--out s3://bucket/prefix``) is staged in a local temporary
+directory and uploaded shard by shard through :mod:`pipeline.data.storage` (an object
+appears whole or not at all), the old manifest deleted first and the new one put last: a
+reader never sees a manifest whose shards are not all there.
+
 Samples are assigned to shards in groups of ``samples_per_shard``; each group is written by
 its own ShardWriter (splitting further if ``max_shard_bytes`` is reached), which lets
 ``workers`` processes write groups in parallel while the result does not depend on
@@ -33,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data import storage
 from pipeline.data.hashing import sha256_file  # noqa: F401 - also part of this module's API
 from pipeline.data.meta import DataMeta
 from pipeline.errors import ConfigError
@@ -71,17 +77,28 @@ def meta_from_dict(d: dict[str, Any]) -> DataMeta:
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a shard directory (or of a manifest.json path)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / MANIFEST_NAME
+    """The manifest of a shard directory or object-store prefix (or of a manifest.json path)."""
+    path = str(path)
+    if storage.is_remote(path):
+        where = path if path.endswith("/" + MANIFEST_NAME) else storage.join(path, MANIFEST_NAME)
+        try:
+            text = storage.read_bytes(where).decode()
+        except storage.NotFound as e:
+            if "bucket" in str(e).lower():
+                raise
+            raise ConfigError(f"no {MANIFEST_NAME} at {where}") from None
+    else:
+        p = Path(path)
+        where = str(p / MANIFEST_NAME if p.is_dir() else p)
+        try:
+            text = Path(where).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"no {MANIFEST_NAME} at {where}") from None
     try:
-        m = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"no {MANIFEST_NAME} at {p}") from None
+        m = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p} is not valid JSON ({e}); rewrite the shards with `pipeline shards ...`") from None
-    _check_manifest(m, p)
+        raise ConfigError(f"{where} is not valid JSON ({e}); rewrite the shards with `pipeline shards ...`") from None
+    _check_manifest(m, where)
     return m
 
 
@@ -90,7 +107,7 @@ _MANIFEST_FIELDS = ("format", "meta", "shards")
 _SHARD_FIELDS = ("name", "split", "num_samples", "num_bytes", "sha256")
 
 
-def _check_manifest(m: Any, p: Path) -> None:
+def _check_manifest(m: Any, p: str) -> None:
     """ConfigError naming what is missing or wrong in manifest ``m`` (read from ``p``), so a
     damaged or hand-written manifest fails here with its path, not as a KeyError later."""
     redo = "; rewrite the shards with `pipeline shards ...` (or remove the manifest to read the tars alone)"
@@ -114,6 +131,11 @@ def _check_manifest(m: Any, p: Path) -> None:
             raise ConfigError(f"{p}: shards[{i}] lacks {', '.join(lacking)}{redo}")
 
 
+def shard_url(directory: str | os.PathLike, name: str) -> str:
+    """Where shard ``name`` of a shard directory or object-store prefix is."""
+    return storage.join(str(directory), name) if storage.is_remote(str(directory)) else str(Path(directory) / name)
+
+
 def verify(directory: str | os.PathLike, *, checksum: bool = False, split: str | None = None,
            schema_members: int = 0) -> list[str]:
     """Problems with the shards a manifest lists: missing files, wrong sizes, with
@@ -122,24 +144,31 @@ def verify(directory: str | os.PathLike, *, checksum: bool = False, split: str |
     shards are as written."""
     from pipeline.data import schema  # schema -> tario; kept out of the writer's import path
 
-    directory = Path(directory)
     manifest = read_manifest(directory)
+    listed = [s for s in manifest["shards"] if split is None or s["split"] == split]
+    urls = [shard_url(directory, s["name"]) for s in listed]
+    found = storage.sizes(urls)  # one listing per prefix in an object store
     problems = []
-    for s in manifest["shards"]:
-        if split is not None and s["split"] != split:
-            continue
-        p = directory / s["name"]
-        if not p.is_file():
+    for s, p in zip(listed, urls):
+        size = found[p]
+        if size is None:
             problems.append(f"shard {p} is missing")
             continue
-        size = p.stat().st_size
         if size != s["num_bytes"]:
             problems.append(f"shard {p} has {size} bytes, the manifest says {s['num_bytes']}")
-        elif checksum and sha256_file(p) != s["sha256"]:
+        elif checksum and _sha256(p) != s["sha256"]:
             problems.append(f"shard {p} has a different sha256 than the manifest records (modified)")
         if schema_members > 0:
             problems += schema.check_shard(p, manifest["schema"], num_members=schema_members)
     return problems
+
+
+def _sha256(url: str) -> str:
+    if storage.is_remote(url):
+        import hashlib
+
+        return hashlib.sha256(storage.read_bytes(url)).hexdigest()
+    return sha256_file(url)
 
 
 # -------------------------------------------------------------------------------- writing
@@ -220,7 +249,11 @@ def write_one_shard(path: str | os.PathLike, data: SourceData, *, first_index: i
 
 
 def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
-    """``manifest.json`` in ``out_dir``, replaced atomically (written last: it marks the set complete)."""
+    """``manifest.json`` in ``out_dir`` (a directory or an object-store prefix), replaced atomically
+    (rename; one PUT), written last: a reader never sees a manifest whose shards are not all in place."""
+    if storage.is_remote(str(out_dir)):
+        storage.write_bytes(shard_url(out_dir, MANIFEST_NAME), (json.dumps(manifest, indent=1) + "\n").encode())
+        return
     out = Path(out_dir)
     tmp = out / f".{MANIFEST_NAME}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
@@ -245,8 +278,7 @@ def split_indices(num_samples: int, val_fraction: float, seed: int) -> dict[str,
 
 def params_match(out_dir: str | os.PathLike, params: dict[str, Any]) -> bool:
     """Whether ``out_dir`` already holds a complete shard set written with ``params``."""
-    p = Path(out_dir) / MANIFEST_NAME
-    if not p.is_file():
+    if not storage.exists(shard_url(out_dir, MANIFEST_NAME)):
         return False
     try:
         m = read_manifest(out_dir)
@@ -287,11 +319,15 @@ def write_shards(
         raise ValueError(f"--workers must be >= 1, got {workers}")
     n = len(data.x)
     splits = split_indices(n, val_fraction, seed)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".staging-*"):  # left by an interrupted run
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = tempfile.mkdtemp(prefix=".staging-", dir=out)
+    remote = storage.is_remote(str(out_dir))
+    if remote:  # staged on local disk, uploaded shard by shard
+        staging = tempfile.mkdtemp(prefix="pipeline-shards-")
+    else:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".staging-*"):  # left by an interrupted run
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = tempfile.mkdtemp(prefix=".staging-", dir=out)
     try:
         _WRITE_STATE.update(
             data=data, staging=staging, samples_per_shard=samples_per_shard,
@@ -299,7 +335,7 @@ def write_shards(
         )
         tasks = _group_tasks(splits, samples_per_shard)
         written = _write_groups(tasks, workers)
-        shards, counters = _move_into_place(out, tasks, written)
+        shards, counters = (_upload_into_place if remote else _move_into_place)(str(out_dir), tasks, written)
     finally:
         _WRITE_STATE.clear()
         shutil.rmtree(staging, ignore_errors=True)
@@ -318,7 +354,7 @@ def write_shards(
         "info": data.info,
     }
     assert sum(s["num_samples"] for s in shards) == n
-    write_manifest(out, manifest)
+    write_manifest(out_dir, manifest)
     return manifest
 
 
@@ -343,29 +379,54 @@ def _write_groups(tasks: list[tuple[str, int, np.ndarray]], workers: int) -> lis
     return [_write_group(t) for t in tasks]
 
 
-def _move_into_place(out: Path, tasks: list[tuple[str, int, np.ndarray]], written: list[list[dict[str, Any]]]
-                     ) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Rename the staged shards to ``{split}-NNNNNN.tar`` in ``out`` (the old manifest gone
-    first, stale shards after); return the manifest's shard entries and shards per split."""
-    # Old shards of this naming scheme that the new set will not overwrite must go,
-    # or a glob over the directory would mix two data sets.
-    old_manifest = out / MANIFEST_NAME
-    if old_manifest.exists():
-        old_manifest.unlink()
-    shards = []
+def _final_names(tasks: list[tuple[str, int, np.ndarray]], written: list[list[dict[str, Any]]]
+                 ) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, int]]:
+    """(staged path, manifest entry named ``{split}-NNNNNN.tar``) of every staged shard in
+    order, and shards per split."""
+    named = []
     counters = {s: 0 for s in SPLITS}
     for (split, _, _), group_shards in zip(tasks, written):
         for s in group_shards:
             name = f"{split}-{counters[split]:06d}.tar"
             counters[split] += 1
-            os.replace(s["path"], out / name)  # atomic: a reader sees all of it or nothing
-            shards.append({"name": name, "split": split, "num_samples": s["num_samples"],
-                           "num_bytes": s["num_bytes"], "sha256": s["sha256"]})
-    names = {s["name"] for s in shards}
+            named.append((s["path"], {"name": name, "split": split, "num_samples": s["num_samples"],
+                                      "num_bytes": s["num_bytes"], "sha256": s["sha256"]}))
+    return named, counters
+
+
+def _move_into_place(out_dir: str, tasks: list[tuple[str, int, np.ndarray]], written: list[list[dict[str, Any]]]
+                     ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Rename the staged shards to ``{split}-NNNNNN.tar`` in ``out_dir`` (the old manifest
+    gone first, stale shards after); return the manifest's shard entries and shards per split."""
+    # Old shards of this naming scheme that the new set will not overwrite must go,
+    # or a glob over the directory would mix two data sets.
+    out = Path(out_dir)
+    old_manifest = out / MANIFEST_NAME
+    if old_manifest.exists():
+        old_manifest.unlink()
+    named, counters = _final_names(tasks, written)
+    for path, entry in named:
+        os.replace(path, out / entry["name"])  # atomic: a reader sees all of it or nothing
+    names = {e["name"] for _, e in named}
     for f in out.iterdir():
         if _SHARD_NAME.match(f.name) and f.name not in names:
             f.unlink()
-    return shards, counters
+    return [e for _, e in named], counters
+
+
+def _upload_into_place(out_url: str, tasks: list[tuple[str, int, np.ndarray]], written: list[list[dict[str, Any]]]
+                       ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """:func:`_move_into_place` for an object-store prefix: each shard one upload (an
+    object appears whole or not at all), the old manifest deleted first, stale shards after."""
+    storage.delete(storage.join(out_url, MANIFEST_NAME))
+    named, counters = _final_names(tasks, written)
+    for path, entry in named:
+        storage.upload(path, storage.join(out_url, entry["name"]))
+    names = {e["name"] for _, e in named}
+    for name in storage.list_sizes(out_url):
+        if _SHARD_NAME.match(name) and name not in names:
+            storage.delete(storage.join(out_url, name))
+    return [e for _, e in named], counters
 
 
 def sample_schema(data: SourceData) -> dict[str, Any]:

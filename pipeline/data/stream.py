@@ -98,6 +98,7 @@ class Stream:
         self._start_position = 0  # global position the layout counts from: 0, or where it resumed
         self._batches = 0  # micro batches this rank has taken since then
         self._corrupt = 0
+        self._storage_retries = 0  # transient object-store errors retried by the decoding workers
         self._loader_iter = None
         self._current: dict[str, Any] | None = None  # window being consumed
         self._offset = 0  # samples of _current already consumed
@@ -132,6 +133,11 @@ class Stream:
         return {"global_samples_consumed": g, "world_size": self.world_size, "epoch": g // self.samples_per_epoch}
 
     @property
+    def storage_retries(self) -> int:
+        """Transient object-store errors retried while decoding (see pipeline.data.storage)."""
+        return self._storage_retries
+
+    @property
     def corrupt_count(self) -> int:
         """This rank's batch slots filled by a substitute because the scheduled sample was corrupt."""
         return self._corrupt
@@ -157,9 +163,14 @@ class Stream:
             worker_init_fn=_ignore_job_signals,
         )
         self._loader_iter = iter(loader)
-        self._current = next(self._loader_iter)
+        self._current = self._next_window()
         # The window yields this rank's slots from its first; skip those before `position`.
         self._offset = int(layout.owns(np.arange(first, position)).sum())
+
+    def _next_window(self) -> dict[str, Any]:
+        window = next(self._loader_iter)
+        self._storage_retries += int(window["storage_retries"])
+        return window
 
     def __next__(self) -> dict[str, Any]:
         if self._loader_iter is None:
@@ -170,7 +181,7 @@ class Stream:
             cur = self._current
             n = len(cur["x"])
             if self._offset == n:
-                self._current = next(self._loader_iter)
+                self._current = self._next_window()
                 self._offset = 0
                 continue
             take = min(need, n - self._offset)

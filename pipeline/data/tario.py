@@ -31,11 +31,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.data import storage
+
 _FIELDS = ("npy", "png", "json", "cls")
 
 
 def read_url(url: str) -> bytes:
-    """All bytes of a shard: a local path (optionally ``file:``) or a ``pipe:`` command's stdout."""
+    """All bytes of a shard: a local path (optionally ``file:``), a ``pipe:`` command's
+    stdout, or an object-store URL (``s3://``, ``gs://``, ...; read through
+    :mod:`pipeline.data.storage`, which retries transient errors and raises
+    :class:`~pipeline.data.storage.Unreadable` when they persist)."""
+    if storage.is_remote(url):
+        return storage.read_bytes(url)
     if url.startswith("pipe:"):
         cmd = url[len("pipe:"):]
         proc = subprocess.run(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

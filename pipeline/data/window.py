@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pipeline.data import schema, tario
+from pipeline.data import schema, storage, tario
 from pipeline.data.plan import Layout, Piece, Plan
 from pipeline.data.resolve import short_list
 
@@ -34,11 +34,13 @@ class Decoder:
         """Samples ``wanted`` (indices within the shard) of one shard piece; logs the shard's
         first corruption."""
         url = self.plan.urls[piece.shard]
-        buf = tario.read_url(url)
+        try:
+            buf, reasons = tario.read_url(url), []
+        except storage.Unreadable as e:  # retried already: its samples become corrupt slots
+            buf, reasons = b"", [f"unreadable: {e}"]
         idx = tario.scan_tar(buf)
         have = wanted < len(idx)  # samples past a truncation point do not exist
-        reasons = []
-        if idx.problem or not have.all():
+        if not reasons and (idx.problem or not have.all()):
             reasons.append(f"{url}: {idx.problem or 'fewer samples than the manifest lists'}")
         x, valid = self._samples(url, buf, idx, wanted, have, reasons)
         label = None if self.plan.label_key is None else self._labels(buf, idx, wanted, valid)
@@ -155,6 +157,7 @@ class Decoder:
         ``label``, ``index`` (global positions), ``key`` (the sample's ``__key__``) and
         ``substituted`` (the slot's own sample was corrupt)."""
         plan = self.plan
+        retries_before = storage.retry_count()
         pieces = plan.windows(epoch)[w]
         n = sum(len(p) for p in pieces)
         first = epoch * plan.samples_per_epoch + int(plan.window_starts(epoch)[w])
@@ -170,6 +173,7 @@ class Decoder:
             "index": torch.from_numpy(first + mine.astype(np.int64)),
             "key": d.keys,
             "substituted": torch.from_numpy(substituted),
+            "storage_retries": storage.retry_count() - retries_before,  # this worker's, for this window
         }
         if d.label is not None:
             out["label"] = torch.from_numpy(np.ascontiguousarray(d.label))

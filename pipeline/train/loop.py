@@ -275,6 +275,7 @@ def _log_interval(meter: Meter, phases: list[PreparedPhase], engine: Engine, tra
     # positions so far, the same on any world size (substitutes are defined globally).
     corrupt = torch.tensor([float(stream.corrupt_count)], dtype=torch.float64, device=engine.device)
     metrics["data/corrupt_samples"] = float(engine.all_reduce_sum(corrupt).item())
+    metrics["data/storage_retries"] = float(stream.storage_retries)
     metrics["train/bad_steps"] = float(state.bad_steps)
     metrics["train/samples_seen"] = float(state.samples_seen)
     metrics.update(memory_metrics())

@@ -59,9 +59,11 @@ _VOLATILE_PREFIXES = ("perf/", "sys/", "mem/")
 
 
 def deterministic(row: dict) -> dict:
-    """A metrics row without what varies between identical runs (time, memory, data waits)."""
+    """A metrics row without what varies between identical runs (time, memory, data waits,
+    object-store retries: they count the network's hiccups, not the run's)."""
     return {k: v for k, v in row.items()
-            if k != "time" and not k.startswith(_VOLATILE_PREFIXES) and not k.endswith("data_wait_s")}
+            if k not in ("time", "data/storage_retries") and not k.startswith(_VOLATILE_PREFIXES)
+            and not k.endswith("data_wait_s")}
 
 
 def write_datasets(root: Path) -> dict[str, Path]:

@@ -1,11 +1,7 @@
 """Issue 15 "Nothing silent", through the real CLI: a 2 -> 1 -> 2 process resume continues the
 data stream at the exact global sample (issue 16), says what it lost (the per-rank RNGs) and
-the manifests record where the data stream stands; a run directory whose checkpoints
-are all damaged stops with exit 2 naming each, and keeps them byte for byte."""
-
-"""Issue 15 "Nothing silent", through the real CLI: a 2 -> 1 -> 2 process resume says what it
-lost and the manifests record where the data stream stands. (A run directory whose checkpoints
-are all damaged, a misspelt data.label_key and the other single-command cases are rows of
+the manifests record where the data stream stands. (A run directory whose checkpoints are all
+damaged, a misspelt data.label_key and the other single-command cases are rows of
 tests/faults/test_matrix.py.)"""
 
 from __future__ import annotations
@@ -79,39 +75,3 @@ def test_corrupt_sample_count_is_summed_over_ranks_and_equals_one_process(tmp_pa
         rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         counts.append([r["data/corrupt_samples"] for r in rows if "data/corrupt_samples" in r])
     assert counts[0] == counts[1] and counts[0][-1] > 0, counts
-
-
-def test_all_checkpoints_damaged_exit_2_and_nothing_deleted(tmp_path, ising_shards):
-    run = tmp_path / "run"
-    conftest.run_pipeline(*_args(run, ising_shards, 4))
-    ckpts = sorted(d for d in (run / "checkpoints").iterdir() if d.is_dir())
-    assert [d.name for d in ckpts] == ["step-00000002", "step-00000004"]
-    for d in ckpts:
-        f = d / "model-vdm.pt"
-        b = bytearray(f.read_bytes())
-        b[len(b) // 2] ^= 0xFF
-        f.write_bytes(bytes(b))
-    before = {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()}
-
-    r = conftest.run_pipeline(*_args(run, ising_shards, 8), check=False)
-    assert r.returncode == 2, r.stderr[-3000:]
-    assert "pipeline train: error: " in r.stderr and "none validates" in r.stderr
-    for d in ckpts:
-        assert f"  {d.name}: " in r.stderr and "checksum does not match" in r.stderr
-    assert "fresh run.dir" in r.stderr
-    after = {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()}
-    assert after == before
-
-
-def test_misspelt_label_key_exits_2_naming_the_keys(tmp_path, ising_shards):
-    r = conftest.run_pipeline(*_args(tmp_path / "run", ising_shards, 2), "data.label_key=temprature", check=False)
-    assert r.returncode == 2, r.stderr[-3000:]
-    assert "data.label_key='temprature'" in r.stderr and "'temperature'" in r.stderr
-    assert "corrupt" not in r.stderr
-
-    # The 1-rank run stood 4 steps into its own order at step 8.
-    assert "world size 1 -> 2: the data stream's position (32 samples into epoch 0" in r.stderr
-    assert _data(run, 10) == {"global_samples_consumed": 8 * BATCH + 2 * 2 * 2 * BATCH, "world_size": 2, "epoch": 0}
-    s10 = [_stream(run, 10, rank) for rank in (0, 1)]
-    assert [s["samples_consumed"] for s in s10] == [2 * BATCH, 2 * BATCH]
-    assert s10[0]["order_seed"] not in (s6["order_seed"], s6["seed"])

@@ -117,8 +117,8 @@ def test_an_interrupted_or_damaged_job_resumes_to_the_same_samples(vdm_run, tmp_
     (["--sampler", "euler"], "unknown sampler 'euler'; allowed: ancestral, ddim, dpm-solver"),
     (["--sampler", "ddim", "--eta", "1.5"], r"--eta must be in [0, 1]"),
     (["--sampler", "dpm-solver", "--eta", "0.3"], "--eta applies to --sampler ddim only"),
-    (["--num-steps", "0"], "num_steps must be >= 1, got 0"),
-    (["--num-steps", "-2", "--sampler", "ddim"], "num_steps must be >= 1, got -2"),
+    (["--num-steps", "0"], "--num-steps must be >= 1 (or left out for the model's default), got 0"),
+    (["--num-steps", "-2", "--sampler", "ddim"], "--num-steps must be >= 1 (or left out for the model's default), got -2"),
     (["--samples-per-shard", "0"], "--samples-per-shard must be >= 1"),
     (["--grid", "karras"], "unknown grid spacing 'karras'"),
 ])

@@ -8,13 +8,24 @@ start-up) is excluded from the timing. Memory: a fresh process streams one whole
 two data sets that differ only in length (default 4x); `rss_growth_ratio` is the ratio of
 their peak RSS, ~1 when memory is bounded by the shuffle buffer and shard size, not the data
 set. The last stdout line is one JSON object.
+
+Object storage: ``--s3`` also streams the Ising shards from an S3 API server on loopback
+(moto's server, ``pip install 'moto[server]'``, started in its own process on a free
+127.0.0.1 port; the shards uploaded to it) with the same settings, and reports
+``s3_samples_per_s`` and ``s3_ratio_vs_local``. moto is a Python server on the same CPUs,
+so the ratio bounds from below what a real store on a network with bandwidth to spare gives.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import resource
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -68,6 +79,53 @@ def stream_rate(urls: str, *, batch_size: int, num_batches: int, num_workers: in
         return _rate(s, num_batches, lambda b: len(b["x"]))
     finally:
         s.close()
+
+
+@contextlib.contextmanager
+def loopback_s3():
+    """An S3 API server (moto) in a process of its own on a free 127.0.0.1 port, with the
+    AWS_* variables pointing at it while the block runs; yields its endpoint."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
+                                             "AWS_DEFAULT_REGION")}
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # listening yet?
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto's S3 server did not start on 127.0.0.1:{port}") from None
+                time.sleep(0.2)
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                          AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_DEFAULT_REGION="us-east-1")
+        yield os.environ["AWS_ENDPOINT_URL"]
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def s3_stream_rate(local_dir: Path, **kw) -> float:
+    """:func:`stream_rate` of the shard set ``local_dir`` uploaded to a loopback S3 server."""
+    import boto3
+
+    from pipeline.data import storage
+
+    with loopback_s3() as endpoint:
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+        for f in sorted(local_dir.glob("*.tar")) + [local_dir / "manifest.json"]:  # manifest last
+            storage.upload(str(f), f"s3://bench/{local_dir.name}/{f.name}")
+        return stream_rate(f"s3://bench/{local_dir.name}/", **kw)
 
 
 def hf_rate(files: list[str], *, batch_size: int, num_batches: int, num_workers: int, label_key: str | None,
@@ -162,6 +220,7 @@ def run(
     train_step: TrainStep | None = None,
     num_train_steps: int = 30,
     rss_sizes: tuple[int, ...] = (10_000, 40_000),
+    s3: bool = False,
 ) -> dict[str, Any]:
     from pipeline.data import shards, sources
 
@@ -192,6 +251,14 @@ def run(
                              "num_samples": shards.read_manifest(d)["total_samples"]}
             print(f"{name:7s} stream {ours:10.0f} samples/s   hf datasets {hf:9.0f} samples/s   "
                   f"ratio {ours / hf:6.1f}", flush=True)
+        s3_figures = {}
+        if s3:
+            kw = dict(batch_size=batch_size, num_batches=num_batches, num_workers=num_workers,
+                      label_key="temperature", shuffle_buffer=shuffle_buffer)
+            s3_rate = s3_stream_rate(root / "ising", **kw)
+            s3_figures = {"s3_samples_per_s": s3_rate, "s3_ratio_vs_local": s3_rate / results["ising"]["samples_per_s"]}
+            print(f"ising   stream from loopback S3 {s3_rate:10.0f} samples/s   "
+                  f"ratio vs local disk {s3_figures['s3_ratio_vs_local']:5.2f}", flush=True)
         step = train_step or conv_train_step(size)
         train_rate = train_step_rate(step, size=size, batch_size=batch_size, num_steps=num_train_steps)
         print(f"train step ({batch_size} x 1 x {size} x {size}) consumes {train_rate:.0f} samples/s", flush=True)
@@ -208,6 +275,7 @@ def run(
             "ratio_vs_train_step": ising["samples_per_s"] / train_rate,
             "peak_rss_mb": _peak_rss_mb(resource.RUSAGE_SELF),
             "peak_rss_children_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN),
+            **s3_figures,
             "datasets": results,
             "config": {"size": size, "batch_size": batch_size, "num_batches": num_batches,
                        "num_workers": num_workers, "shuffle_buffer": shuffle_buffer,
@@ -232,6 +300,8 @@ def register(bench_subparsers) -> None:
     p.add_argument("--train-steps", type=int, default=30, help="timed training steps")
     p.add_argument("--rss-samples", type=int, default=10_000,
                    help="memory check: stream one epoch of this many samples and of 4x as many (default 10000)")
+    p.add_argument("--s3", action="store_true",
+                   help="also stream the Ising shards from a loopback S3 server (needs moto[server])")
     p.set_defaults(func=_main)
 
 
@@ -239,10 +309,15 @@ def _main(args) -> int:
     for name in ("size", "num_samples", "batch_size", "num_batches", "train_steps", "rss_samples"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.s3:
+        try:
+            import moto.server  # noqa: F401
+        except ImportError:
+            raise ConfigError("--s3 needs moto's S3 server: pip install 'moto[server]'") from None
     if args.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {args.workers}")
     out = run(work_dir=args.work_dir, size=args.size, num_per_temperature=args.num_samples,
               batch_size=args.batch_size, num_batches=args.num_batches, num_workers=args.workers,
-              num_train_steps=args.train_steps, rss_sizes=(args.rss_samples, 4 * args.rss_samples))
+              num_train_steps=args.train_steps, rss_sizes=(args.rss_samples, 4 * args.rss_samples), s3=args.s3)
     print(json.dumps(out))
     return 0

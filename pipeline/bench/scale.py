@@ -35,6 +35,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.bench.args import backend_list, positive_int
+
 PRESETS = {  # vdm.channels for 64x64 fields; parameter counts are measured and printed
     "tiny": {"channels": 24, "size": 16},   # 0.1M parameters: the test in make test
     "10m": {"channels": 264, "size": 64},   # 10.3M
@@ -146,19 +148,6 @@ def bench(args) -> dict[str, Any]:
     return summary
 
 
-def _backends(s: str) -> list[str]:
-    names = [x for x in s.split(",") if x]
-    bad = [x for x in names if x not in BACKENDS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"--backends: unknown {bad or s!r}; allowed: {', '.join(BACKENDS)}")
-    return names
-
-
-def _positive(s: str) -> int:
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 def register(bench_subparsers) -> None:
@@ -166,14 +155,14 @@ def register(bench_subparsers) -> None:
                                     description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=list(PRESETS), default="10m",
                    help="model size: tiny (0.1M, 16x16), 10m, 100m (64x64); default 10m")
-    p.add_argument("--backends", type=_backends, default=list(BACKENDS), help=f"comma-separated, of {', '.join(BACKENDS)}")
-    p.add_argument("--num-steps", type=_positive, default=3, help="optimizer steps per backend (>= 2; default 3)")
-    p.add_argument("--batch-per-rank", type=_positive, default=2)
+    p.add_argument("--backends", type=backend_list(BACKENDS), default=list(BACKENDS), help=f"comma-separated, of {', '.join(BACKENDS)}")
+    p.add_argument("--num-steps", type=positive_int, default=3, help="optimizer steps per backend (>= 2; default 3)")
+    p.add_argument("--batch-per-rank", type=positive_int, default=2)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cpu: 2 gloo processes; cuda: 1 process on the GPU (default cpu)")
     p.add_argument("--mixed-precision", choices=["no", "bf16"], default=None,
                    help="engine.mixed_precision (default: no on cpu, bf16 on cuda)")
-    p.add_argument("--threads", type=_positive, default=1, help="OMP threads per process (default 1)")
+    p.add_argument("--threads", type=positive_int, default=1, help="OMP threads per process (default 1)")
     p.add_argument("--peak-tflops", type=float, default=790.0,
                    help="peak FLOP rate for the MFU figure, in TFLOP/s (default 790: H200 bf16 dense)")
     p.add_argument("--work-dir", help="keep logs and checkpoints here (default: a temp dir)")

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.bench.args import backend_list, positive_int
 from pipeline.run_dir import RunDir
 
 DEFAULT_CHECKPOINT_EVERY_STEPS = 100  # TrainConfig's default interval
@@ -295,19 +296,6 @@ def bench(args) -> dict[str, Any]:
     return out
 
 
-def _positive(s: str) -> int:
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _backends(s: str) -> list[str]:
-    names = [x for x in s.split(",") if x]
-    bad = [x for x in names if x not in BACKENDS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"--backends: unknown {bad or s!r}; allowed: {', '.join(BACKENDS)}")
-    return names
 
 
 def register(bench_subparsers) -> None:
@@ -316,16 +304,16 @@ def register(bench_subparsers) -> None:
         help="training loop vs a bare loop, DDP efficiency, checkpoint share, peak RSS per backend",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--num-steps", type=_positive, default=60,
+    p.add_argument("--num-steps", type=positive_int, default=60,
                    help="steps per run (default 60: about 0.5 s each at the default size on one core)")
-    p.add_argument("--batch-per-rank", type=_positive, default=64,
+    p.add_argument("--batch-per-rank", type=positive_int, default=64,
                    help="batch per rank of the 2-process runs; the 1-process runs use twice this (default 64)")
-    p.add_argument("--size", type=_positive, default=16, help="lattice side (default 16, the quickstart's)")
-    p.add_argument("--channels", type=_positive, default=32, help="vdm.channels (default 32, the quickstart's)")
-    p.add_argument("--num-timesteps", type=_positive, default=50, help="vdm.num_timesteps (default 50)")
-    p.add_argument("--num-samples", type=_positive, default=4096, help="random spin samples in the data set")
-    p.add_argument("--checkpoint-every-steps", type=_positive, default=DEFAULT_CHECKPOINT_EVERY_STEPS)
-    p.add_argument("--backends", type=_backends, default=list(BACKENDS),
+    p.add_argument("--size", type=positive_int, default=16, help="lattice side (default 16, the quickstart's)")
+    p.add_argument("--channels", type=positive_int, default=32, help="vdm.channels (default 32, the quickstart's)")
+    p.add_argument("--num-timesteps", type=positive_int, default=50, help="vdm.num_timesteps (default 50)")
+    p.add_argument("--num-samples", type=positive_int, default=4096, help="random spin samples in the data set")
+    p.add_argument("--checkpoint-every-steps", type=positive_int, default=DEFAULT_CHECKPOINT_EVERY_STEPS)
+    p.add_argument("--backends", type=backend_list(BACKENDS), default=list(BACKENDS),
                    help=f"comma-separated, of {', '.join(BACKENDS)} (default all; the first 2-process one "
                         "that is ddp gives dp_efficiency and checkpoint_share)")
     p.add_argument("--quick", action="store_true",

@@ -311,23 +311,11 @@ def write_shards(
     ``params`` are the creation parameters recorded in the manifest (what makes two runs the
     same); ``workers`` parallel processes write shard groups and do not change the output.
     """
-    if samples_per_shard < 1:
-        raise ValueError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
-    if max_shard_bytes < 1:
-        raise ValueError(f"--max-shard-bytes must be >= 1, got {max_shard_bytes}")
-    if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
+    _check_write_options(samples_per_shard, max_shard_bytes, workers)
     n = len(data.x)
     splits = split_indices(n, val_fraction, seed)
     remote = storage.is_remote(str(out_dir))
-    if remote:  # staged on local disk, uploaded shard by shard
-        staging = tempfile.mkdtemp(prefix="pipeline-shards-")
-    else:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".staging-*"):  # left by an interrupted run
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = tempfile.mkdtemp(prefix=".staging-", dir=out)
+    staging = _staging_dir(out_dir, remote)  # local disk: remote sets are uploaded shard by shard
     try:
         _WRITE_STATE.update(
             data=data, staging=staging, samples_per_shard=samples_per_shard,
@@ -356,6 +344,28 @@ def write_shards(
     assert sum(s["num_samples"] for s in shards) == n
     write_manifest(out_dir, manifest)
     return manifest
+
+
+def _check_write_options(samples_per_shard: int, max_shard_bytes: int, workers: int) -> None:
+    if samples_per_shard < 1:
+        raise ValueError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    if max_shard_bytes < 1:
+        raise ValueError(f"--max-shard-bytes must be >= 1, got {max_shard_bytes}")
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+
+
+def _staging_dir(out_dir: str | os.PathLike, remote: bool) -> str:
+    """A fresh directory where the shards are written before they move into place: beside them
+    (``.staging-*`` in ``out_dir``, so the move is a rename; those an interrupted run left are
+    removed), or a temporary directory for an object store."""
+    if remote:
+        return tempfile.mkdtemp(prefix="pipeline-shards-")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".staging-*"):  # left by an interrupted run
+        shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=".staging-", dir=out)
 
 
 def _group_tasks(splits: dict[str, np.ndarray], samples_per_shard: int) -> list[tuple[str, int, np.ndarray]]:

@@ -119,6 +119,8 @@ def scan_tar(buf: bytes) -> TarIndex:
     return TarIndex(keys=keys, offset=offset, size=sizes_out, problem=problem)
 
 
+# long: one loop over the headers, kept whole: the hot loop of indexing, and pax/GNU long names
+# carry state from one header to the next (see the docstring).
 def _walk_headers(buf: bytes) -> tuple[list[int], list[str], list[int], list[int], str | None]:
     """(header offsets, names, sizes) of the regular-file members, the offsets of all
     headers, and why the walk stopped early (None at a clean end). Checksums are not

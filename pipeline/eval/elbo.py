@@ -101,36 +101,50 @@ def exact_elbo(
     if num_quadrature_points < 1:
         raise ValueError(f"num_quadrature_points must be >= 1, got {num_quadrature_points}")
     device = next(module.parameters()).device
-    x_raw = x.to(device).float()
-    x0 = module.to_model_space(x_raw)
-    B, S = x0.shape[0], num_noise_samples
-    labels = module.check_labels(labels.to(device) if labels is not None else None, B)
-    rows = _NoiseRows(x0.repeat_interleave(S, 0), x_raw.repeat_interleave(S, 0),
-                      labels.repeat_interleave(S, 0) if labels is not None else None, B, S)
+    x0, rows = _noise_rows(module, x, labels, num_noise_samples, device)
 
     def noise(shape):
         return torch.randn(shape, device=device, generator=generator)
 
     # The order of the draws from ``generator``: reconstruction first, then each term's.
     g0, g1 = module.endpoints(device)
-    recon_m, recon_v = rows.mc(module.recon_nats(rows.x, rows.x_raw, g0, noise(rows.x.shape)))
+    recon = rows.mc(module.recon_nats(rows.x, rows.x_raw, g0, noise(rows.x.shape)))
     prior = module.prior_nats(x0, g1)
     if module.continuous:
         terms = _quadrature_terms(module, rows, g0, g1, num_quadrature_points, noise, chunk_size)
     else:
         terms = _discrete_terms(module, rows, noise, chunk_size)
+    return _in_bits(recon, prior, terms, 1.0 / (module.num_dims * math.log(2)))
+
+
+def _noise_rows(module: VDM, x: torch.Tensor, labels: torch.Tensor | None, num_draws: int,
+                device: torch.device) -> tuple[torch.Tensor, _NoiseRows]:
+    """``x`` in model space [B, ...], and ``x`` (data space) with its labels on ``device``, checked,
+    each sample repeated ``num_draws`` times."""
+    x_raw = x.to(device).float()
+    x0 = module.to_model_space(x_raw)
+    labels = module.check_labels(labels.to(device) if labels is not None else None, x0.shape[0])
+    repeated = labels.repeat_interleave(num_draws, 0) if labels is not None else None
+    return x0, _NoiseRows(x0.repeat_interleave(num_draws, 0), x_raw.repeat_interleave(num_draws, 0), repeated,
+                          x0.shape[0], num_draws)
+
+
+def _in_bits(recon: tuple[torch.Tensor, torch.Tensor], prior: torch.Tensor,
+             terms: list[tuple[torch.Tensor, torch.Tensor]], to_bpd: float) -> dict:
+    """:func:`exact_elbo`'s result from the per-sample (mean, variance of the mean) in nats of the
+    reconstruction and of each diffusion term, and the exact prior term; ``to_bpd``: nats -> bits/dim."""
+    recon_m, recon_v = recon
     tm = torch.stack([m for m, _ in terms], 1)  # [B, num_terms]
     tv = torch.stack([v for _, v in terms], 1)
     diff = tm.sum(1)
     per_sample = recon_m + prior + diff
     var_per_sample = recon_v + tv.sum(1)
-    to_bpd = 1.0 / (module.num_dims * math.log(2))
     return {
         "recon_bpd": float(recon_m.mean() * to_bpd),
         "prior_bpd": float(prior.mean() * to_bpd),
         "diffusion_bpd": float(diff.mean() * to_bpd),
         "bits_per_dim": float(per_sample.mean() * to_bpd),
-        "stderr_bpd": float(var_per_sample.sum().sqrt() / B * to_bpd),
+        "stderr_bpd": float(var_per_sample.sum().sqrt() / per_sample.shape[0] * to_bpd),
         "per_term_bpd": (tm.mean(0) * to_bpd).cpu(),
         "per_sample_bpd": (per_sample * to_bpd).cpu(),
     }

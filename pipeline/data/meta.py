@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 from pipeline.errors import ConfigError
 
@@ -36,3 +36,25 @@ class DataMeta:
         if self.boundary is not None and self.boundary not in BOUNDARIES:
             raise ConfigError(f"data meta boundary={self.boundary!r} is not allowed; "
                               f"use one of {', '.join(map(repr, BOUNDARIES))} or None (unknown)")
+
+
+def meta_to_dict(meta: DataMeta) -> dict[str, Any]:
+    """``meta`` as JSON-ready values (lists for tuples): the ``meta`` of a shard manifest."""
+    d = asdict(meta)
+    d["sample_shape"] = list(meta.sample_shape)
+    if meta.label_values is not None:
+        d["label_values"] = list(meta.label_values)
+    if meta.label_range is not None:
+        d["label_range"] = list(meta.label_range)
+    return d
+
+
+def meta_from_dict(d: dict[str, Any]) -> DataMeta:
+    """The inverse of :func:`meta_to_dict` (a TypeError for unknown or missing fields)."""
+    d = dict(d)
+    d["sample_shape"] = tuple(d["sample_shape"])
+    if d.get("label_values") is not None:
+        d["label_values"] = tuple(float(v) for v in d["label_values"])
+    if d.get("label_range") is not None:
+        d["label_range"] = tuple(float(v) for v in d["label_range"])
+    return DataMeta(**d)

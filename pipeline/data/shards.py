@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,8 @@ import numpy as np
 
 from pipeline.data import storage
 from pipeline.data.hashing import sha256_file  # noqa: F401 - also part of this module's API
-from pipeline.data.meta import DataMeta
+# meta_to_dict, meta_from_dict: re-exported (the manifest's 'meta' is their JSON form)
+from pipeline.data.meta import DataMeta, meta_from_dict, meta_to_dict  # noqa: F401
 from pipeline.errors import ConfigError
 from pipeline.data.sources import SourceData
 
@@ -48,29 +49,6 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "pipeline-webdataset-shards/1"
 SPLITS = ("train", "validation")
 _SHARD_NAME = re.compile(r"^(train|validation)-\d{6}\.tar$")
-
-
-# ------------------------------------------------------------------------ meta <-> json
-
-
-def meta_to_dict(meta: DataMeta) -> dict[str, Any]:
-    d = asdict(meta)
-    d["sample_shape"] = list(meta.sample_shape)
-    if meta.label_values is not None:
-        d["label_values"] = list(meta.label_values)
-    if meta.label_range is not None:
-        d["label_range"] = list(meta.label_range)
-    return d
-
-
-def meta_from_dict(d: dict[str, Any]) -> DataMeta:
-    d = dict(d)
-    d["sample_shape"] = tuple(d["sample_shape"])
-    if d.get("label_values") is not None:
-        d["label_values"] = tuple(float(v) for v in d["label_values"])
-    if d.get("label_range") is not None:
-        d["label_range"] = tuple(float(v) for v in d["label_range"])
-    return DataMeta(**d)
 
 
 # ------------------------------------------------------------------------------ manifest
@@ -311,7 +289,7 @@ def write_shards(
     ``params`` are the creation parameters recorded in the manifest (what makes two runs the
     same); ``workers`` parallel processes write shard groups and do not change the output.
     """
-    _check_write_options(samples_per_shard, max_shard_bytes, workers)
+    _check_write_options(samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, workers=workers)
     n = len(data.x)
     splits = split_indices(n, val_fraction, seed)
     remote = storage.is_remote(str(out_dir))
@@ -346,13 +324,10 @@ def write_shards(
     return manifest
 
 
-def _check_write_options(samples_per_shard: int, max_shard_bytes: int, workers: int) -> None:
-    if samples_per_shard < 1:
-        raise ValueError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
-    if max_shard_bytes < 1:
-        raise ValueError(f"--max-shard-bytes must be >= 1, got {max_shard_bytes}")
-    if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
+def _check_write_options(**counts: int) -> None:
+    for name, value in counts.items():  # each named as its command-line option
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 def _staging_dir(out_dir: str | os.PathLike, remote: bool) -> str:

@@ -19,12 +19,13 @@ import torch
 
 from pipeline.config import Config, TrainConfig, save_config, saved_dict
 from pipeline.data.meta import DataMeta
-from pipeline.data.stream import build_stream, read_meta
+from pipeline.data.stream import Stream, build_stream, read_meta
 from pipeline.errors import ConfigError
 from pipeline.objectives.registry import build_phases
 from pipeline.objectives.base import StepContext
 from pipeline.run_dir import RunDir
 from pipeline.track.metrics import memory_metrics
+from pipeline.track.tracker import Tracker
 from pipeline.train.checkpoint import LATEST, Checkpointer, atomic_write_text
 from pipeline.train.ema import EMA
 from pipeline.train.compile import compile_networks
@@ -34,13 +35,15 @@ from pipeline.train.export import export_step, write_export
 from pipeline.train.state import RNGState, TrainState, seed_everything
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal, asks the launcher to requeue
-# Written into run.dir by rank 0 once the preemption checkpoint is complete. `accelerate
-# launch` does not pass the ranks' 75 on (its elastic agent exits 128 + 15 on SIGTERM), so
-# slurm/train.sbatch and launch/requeue_exit.sh read this file to exit 75 themselves.
+
+
 class TrainingDiverged(RuntimeError):
-    pass
+    """train.max_bad_steps consecutive NaN/Inf steps: the run stops (exit 1)."""
 
 
+# RunDir.preempted is written by rank 0 once the preemption checkpoint is complete. `accelerate
+# launch` does not pass the ranks' 75 on (its elastic agent exits 128 + 15 on SIGTERM), so
+# slurm/train.sbatch and launch/requeue_exit.sh read that file to exit 75 themselves.
 class PreemptionFlag:
     """Set by SIGTERM / SIGUSR1; acted on at the next step boundary by every rank together."""
 
@@ -133,105 +136,20 @@ def train(cfg: Config, meta: DataMeta | None = None) -> int:
     :data:`REQUEUE_EXIT_CODE` when preempted). ``meta``: the data's metadata as the CLI read
     it (read here when None).
 
-    One function in labelled sections, read top to bottom (edm's training_loop): set-up and
-    restore, the loop of phases, maintenance per step (log, sample, checkpoint, preemption),
-    the end. It is longer than 60 lines because its try/finally owns what every exit path
-    must do (the tracker's failure record, closing the stream and the engine)."""
-    from pipeline.track.tracker import Tracker
-
-    engine = build_engine(cfg.engine)
-    run_dir = RunDir(cfg.run.dir)
-    tracker = stream = None
+    The outline, read top to bottom (edm's training_loop); each step is a method of
+    :class:`_Training`. Every exit path goes through ``finally``: the tracker's record of how
+    the run ended, then the stream and the engine closed."""
+    run = _Training(cfg, build_engine(cfg.engine))
     exit_code: int | None = None  # set on the way out; an exception leaves it None until caught
     try:
-        # ---- set-up and restore
-        if engine.is_main:
-            run_dir.root.mkdir(parents=True, exist_ok=True)
-        seed_everything(cfg.run.seed * 1000 + engine.rank)
-        if meta is None:
-            meta = read_meta(cfg.data.train_urls)
-        built = build_phases(cfg, meta)
-        if cfg.engine.compile:
-            for p in built:
-                assert compile_networks(p.module), f"phase {p.name!r} holds no network to compile"
-        phases = [engine.prepare(p, cfg.train) for p in built]
-        sampled = next(p for p in phases if p.phase.ema)
-        ema = EMA(sampled, cfg.train.ema_decay)
-        stream = build_stream(cfg.data, rank=engine.rank, world_size=engine.world_size, seed=cfg.run.seed, meta=meta)
-        state, rng = TrainState(), RNGState()
-        ckpt = Checkpointer(
-            run_dir.checkpoints,
-            engine,
-            keep_last=cfg.train.keep_last_checkpoints,
-            keep_every=cfg.train.keep_every_steps,
-            config_hash=cfg.hash(),
-            seed=cfg.run.seed,
-        )
-        shared, per_rank = {"trainer": state, "ema": ema}, {"stream": stream, "rng": rng}
-        manifest = _restore(ckpt, phases, shared, per_rank, cfg, engine, run_dir)
-        tracker = Tracker(
-            cfg.track, run_dir.root, cfg.to_dict(), is_main=engine.is_main,
-            total_steps=cfg.train.num_steps, resume=manifest is not None,
-        )
-
-        def save() -> None:
-            t0 = time.perf_counter()
-            path = ckpt.save(state.step, phases, shared, per_rank, data=stream.position_record())
-            if engine.is_main:
-                write_export(run_dir.root, ema.module, saved_dict(cfg), meta, state.step)
-                tracker.log_event("checkpoint", step=state.step, path=str(path), seconds=time.perf_counter() - t0)
-
-        if manifest is not None and engine.is_main and export_step(run_dir.root) != state.step:
-            # A crash between a checkpoint and its export (or a damaged export) leaves sample
-            # and evaluate without the weights of the step resumed from: write them again.
-            print(f"export: missing or not of step {state.step}; rewriting it from the checkpoint", flush=True)
-            write_export(run_dir.root, ema.module, saved_dict(cfg), meta, state.step)
-        if state.step >= cfg.train.num_steps and engine.is_main:
-            print(f"step {state.step} = train.num_steps: the run is finished, nothing to train "
-                  f"(raise train.num_steps to train longer)", flush=True)
-        preempt = PreemptionFlag()
-        reference: dict = {}  # a real batch, to compare the physics of samples against
-        batches = _remember_first(iter(stream), reference)
-        meter = Meter()
-        global_batch = cfg.data.batch_per_rank * engine.world_size * cfg.train.grad_accum_steps
-        t_log = time.perf_counter()
-        steps_since_log = 0
-        while state.step < cfg.train.num_steps:
-            # ---- one loop step: each phase `repeats` optimizer steps, then EMA
-            for ph in phases:
-                with ph.frozen():
-                    for _ in range(ph.phase.repeats):
-                        meter.add(ph.name, optimizer_step(ph, batches, state, engine, cfg.train, cfg.run.seed))
-            ema.update(sampled)
-            state.step += 1
-            state.samples_seen += global_batch
-            steps_since_log += 1
-            # ---- maintenance: log, sample, checkpoint, preemption (every rank together)
-            if state.step % cfg.train.log_every_steps == 0 or state.step == cfg.train.num_steps:
-                elapsed = time.perf_counter() - t_log
-                _log_interval(meter, phases, engine, tracker, stream, state, global_batch * steps_since_log, elapsed,
-                              steps_since_log)
-                t_log, steps_since_log = time.perf_counter(), 0
-            every = cfg.train.sample_every_steps
-            if engine.is_main and every and state.step % every == 0 and state.step < cfg.train.num_steps:
-                _sample_and_observe(ema.module, meta, cfg, tracker, reference, state.step)
-            if state.step % cfg.train.checkpoint_every_steps == 0 or state.step == cfg.train.num_steps:
-                save()
-            if engine.any_rank(preempt.requested):
-                if state.step % cfg.train.checkpoint_every_steps != 0:
-                    save()
-                if engine.is_main:
-                    PreemptionFlag.record(run_dir, state.step)
-                    print(f"preempted: checkpoint at step {state.step}; exiting {REQUEUE_EXIT_CODE} to requeue",
-                          file=sys.stderr, flush=True)
-                preempt.ignore_further()
-                exit_code = REQUEUE_EXIT_CODE
+        run.set_up(meta)  # networks, phases, EMA, stream, checkpoint restored, tracker
+        while run.state.step < cfg.train.num_steps:
+            run.loop_step()  # each phase `repeats` optimizer steps, then EMA
+            run.maintenance()  # log, sample, checkpoint at their cadence
+            if run.engine.any_rank(run.preempt.requested):  # every rank together
+                exit_code = run.preempted()
                 return exit_code
-        # ---- the end: final samples, where everything is
-        if engine.is_main:
-            path = _sample_and_observe(ema.module, meta, cfg, tracker, reference, state.step)
-            _print_where(run_dir, path, ckpt)
-        engine.barrier()  # ranks leave together: none tears down the process group mid-sampling
+        run.finish()  # final samples, where everything is
         exit_code = 0
         return exit_code
     except BaseException as e:
@@ -239,16 +157,144 @@ def train(cfg: Config, meta: DataMeta | None = None) -> int:
         # exception, e.g. TrainingDiverged, exits 1), so the tracker records the failure
         # instead of a success (issue 15 item 4).
         exit_code = 2 if isinstance(e, ConfigError) else 1
-        if tracker is not None:  # the reason beside the flag (scrubbed like every event field)
-            tracker.log_event("error", error=f"{type(e).__name__}: {e}")
+        run.record_error(e)
         raise
     finally:
-        if tracker is not None:
+        run.close(exit_code)
+
+
+class _Training:
+    """One run's components (typed attributes, as torchtitan's trainer lists them) and the
+    steps :func:`train` calls in order. Attributes are set by :meth:`set_up`; until then the
+    stream and the tracker are None, which :meth:`close` allows for."""
+
+    def __init__(self, cfg: Config, engine: Engine):
+        self.cfg, self.engine = cfg, engine
+        self.run_dir = RunDir(cfg.run.dir)
+        self.tracker: Tracker | None = None
+        self.stream: Stream | None = None
+
+    # ---- set-up and restore
+
+    def set_up(self, meta: DataMeta | None) -> None:
+        cfg, engine = self.cfg, self.engine
+        if engine.is_main:
+            self.run_dir.root.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.run.seed * 1000 + engine.rank)
+        self.meta = meta if meta is not None else read_meta(cfg.data.train_urls)
+        built = build_phases(cfg, self.meta)
+        if cfg.engine.compile:
+            for p in built:
+                assert compile_networks(p.module), f"phase {p.name!r} holds no network to compile"
+        self.phases = [engine.prepare(p, cfg.train) for p in built]
+        self.sampled = next(p for p in self.phases if p.phase.ema)
+        self.ema = EMA(self.sampled, cfg.train.ema_decay)
+        self.stream = build_stream(cfg.data, rank=engine.rank, world_size=engine.world_size, seed=cfg.run.seed,
+                                   meta=self.meta)
+        self.state, self.rng = TrainState(), RNGState()
+        self.ckpt = Checkpointer(self.run_dir.checkpoints, engine, keep_last=cfg.train.keep_last_checkpoints,
+                                 keep_every=cfg.train.keep_every_steps, config_hash=cfg.hash(), seed=cfg.run.seed)
+        self.shared = {"trainer": self.state, "ema": self.ema}
+        self.per_rank = {"stream": self.stream, "rng": self.rng}
+        manifest = _restore(self.ckpt, self.phases, self.shared, self.per_rank, cfg, engine, self.run_dir)
+        self.tracker = _tracker(cfg, self.run_dir, engine, resume=manifest is not None)
+        if manifest is not None:
+            self._repair_export()
+        if self.state.step >= cfg.train.num_steps and engine.is_main:
+            print(f"step {self.state.step} = train.num_steps: the run is finished, nothing to train "
+                  f"(raise train.num_steps to train longer)", flush=True)
+        self.preempt = PreemptionFlag()
+        self.reference: dict = {}  # a real batch, to compare the physics of samples against
+        self.batches = _remember_first(iter(self.stream), self.reference)
+        self.meter = Meter()
+        self.global_batch = cfg.data.batch_per_rank * engine.world_size * cfg.train.grad_accum_steps
+        self.t_log, self.steps_since_log = time.perf_counter(), 0
+
+    def _repair_export(self) -> None:
+        """A crash between a checkpoint and its export (or a damaged export) leaves sample and
+        evaluate without the weights of the step resumed from: write them again."""
+        if self.engine.is_main and export_step(self.run_dir.root) != self.state.step:
+            print(f"export: missing or not of step {self.state.step}; rewriting it from the checkpoint", flush=True)
+            write_export(self.run_dir.root, self.ema.module, saved_dict(self.cfg), self.meta, self.state.step)
+
+    # ---- one loop step: each phase `repeats` optimizer steps, then EMA
+
+    def loop_step(self) -> None:
+        for ph in self.phases:
+            with ph.frozen():
+                for _ in range(ph.phase.repeats):
+                    metrics = optimizer_step(ph, self.batches, self.state, self.engine, self.cfg.train,
+                                             self.cfg.run.seed)
+                    self.meter.add(ph.name, metrics)
+        self.ema.update(self.sampled)
+        self.state.step += 1
+        self.state.samples_seen += self.global_batch
+        self.steps_since_log += 1
+
+    # ---- maintenance: log, sample, checkpoint (every rank together)
+
+    def maintenance(self) -> None:
+        t, step = self.cfg.train, self.state.step
+        if step % t.log_every_steps == 0 or step == t.num_steps:
+            elapsed = time.perf_counter() - self.t_log
+            _log_interval(self.meter, self.phases, self.engine, self.tracker, self.stream, self.state,
+                          self.global_batch * self.steps_since_log, elapsed, self.steps_since_log)
+            self.t_log, self.steps_since_log = time.perf_counter(), 0
+        every = t.sample_every_steps
+        if self.engine.is_main and every and step % every == 0 and step < t.num_steps:
+            _sample_and_observe(self.ema.module, self.meta, self.cfg, self.tracker, self.reference, step)
+        if step % t.checkpoint_every_steps == 0 or step == t.num_steps:
+            self.save()
+
+    def save(self) -> None:
+        """A checkpoint of every rank, then (rank 0) the export of its EMA weights."""
+        t0 = time.perf_counter()
+        path = self.ckpt.save(self.state.step, self.phases, self.shared, self.per_rank,
+                              data=self.stream.position_record())
+        if self.engine.is_main:
+            write_export(self.run_dir.root, self.ema.module, saved_dict(self.cfg), self.meta, self.state.step)
+            self.tracker.log_event("checkpoint", step=self.state.step, path=str(path),
+                                   seconds=time.perf_counter() - t0)
+
+    def preempted(self) -> int:
+        """A signal reached some rank: checkpoint (unless this step just did), say so in
+        run.dir, and return the exit code that asks the launcher to requeue."""
+        if self.state.step % self.cfg.train.checkpoint_every_steps != 0:
+            self.save()
+        if self.engine.is_main:
+            PreemptionFlag.record(self.run_dir, self.state.step)
+            print(f"preempted: checkpoint at step {self.state.step}; exiting {REQUEUE_EXIT_CODE} to requeue",
+                  file=sys.stderr, flush=True)
+        self.preempt.ignore_further()
+        return REQUEUE_EXIT_CODE
+
+    # ---- the end
+
+    def finish(self) -> None:
+        if self.engine.is_main:
+            path = _sample_and_observe(self.ema.module, self.meta, self.cfg, self.tracker, self.reference,
+                                       self.state.step)
+            _print_where(self.run_dir, path, self.ckpt)
+        self.engine.barrier()  # ranks leave together: none tears down the process group mid-sampling
+
+    def record_error(self, e: BaseException) -> None:
+        if self.tracker is not None:  # the reason beside the flag (scrubbed like every event field)
+            self.tracker.log_event("error", error=f"{type(e).__name__}: {e}")
+
+    def close(self, exit_code: int | None) -> None:
+        """What every exit path does: the tracker's record of the outcome, then the stream and
+        the engine closed."""
+        if self.tracker is not None:
             failed = exit_code not in (0, REQUEUE_EXIT_CODE)  # preempted: checkpointed, to be resumed
-            tracker.close(failed=failed, exit_code=exit_code)
-        if stream is not None:
-            stream.close()
-        engine.close()
+            self.tracker.close(failed=failed, exit_code=exit_code)
+        if self.stream is not None:
+            self.stream.close()
+        self.engine.close()
+
+
+def _tracker(cfg: Config, run_dir: RunDir, engine: Engine, *, resume: bool) -> Tracker:
+    return Tracker(cfg.track, run_dir.root, cfg.to_dict(), is_main=engine.is_main, total_steps=cfg.train.num_steps,
+                   resume=resume)
 
 
 def _restore(ckpt: Checkpointer, phases, shared: dict, per_rank: dict, cfg: Config, engine: Engine,

@@ -28,6 +28,7 @@ from pipeline.objectives.gan import (
     sample_latent,
     ssl_unsupervised_logit,
 )
+from pipeline.train.engines.half_weights import cast_inputs_to_weights
 
 VEC = DataMeta(sample_shape=(1,), data_kind="continuous")
 
@@ -44,6 +45,7 @@ class FixedG(nn.Module):
         super().__init__()
         self.values = torch.as_tensor(values, dtype=torch.float32)
         self.w = nn.Parameter(torch.zeros(()))  # a parameter, so freezing/grad checks apply
+        self.latent_dim = 1  # G's contract: the entries of h (ignored here)
 
     def forward(self, h, labels=None):
         assert h.shape[0] == self.values.shape[0]
@@ -287,9 +289,14 @@ def test_mixed_precision_autocast_and_bf16_weights(loss):
         out.loss.backward()
         grads = [p.grad for p in phase.module.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(gr).all() for gr in grads)
-    # DeepSpeed bf16: the weights themselves are bf16 and the float32 batch must be cast
+    # DeepSpeed bf16: the weights themselves are bf16; the engine casts the float32 inputs where
+    # they meet them (train/engines/half_weights.py), the objective does nothing for it
     d.module.D.to(torch.bfloat16)
     g.module.G.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="dtype"):  # without the engine's cast
+        d.module(batch, None)
+    cast_inputs_to_weights(d.module.D)
+    cast_inputs_to_weights(g.module.G)
     for phase in (d, g):
         out = phase.module(batch, None)
         assert torch.isfinite(out.loss)

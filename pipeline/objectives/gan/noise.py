@@ -14,15 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn as nn
-
-from pipeline.objectives.gan.config import GANConfig
-
-
-def _latent_dim(G: nn.Module, cfg: GANConfig) -> int:
-    """Entries of G's input h: G.latent_dim where G declares it (a conv G with per-site noise
-    maps, gan.g_noise_inputs, needs more than gan.latent_dim), else gan.latent_dim (any G)."""
-    return int(getattr(G, "latent_dim", cfg.latent_dim))
 
 
 def _draw_spins(y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,11 @@ Phases (see :func:`build_phases`): ``DStep`` owns D and trains it against a froz
 ``GStep`` owns G and trains it through a frozen D. Each holds the other network without
 registering it, so DDP / optimizers / ZeRO of a phase see only that phase's parameters.
 Each phase's forward returns a :class:`GANOutput`: the loss and the balance metrics.
+
+G and D are called with float32 inputs whatever the backend; a backend that stores the
+weights themselves in bf16/fp16 casts inputs where they meet them (``train/engines/half_weights.py``).
+G declares ``latent_dim``, the entries of its input h (more than gan.latent_dim for a conv G
+with per-site noise maps, gan.g_noise_inputs).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from pipeline.objectives.gan.losses import (
 )
 from pipeline.objectives.gan.matching import matched_observables, observable_matching
 from pipeline.objectives.gan.nets import build_nets
-from pipeline.objectives.gan.noise import _content_uniform, _draw_spins, _latent_dim, _Noise, sample_latent
+from pipeline.objectives.gan.noise import _content_uniform, _draw_spins, _Noise, sample_latent
 
 
 @dataclass
@@ -88,15 +93,6 @@ class _Unregistered:
         return self
 
 
-def _param_dtype(module: nn.Module) -> torch.dtype:
-    """Dtype a network's inputs must have: float32 normally (autocast casts inside), bf16/fp16
-    when a backend (DeepSpeed bf16/fp16) has converted the parameters themselves."""
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
 class _GANStep(Objective):
     """What both phases share: the config, the data map, the prior and the label handling."""
 
@@ -133,7 +129,7 @@ class _GANStep(Objective):
         return _Noise.keyed(key, ctx.rank, ctx.world_size)
 
     def _latent(self, n: int, device: torch.device, G: nn.Module, noise: "_Noise") -> torch.Tensor:
-        return noise.latent(n, _latent_dim(G, self.cfg), self.cfg.latent_prior, device).to(_param_dtype(G))
+        return noise.latent(n, G.latent_dim, self.cfg.latent_prior, device)
 
     def _spins(self, y: torch.Tensor, noise: "_Noise") -> torch.Tensor:
         """G's output as D sees it: y itself, or (gan.spin_output=bernoulli) +-1 spins drawn
@@ -166,7 +162,7 @@ class DStep(_GANStep):
         return self._g.module
 
     def forward(self, batch: dict, ctx: StepContext | None = None) -> GANOutput:
-        real = self.data_map.to_model(batch["x"]).to(_param_dtype(self.D))
+        real = self.data_map.to_model(batch["x"])
         n = real.shape[0]
         labels = self._labels(batch)
         noise = self._noise(ctx)
@@ -294,7 +290,7 @@ class DStep(_GANStep):
         """Semi-supervised D's class logits [B, K] for data-space samples x."""
         if not self.ssl:
             raise ValueError("classify() needs gan.semi_supervised != 'off'")
-        return self.D(self.data_map.to_model(x).to(_param_dtype(self.D))).float()
+        return self.D(self.data_map.to_model(x)).float()
 
 
 class GStep(_GANStep, SampledObjective):
@@ -320,7 +316,7 @@ class GStep(_GANStep, SampledObjective):
         # tanh output for discrete data: differentiable (through the draw with spin_output=bernoulli)
         y = self.G(self._latent(n, device, self.G, noise), labels)
         fake = self._spins(y, noise)
-        f = self._real_fake_logit(self.D(fake.to(_param_dtype(self.D)), labels))
+        f = self._real_fake_logit(self.D(fake, labels))
         if self.cfg.loss == "minimax":
             loss = g_loss_minimax(f)
         elif self.cfg.loss == "non-saturating":
@@ -367,8 +363,8 @@ class GStep(_GANStep, SampledObjective):
                 warnings.warn("unconditional GAN: labels passed to sample() are ignored", stacklevel=2)
                 self._warned_labels = True
             labels = None
-        h = sample_latent(num_samples, _latent_dim(self.G, self.cfg), self.cfg.latent_prior, device, generator)
-        y = self._spins(self.G(h.to(_param_dtype(self.G)), labels).float(), _Noise(generator, 0, 1))
+        h = sample_latent(num_samples, self.G.latent_dim, self.cfg.latent_prior, device, generator)
+        y = self._spins(self.G(h, labels).float(), _Noise(generator, 0, 1))
         return self.data_map.to_data(y)
 
     def _sample_labels(self, n: int, labels: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:

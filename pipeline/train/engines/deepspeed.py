@@ -43,6 +43,7 @@ from pipeline.config import EngineConfig, TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.train.engines.base import Engine, PreparedPhase
 from pipeline.train.engines.deepspeed_reshard import consolidate, is_zero3_param, link_optimizer_state, set_full_state
+from pipeline.train.engines.half_weights import cast_inputs_to_weights
 from pipeline.train.phases import Phase
 from pipeline.train.schedule import lr_lambda
 
@@ -190,6 +191,11 @@ class _DeepSpeedPhase(PreparedPhase):
             dist_init_required=False,
         )
         self.base_optimizer = opt
+        # bf16/fp16: DeepSpeed has converted the parameters themselves (no autocast), so float32
+        # inputs are cast where they meet them; objectives stay unaware of the backend.
+        self.half_weights = cfg.mixed_precision != "no"
+        if self.half_weights:
+            cast_inputs_to_weights(phase.module)
 
     # -- micro steps --------------------------------------------------------------------
 
@@ -221,6 +227,12 @@ class _DeepSpeedPhase(PreparedPhase):
                 m._parameters = OrderedDict(m._parameters)  # DeepSpeed's gathering dict
             for key in [k for k in m.__dict__ if k.startswith("ds_")]:
                 del m.__dict__[key]
+        return out
+
+    def plain_copy(self) -> nn.Module:
+        out = super().plain_copy()  # bf16/fp16 weights like the original, without its hooks
+        if self.half_weights:
+            cast_inputs_to_weights(out)  # so that the EMA copy samples from float32 inputs too
         return out
 
     def forward(self, batch, ctx):

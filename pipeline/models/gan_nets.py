@@ -8,7 +8,8 @@ logits or critic scores. No batch norm anywhere in D: the objectives put real, f
 penalty needs per-sample gradients, both of which batch statistics would couple
 (Gulrajani et al. 2017, Sec. 4: "no critic batch normalization").
 
-Conditioning: G concatenates a label embedding to h; D is a projection discriminator
+Conditioning: G concatenates a label embedding (:mod:`pipeline.models.embedding`, shared with
+the VDM) to h; D is a projection discriminator
 (Miyato & Koyama 2018, eq. 3): D(x, y) = psi(phi(x)) + <embed(y), phi(x)>.
 
 Lattice observables (``lattice_observables=True``, spin data): phi(x) also carries each
@@ -29,35 +30,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm as _sn
 
+from pipeline.models.embedding import LabelEmbedding, label_standardisation
+
 LabelKind = Literal["none", "class", "continuous"]
 PaddingMode = Literal["zeros", "circular"]
-
-
-class LabelEmbedding(nn.Module):
-    """Class index -> learned vector; continuous label (temperature) -> small MLP of the
-    standardised value (mean/std of the data's label values, so T in [1.5, 3.5] is O(1))."""
-
-    def __init__(self, label_kind: LabelKind, dim: int, num_classes: int | None = None,
-                 label_mean: float = 0.0, label_std: float = 1.0):
-        super().__init__()
-        self.label_kind = label_kind
-        if label_kind == "class":
-            if not num_classes or num_classes < 2:
-                raise ValueError(f"class labels need num_classes >= 2, got {num_classes}")
-            self.embed = nn.Embedding(num_classes, dim)
-        elif label_kind == "continuous":
-            if label_std <= 0:
-                raise ValueError(f"label_std must be > 0, got {label_std}")
-            self.label_mean, self.label_std = float(label_mean), float(label_std)
-            self.embed = nn.Sequential(nn.Linear(1, dim), nn.SiLU(), nn.Linear(dim, dim))
-        else:
-            raise ValueError(f"label_kind must be 'class' or 'continuous' for an embedding, got {label_kind!r}")
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        if self.label_kind == "class":
-            return self.embed(y.long())
-        t = (y.float().reshape(-1, 1) - self.label_mean) / self.label_std
-        return self.embed(t.to(self.embed[0].weight.dtype))  # bf16 when a backend converted weights
 
 
 NUM_LATTICE_OBSERVABLES = 6
@@ -317,6 +293,7 @@ def build_gan_nets(
     label_kind: LabelKind = "none",
     num_classes: int | None = None,
     label_values: tuple[float, ...] | None = None,
+    label_range: tuple[float, float] | None = None,
     spectral_norm: bool = False,
     padding_mode: PaddingMode = "zeros",
     label_dim: int = 16,
@@ -330,11 +307,7 @@ def build_gan_nets(
     def embedding(dim: int) -> LabelEmbedding | None:
         if label_kind == "none":
             return None
-        mean, std = 0.0, 1.0
-        if label_kind == "continuous" and label_values:
-            v = torch.tensor(label_values, dtype=torch.float64)
-            mean, std = float(v.mean()), float(v.std(unbiased=False)) if len(label_values) > 1 else 1.0
-            std = std if std > 0 else 1.0
+        mean, std = label_standardisation(label_values, label_range) if label_kind == "continuous" else (0.0, 1.0)
         return LabelEmbedding(label_kind, dim, num_classes, mean, std)
 
     if arch == "conv":

@@ -172,7 +172,8 @@ def test_many_continuous_labels_get_a_range_the_vdm_standardises_by(tmp_path):
     e = src["incident_energies"][:, 0].astype(np.float64)
     assert meta.label_values is None and meta.label_range == (e.min(), e.max())
     d = Denoiser(net=None, emb_dim=8, meta=meta)
-    assert d.label_center == pytest.approx((e.min() + e.max()) / 2) and d.label_scale == pytest.approx((e.max() - e.min()) / 2)
+    emb = d.label_emb
+    assert emb.label_mean == pytest.approx((e.min() + e.max()) / 2) and emb.label_std == pytest.approx((e.max() - e.min()) / 2)
 
 
 def test_zarr_missing_array_names_the_arrays(tmp_path, capsys):

@@ -28,6 +28,7 @@ def build_nets(cfg: GANConfig, meta: DataMeta) -> tuple[nn.Module, nn.Module]:
         label_kind=meta.label_kind if cfg.conditional else "none",
         num_classes=meta.num_classes,
         label_values=meta.label_values,
+        label_range=meta.label_range,
         spectral_norm=cfg.spectral_norm,
         padding_mode=padding,
         lattice_observables=cfg.d_lattice_observables,

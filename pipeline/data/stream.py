@@ -259,7 +259,9 @@ class Stream:
         """Stop the workers. The stream can be iterated again afterwards (it restarts them)."""
         it, self._loader_iter = self._loader_iter, None
         self._current = None
-        if it is not None and hasattr(it, "_shutdown_workers"):
+        if it is not None and self.cfg.num_workers > 0:
+            # A DataLoader with workers has no public way to stop them before its iterator is
+            # garbage-collected; torch's own __del__ calls this (torch/utils/data/dataloader.py).
             it._shutdown_workers()
 
     def __del__(self) -> None:

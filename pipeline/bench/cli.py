@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 _BENCHMARKS = ["pipeline.bench.data", "pipeline.bench.variance", "pipeline.bench.train", "pipeline.bench.samplers",
-               "pipeline.bench.scale"]
+               "pipeline.bench.scale", "pipeline.bench.quality"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from pipeline.objectives.base import StepContext
+from pipeline.bench.variance_summary import summarise
 from pipeline.eval.elbo import exact_elbo
 from pipeline.objectives.vdm import VDM, VDMConfig
 from pipeline.errors import ConfigError
@@ -196,6 +197,43 @@ def warm_up(module: VDM, x: torch.Tensor, labels: torch.Tensor | None, *, batch_
     return n
 
 
+@dataclass
+class _BatchEstimates:
+    """One batch's ``num_repeats`` estimates: t and eps redrawn (with gradients), and t only."""
+
+    full: np.ndarray  # [R] bits/dim, t and eps redrawn
+    t_only: np.ndarray  # [R] bits/dim, eps fixed per batch
+    grad_variance: float  # tr Cov(g), nan without gradients
+    grad_norms: list[float]
+
+
+def _estimate_batch(module: VDM, b: EvalBatch, m: int, step: int, *, num_repeats: int, seed: int,
+                    grads: bool) -> _BatchEstimates:
+    """Batch ``m``'s estimates from ctx.step ``step`` on (sampler state updated after each)."""
+    params = [p for p in module.denoiser.parameters() if p.requires_grad]
+    batch = _batch_dict(b.x, b.labels, next(module.parameters()).device)
+    est, est_t, norms = [], [], []
+    g_sum, g_sq = None, 0.0
+    for r in range(num_repeats):
+        with torch.set_grad_enabled(grads):
+            out = module(batch, _ctx(step + r), noise_generator=_gen(seed, 6, m, r), time_generator=_gen(seed, 7, m, r))
+        est.append(float(out.bits_per_dim))
+        if grads:
+            g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(out.loss, params)]).double()
+            g_sum = g if g_sum is None else g_sum + g
+            g_sq += float(g @ g)
+            norms.append(float(g.norm()))
+        module.after_micro_step(out, _identity_gather)
+        module.after_optimizer_step(_identity_gather)
+        with torch.no_grad():  # the same eps for every r of this batch: only t changes
+            out_t = module(batch, _ctx(step + r), noise_generator=fixed_noise_generator(seed, m),
+                           time_generator=_gen(seed, 9, m, r))
+        est_t.append(float(out_t.bits_per_dim))
+    R = num_repeats
+    gvar = (g_sq - float(g_sum @ g_sum) / R) / (R - 1) if grads else float("nan")
+    return _BatchEstimates(np.asarray(est), np.asarray(est_t), gvar, norms)
+
+
 def measure(module: VDM, batches: list[EvalBatch], *, num_repeats: int, seed: int, grads: bool = True) -> SamplerStats:
     """``num_repeats`` estimates per batch with t and eps redrawn (sampler state updated after
     each, as in training), and as many with eps fixed per batch and only t redrawn. Every
@@ -204,51 +242,21 @@ def measure(module: VDM, batches: list[EvalBatch], *, num_repeats: int, seed: in
         raise ValueError(f"num_repeats must be >= 2, got {num_repeats}")
     if not batches:
         raise ValueError("need at least one batch")
-    params = [p for p in module.denoiser.parameters() if p.requires_grad]
-    device = next(module.parameters()).device
     R = num_repeats
-    means, var_full, var_t, se2, gvar, gnvar, gnorms = [], [], [], [], [], [], []
-    step = MEASURE_STEP0
-    for m, b in enumerate(batches):
-        batch = _batch_dict(b.x, b.labels, device)
-        est, est_t, norms = [], [], []
-        g_sum, g_sq = None, 0.0
-        for r in range(R):
-            with torch.set_grad_enabled(grads):
-                out = module(batch, _ctx(step), noise_generator=_gen(seed, 6, m, r), time_generator=_gen(seed, 7, m, r))
-            est.append(float(out.bits_per_dim))
-            if grads:
-                g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(out.loss, params)]).double()
-                g_sum = g if g_sum is None else g_sum + g
-                g_sq += float(g @ g)
-                norms.append(float(g.norm()))
-            module.after_micro_step(out, _identity_gather)
-            module.after_optimizer_step(_identity_gather)
-            with torch.no_grad():  # the same eps for every r of this batch: only t changes
-                out_t = module(batch, _ctx(step), noise_generator=fixed_noise_generator(seed, m), time_generator=_gen(seed, 9, m, r))
-            est_t.append(float(out_t.bits_per_dim))
-            step += 1
-        e = np.asarray(est)
-        means.append(e.mean())
-        var_full.append(e.var(ddof=1))
-        var_t.append(np.var(est_t, ddof=1))
-        se2.append(e.var(ddof=1) / R)
-        if grads:
-            gvar.append((g_sq - float(g_sum @ g_sum) / R) / (R - 1))
-            gnvar.append(np.var(norms, ddof=1))
-            gnorms.extend(norms)
+    per = [_estimate_batch(module, b, m, MEASURE_STEP0 + m * R, num_repeats=R, seed=seed, grads=grads)
+           for m, b in enumerate(batches)]
     M = len(batches)
-    mean = float(np.mean(means))
+    mean = float(np.mean([e.full.mean() for e in per]))
     exact = float(np.mean([b.exact_bpd for b in batches]))
-    se = math.sqrt(sum(se2) + sum(b.exact_stderr_bpd**2 for b in batches)) / M
+    se = math.sqrt(sum(e.full.var(ddof=1) / R for e in per) + sum(b.exact_stderr_bpd**2 for b in batches)) / M
     nan = float("nan")
     return SamplerStats(
         mean_bpd=mean,
-        variance_given_x=float(np.mean(var_full)),
-        variance_t_only=float(np.mean(var_t)),
-        grad_variance=float(np.mean(gvar)) if grads else nan,
-        grad_norm_variance=float(np.mean(gnvar)) if grads else nan,
-        grad_norm_mean=float(np.mean(gnorms)) if grads else nan,
+        variance_given_x=float(np.mean([e.full.var(ddof=1) for e in per])),
+        variance_t_only=float(np.mean([e.t_only.var(ddof=1) for e in per])),
+        grad_variance=float(np.mean([e.grad_variance for e in per])) if grads else nan,
+        grad_norm_variance=float(np.mean([np.var(e.grad_norms, ddof=1) for e in per])) if grads else nan,
+        grad_norm_mean=float(np.mean([n for e in per for n in e.grad_norms])) if grads else nan,
         bias_bpd=mean - exact,
         bias_sigma=(mean - exact) / se if se > 0 else nan,
         num_estimates=M * R,
@@ -328,49 +336,6 @@ def _measure_all(module: VDM, x: torch.Tensor, labels: torch.Tensor | None, batc
     return stats, warmup, skipped
 
 
-def _summary(stats: dict[str, dict[str, SamplerStats]], head: str, d_var: float, grads: bool) -> dict[str, Any]:
-    """The headline figures of form ``head`` (variances, ratios vs uniform, bias, best sampler) and
-    the per-form tables."""
-    hs = stats[head]
-
-    def per(f: str, key: str) -> dict[str, float]:
-        return {s: getattr(st, key) for s, st in stats[f].items()}
-
-    def total(f: str) -> dict[str, float]:
-        return {s: d_var + st.variance_given_x for s, st in stats[f].items()}
-
-    def ratio(v: dict[str, float]) -> dict[str, float]:
-        return {s: v["uniform"] / x if x > 0 else float("inf") for s, x in v.items()}
-
-    var = total(head)
-    best = min(var, key=var.get)
-    return {
-        "data_variance": d_var,
-        "variance": var,
-        "variance_given_x": per(head, "variance_given_x"),
-        "variance_t_only": per(head, "variance_t_only"),
-        "ratio_vs_uniform_by_sampler": ratio(var),
-        "ratio_vs_uniform_given_x_by_sampler": ratio(per(head, "variance_given_x")),
-        "ratio_vs_uniform_t_only_by_sampler": ratio(per(head, "variance_t_only")),
-        "mean_bpd": per(head, "mean_bpd"),
-        "bias_bpd": per(head, "bias_bpd"),
-        "bias_sigma_by_sampler": per(head, "bias_sigma"),
-        "grad_variance": per(head, "grad_variance"),
-        "grad_norm_variance": per(head, "grad_norm_variance"),
-        "grad_norm_mean": per(head, "grad_norm_mean"),
-        "best_sampler": best,
-        "ratio_vs_uniform": ratio(var)[best],
-        "ratio_vs_uniform_given_x": ratio(per(head, "variance_given_x"))[best],
-        "ratio_vs_uniform_t_only": ratio(per(head, "variance_t_only"))[best],
-        "grad_variance_ratio_vs_uniform": hs["uniform"].grad_variance / hs[best].grad_variance if grads else None,
-        "bias_sigma": hs[best].bias_sigma,
-        "variance_by_form": {f: total(f) for f in stats},
-        "variance_given_x_by_form": {f: per(f, "variance_given_x") for f in stats},
-        "variance_t_only_by_form": {f: per(f, "variance_t_only") for f in stats},
-        "bias_sigma_by_form": {f: per(f, "bias_sigma") for f in stats},
-    }
-
-
 def run(
     run_dir: str | Path,
     *,
@@ -414,7 +379,7 @@ def run(
         "network_evals_per_estimate": B,
         "exact_bpd": float(np.mean([b.exact_bpd for b in batches])),
         "exact_stderr_bpd": math.sqrt(sum(b.exact_stderr_bpd**2 for b in batches)) / len(batches),
-        **_summary(stats, head, d_var, grads),
+        **summarise(stats, head, d_var, grads),
         "importance_warmup_batches": warmup,
         "skipped": skipped,
         "seconds": time.perf_counter() - t0,

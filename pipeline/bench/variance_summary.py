@@ -1,0 +1,53 @@
+"""The headline figures of ``pipeline bench variance`` from its per-sampler statistics:
+total variances (data part + the sampler's part, law of total variance), ratios against the
+uniform sampler, the best sampler, its bias, and the same tables per estimator form."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# ``stats`` maps form -> sampler -> pipeline.bench.variance.SamplerStats (not imported: that
+# module imports this one).
+
+
+def summarise(stats: dict[str, dict[str, Any]], head: str, d_var: float, grads: bool) -> dict[str, Any]:
+    """The headline figures of form ``head`` (variances, ratios vs uniform, bias, best sampler) and
+    the per-form tables."""
+    hs = stats[head]
+
+    def per(f: str, key: str) -> dict[str, float]:
+        return {s: getattr(st, key) for s, st in stats[f].items()}
+
+    def total(f: str) -> dict[str, float]:
+        return {s: d_var + st.variance_given_x for s, st in stats[f].items()}
+
+    def ratio(v: dict[str, float]) -> dict[str, float]:
+        return {s: v["uniform"] / x if x > 0 else float("inf") for s, x in v.items()}
+
+    var = total(head)
+    best = min(var, key=var.get)
+    return {
+        "data_variance": d_var,
+        "variance": var,
+        "variance_given_x": per(head, "variance_given_x"),
+        "variance_t_only": per(head, "variance_t_only"),
+        "ratio_vs_uniform_by_sampler": ratio(var),
+        "ratio_vs_uniform_given_x_by_sampler": ratio(per(head, "variance_given_x")),
+        "ratio_vs_uniform_t_only_by_sampler": ratio(per(head, "variance_t_only")),
+        "mean_bpd": per(head, "mean_bpd"),
+        "bias_bpd": per(head, "bias_bpd"),
+        "bias_sigma_by_sampler": per(head, "bias_sigma"),
+        "grad_variance": per(head, "grad_variance"),
+        "grad_norm_variance": per(head, "grad_norm_variance"),
+        "grad_norm_mean": per(head, "grad_norm_mean"),
+        "best_sampler": best,
+        "ratio_vs_uniform": ratio(var)[best],
+        "ratio_vs_uniform_given_x": ratio(per(head, "variance_given_x"))[best],
+        "ratio_vs_uniform_t_only": ratio(per(head, "variance_t_only"))[best],
+        "grad_variance_ratio_vs_uniform": hs["uniform"].grad_variance / hs[best].grad_variance if grads else None,
+        "bias_sigma": hs[best].bias_sigma,
+        "variance_by_form": {f: total(f) for f in stats},
+        "variance_given_x_by_form": {f: per(f, "variance_given_x") for f in stats},
+        "variance_t_only_by_form": {f: per(f, "variance_t_only") for f in stats},
+        "bias_sigma_by_form": {f: per(f, "bias_sigma") for f in stats},
+    }

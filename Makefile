@@ -9,6 +9,11 @@ TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 
 DATA   ?= data/ising-T3.0-L16
 RUN    ?= runs/quickstart
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): most integration tests launch processes that spend seconds in
+# imports, rendezvous and SLURM polling with a core idle, so 2 workers keep both cores busy;
+# tests that share a resource are grouped (xdist_group) onto one worker. TEST_WORKERS=0 runs
+# everything in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: venv quickstart test test-unit data clean device-wheels
 
@@ -31,7 +36,7 @@ quickstart: venv data
 	$(PY) -m pipeline train --config configs/quickstart.yaml run.dir=$(RUN) data.train_urls=$(DATA)
 
 test: venv data
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-unit: venv
 	$(PY) -m pytest -q -ra tests/unit $(PYTEST_ARGS)

@@ -22,7 +22,9 @@ import pytest
 from tests import conftest
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.integration
+# One cluster of 2 nodes: under pytest-xdist its tests run on one worker, one job at a time
+# (two workers submitting at once would queue each other's jobs past their timeouts).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("slurm")]
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 TINY = ["train.log_every_steps=1", "train.warmup_steps=0", "vdm.num_timesteps=10", "vdm.channels=8",

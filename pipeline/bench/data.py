@@ -207,6 +207,42 @@ def epoch_rss_by_size(root: Path, *, sizes: tuple[int, ...], size: int, num_work
     return out
 
 
+def _dataset_rates(root: Path, *, size: int, num_per_temperature: int, samples_per_shard: int,
+                   **kw) -> dict[str, Any]:
+    """Our stream's and HF datasets' samples/s on Ising (two temperatures, label = temperature)
+    and digits (label = class) shards, written under ``root`` unless already there."""
+    from pipeline.data import shards, sources
+
+    sets = {
+        "ising": (lambda: sources.ising([2.0, 3.0], size, num_per_temperature, seed=0), "temperature"),
+        "digits": (sources.digits, "cls"),
+    }
+    results: dict[str, Any] = {}
+    for name, (make, label_key) in sets.items():
+        d = root / name
+        params = {"bench": name, "size": size, "n": num_per_temperature, "per_shard": samples_per_shard}
+        if not shards.params_match(d, params):
+            shards.write_shards(make(), d, source=name, params=params, samples_per_shard=samples_per_shard,
+                                val_fraction=0.0, seed=0)
+        files = [str(d / s["name"]) for s in shards.read_manifest(d)["shards"]]
+        ours = stream_rate(str(d), label_key=label_key, **kw)
+        hf = hf_rate(files, cache_dir=str(root / "hf-cache"), label_key=label_key, **kw)
+        results[name] = {"samples_per_s": ours, "hf_samples_per_s": hf, "ratio_vs_hf": ours / hf,
+                         "num_samples": shards.read_manifest(d)["total_samples"]}
+        print(f"{name:7s} stream {ours:10.0f} samples/s   hf datasets {hf:9.0f} samples/s   "
+              f"ratio {ours / hf:6.1f}", flush=True)
+    return results
+
+
+def _s3_figures(root: Path, local_rate: float, **kw) -> dict[str, float]:
+    """The Ising shards streamed from a loopback S3 server, beside the local-disk rate."""
+    s3_rate = s3_stream_rate(root / "ising", label_key="temperature", **kw)
+    figures = {"s3_samples_per_s": s3_rate, "s3_ratio_vs_local": s3_rate / local_rate}
+    print(f"ising   stream from loopback S3 {s3_rate:10.0f} samples/s   "
+          f"ratio vs local disk {figures['s3_ratio_vs_local']:5.2f}", flush=True)
+    return figures
+
+
 def run(
     *,
     work_dir: str | None = None,
@@ -222,43 +258,17 @@ def run(
     rss_sizes: tuple[int, ...] = (10_000, 40_000),
     s3: bool = False,
 ) -> dict[str, Any]:
-    from pipeline.data import shards, sources
-
     tmp = None
     if work_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="bench-data-")
         work_dir = tmp.name
     root = Path(work_dir)
     try:
-        # Ising (two temperatures, label = temperature) and digits (label = class).
-        sets = {
-            "ising": (lambda: sources.ising([2.0, 3.0], size, num_per_temperature, seed=0), "temperature"),
-            "digits": (sources.digits, "cls"),
-        }
-        results: dict[str, Any] = {}
-        for name, (make, label_key) in sets.items():
-            d = root / name
-            params = {"bench": name, "size": size, "n": num_per_temperature, "per_shard": samples_per_shard}
-            if not shards.params_match(d, params):
-                shards.write_shards(make(), d, source=name, params=params, samples_per_shard=samples_per_shard,
-                                    val_fraction=0.0, seed=0)
-            files = [str(d / s["name"]) for s in shards.read_manifest(d)["shards"]]
-            kw = dict(batch_size=batch_size, num_batches=num_batches, num_workers=num_workers,
-                      label_key=label_key, shuffle_buffer=shuffle_buffer)
-            ours = stream_rate(str(d), **kw)
-            hf = hf_rate(files, cache_dir=str(root / "hf-cache"), **kw)
-            results[name] = {"samples_per_s": ours, "hf_samples_per_s": hf, "ratio_vs_hf": ours / hf,
-                             "num_samples": shards.read_manifest(d)["total_samples"]}
-            print(f"{name:7s} stream {ours:10.0f} samples/s   hf datasets {hf:9.0f} samples/s   "
-                  f"ratio {ours / hf:6.1f}", flush=True)
-        s3_figures = {}
-        if s3:
-            kw = dict(batch_size=batch_size, num_batches=num_batches, num_workers=num_workers,
-                      label_key="temperature", shuffle_buffer=shuffle_buffer)
-            s3_rate = s3_stream_rate(root / "ising", **kw)
-            s3_figures = {"s3_samples_per_s": s3_rate, "s3_ratio_vs_local": s3_rate / results["ising"]["samples_per_s"]}
-            print(f"ising   stream from loopback S3 {s3_rate:10.0f} samples/s   "
-                  f"ratio vs local disk {s3_figures['s3_ratio_vs_local']:5.2f}", flush=True)
+        kw = dict(batch_size=batch_size, num_batches=num_batches, num_workers=num_workers,
+                  shuffle_buffer=shuffle_buffer)
+        results = _dataset_rates(root, size=size, num_per_temperature=num_per_temperature,
+                                 samples_per_shard=samples_per_shard, **kw)
+        s3_figures = _s3_figures(root, results["ising"]["samples_per_s"], **kw) if s3 else {}
         step = train_step or conv_train_step(size)
         train_rate = train_step_rate(step, size=size, batch_size=batch_size, num_steps=num_train_steps)
         print(f"train step ({batch_size} x 1 x {size} x {size}) consumes {train_rate:.0f} samples/s", flush=True)

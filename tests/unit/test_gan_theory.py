@@ -28,6 +28,8 @@ VEC1 = DataMeta(sample_shape=(1,), data_kind="continuous")
 class GaussianG(nn.Module):
     """A fixed generator: h ~ N(0, 1) -> mu + sigma h, so p_g = N(mu, sigma^2) exactly."""
 
+    latent_dim = 1  # the entries of h, which every G declares (objectives/gan/phases.py)
+
     def __init__(self, mu: float, sigma: float):
         super().__init__()
         self.mu, self.sigma = mu, sigma

@@ -44,3 +44,8 @@ def check_data(cfg: "Config", meta: "DataMeta") -> None:
     ``meta``. Torch-free (the objectives' config modules): the CLI calls it before any
     process group starts or anything is written to the run directory."""
     getattr(cfg, cfg.objective).check_data(meta)  # the objective's own section (Config has one per objective)
+
+
+def reads_labels(cfg: "Config", meta: "DataMeta") -> bool:
+    """Whether the configured objective trains on each sample's label of data described by ``meta``."""
+    return getattr(cfg, cfg.objective).reads_labels(meta)

@@ -93,15 +93,25 @@ def _check_data(cfg, meta) -> None:
     written to run.dir (issue 15 items 10, 11): the model fits the data (labels, shapes), and
     data.label_key is a field of the samples (the stream checks it again, but only once the
     run directory exists). A pipe: URL is not run for this: it has no manifest to check."""
-    from pipeline.objectives.registry import check_data
+    from pipeline.objectives.registry import check_data, reads_labels
 
     check_data(cfg, meta)
-    if cfg.data.label_key is not None and "pipe:" not in cfg.data.train_urls:
-        from pipeline.data.resolve import resolve_shards
-        from pipeline.data.schema import check_label_key
+    if "pipe:" in cfg.data.train_urls:
+        return
+    from pipeline.data.resolve import resolve_shards
+    from pipeline.data.schema import check_label_key, label_keys
 
-        urls = cfg.data.train_urls
-        check_label_key(cfg.data.label_key, resolve_shards(urls, verify_mode="off").schema, urls)
+    urls = cfg.data.train_urls
+    schema = resolve_shards(urls, verify_mode="off").schema
+    if cfg.data.label_key is None and reads_labels(cfg, meta):
+        # Otherwise the stream yields no labels and the first forward fails, after the process
+        # group started and the run directory was written.
+        fields = ", ".join(map(repr, label_keys(schema or {}))) or "none listed in the manifest's schema"
+        raise ConfigError(
+            f"{cfg.objective} trains on the data's labels here (the manifest says label_kind={meta.label_kind!r}) "
+            f"but data.label_key is not set; set it to the samples' label field ({fields})"
+            + ("; or set gan.conditional=false and gan.semi_supervised=off" if cfg.objective == "gan" else ""))
+    check_label_key(cfg.data.label_key, schema, urls)
 
 
 def _sample(args) -> int:

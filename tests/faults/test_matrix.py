@@ -217,6 +217,8 @@ CASES = [
     # ---- item 11
     Case("misspelt-label-key", "11", _train(VDM, lambda f, tmp: f.classes, "data.label_key=clss"), 2,
          ("data.label_key='clss'", "'cls'")),
+    Case("labelled-data-without-label-key", "10", _train(VDM, lambda f, tmp: f.classes), 2,
+         ("data.label_key is not set", "label_kind='class'", "('cls', ")),
     # ---- item 8: a pipe: command stored in a run is never run by the commands that read it
     Case("evaluate-does-not-run-a-stored-pipe", "8",
          lambda f, tmp: ["evaluate", "--run", str(f.pipe_run), "--num-samples", "4"], 2,

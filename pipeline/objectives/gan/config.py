@@ -130,6 +130,10 @@ class GANConfig:
                     f"{1.0 - self.heldout_fraction:g}], got {self.labelled_fraction}"
                 )
 
+    def reads_labels(self, meta: "DataMeta") -> bool:
+        """Whether training reads each sample's label: a conditional or semi-supervised GAN."""
+        return self.conditional or self.semi_supervised != "off"
+
     def check_data(self, meta: "DataMeta") -> tuple[str, str, int]:
         """(arch, padding, number of D outputs) for data described by ``meta``, with the
         ``auto`` choices resolved; ConfigError when the config does not fit the data."""

@@ -89,6 +89,11 @@ class VDMConfig:
             )
         return self.architecture
 
+    def reads_labels(self, meta: "DataMeta") -> bool:
+        """Whether training reads each sample's label: a VDM conditions on the data's labels
+        whenever its manifest has them (``meta.label_kind``)."""
+        return meta.label_kind != "none"
+
     def check_data(self, meta: "DataMeta") -> None:
         """ConfigError when this config cannot be trained on data described by ``meta``."""
         if self.data_kind != "auto" and self.data_kind != meta.data_kind:

@@ -19,6 +19,11 @@ class EMA:
     The effective decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates
     (as in many diffusion codebases) so early, badly-trained weights are forgotten fast.
     Buffers (e.g. a time-step sampler's loss history) are copied, not averaged.
+
+    The average is kept in float32 whatever the training weights' dtype: a backend that
+    stores bf16/fp16 weights (DeepSpeed's bf16 mode) would otherwise give a bf16 average, whose
+    increments (1 - decay) x (w - ema) fall below half a bf16 ulp at decay 0.999, so it would
+    hardly move. The copy then samples and exports in float32.
     """
 
     def __init__(self, phase: PreparedPhase, decay: float):
@@ -26,6 +31,9 @@ class EMA:
         self.decay = decay
         self.num_updates = 0
         self.module = phase.plain_copy()
+        for p in self.module.parameters():  # parameters only: buffers keep their dtype (e.g. float64 statistics)
+            if p.is_floating_point():
+                p.data = p.data.float()
 
     @torch.no_grad()
     def update(self, phase: PreparedPhase) -> None:

@@ -42,6 +42,28 @@ def test_ema_follows_the_formula_and_copies_buffers(engine):
     assert torch.equal(ema.module[1].running_mean, torch.full((4,), 3.0))
 
 
+def test_ema_of_half_weights_averages_in_float32(engine):
+    """DeepSpeed's bf16 mode stores the module's weights in bf16; an EMA kept in bf16 would
+    not move at all at decay 0.999 (each increment is far below a bf16 ulp of the weight)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1)).to(torch.bfloat16)
+    ph = _prepared(engine, net)
+    ema = EMA(ph, decay=0.999)
+    ema.num_updates = 10_000  # past the warm-up: the decay is 0.999
+    assert all(p.dtype == torch.float32 for p in ema.module.parameters())
+    w0 = {n: p.double() for n, p in net.named_parameters()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(2.0 ** -4)  # a step representable in bf16 for |w| < 1
+    w1 = {n: p.double() for n, p in net.named_parameters()}
+    for _ in range(100):
+        ema.update(ph)
+    for n, p in ema.module.named_parameters():
+        expected = w1[n] + (w0[n] - w1[n]) * 0.999 ** 100
+        torch.testing.assert_close(p.double(), expected, rtol=0, atol=2e-5)
+    assert ema.module(torch.randn(2, 3)).dtype == torch.float32  # samples in float32
+
+
 def test_plain_copy_drops_hooks_and_shares_no_storage(engine):
     net = _net()
     calls = []

@@ -56,6 +56,9 @@ class TrainConfig:
     checkpoint_every_steps: int = 100
     keep_last_checkpoints: int = 3  # retention: newest K ...
     keep_every_steps: int | None = None  # ... plus every M-th step, kept forever
+    # Write checkpoints in the background (torch.distributed.checkpoint.async_save; DDP and
+    # FSDP): staged at the step, counted (manifest, `latest`) once every rank's write is done.
+    async_checkpoint: bool = False
     sample_every_steps: int | None = None  # sample grids during training (None = only at the end)
     num_sample_images: int = 64
     max_bad_steps: int = 5  # consecutive NaN/Inf steps before the run stops
@@ -107,20 +110,12 @@ class Config:
             # config.yaml and metrics.jsonl would land among whatever is there (issue 15 item 6).
             raise ConfigError(f"run.dir={self.run.dir!r} is empty; give the run directory, e.g. run.dir=runs/r1")
         t = self.train
-        _positive("train.num_steps", t.num_steps)
-        _positive("train.grad_accum_steps", t.grad_accum_steps)
-        _positive("train.log_every_steps", t.log_every_steps)
-        _positive("train.checkpoint_every_steps", t.checkpoint_every_steps)
-        _positive("train.keep_last_checkpoints", t.keep_last_checkpoints)
-        if t.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0, got {t.lr}")
-        if not 0.0 <= t.ema_decay < 1.0:
-            raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-        if not 0.0 < t.min_lr_ratio <= 1.0:
-            raise ConfigError(f"train.min_lr_ratio must be in (0, 1], got {t.min_lr_ratio}")
-        if t.warmup_steps < 0 or t.warmup_steps > t.num_steps:
+        _check_train(t)
+        if t.async_checkpoint and self.engine.backend != "accelerate":
             raise ConfigError(
-                f"train.warmup_steps must be in [0, train.num_steps={t.num_steps}], got {t.warmup_steps}"
+                f"train.async_checkpoint=true needs engine.backend=accelerate (DDP or FSDP, through "
+                f"torch.distributed.checkpoint); engine.backend={self.engine.backend!r} writes its own "
+                "checkpoint format synchronously: leave train.async_checkpoint=false"
             )
         if self.engine.fsdp != "off":
             if self.engine.backend != "accelerate":
@@ -172,19 +167,35 @@ class Config:
 
 # Keys a resume may change without a word (see pipeline/train/resume.py for the others):
 # extending a run with a larger train.num_steps is the documented way to train longer; how
-# often it logs, samples and checkpoints, what it keeps, what tracks it and where it lives do
+# often (and how) it logs, samples and checkpoints, what it keeps, what tracks it and where it lives do
 # not change what it computes. Every other key changes the model, the objective, the data
 # order or the optimisation.
 RESUME_SILENT_KEYS = frozenset({
     "run.dir", "run.name", "train.num_steps", "train.log_every_steps", "train.checkpoint_every_steps",
-    "train.keep_last_checkpoints", "train.keep_every_steps", "train.sample_every_steps",
-    "train.num_sample_images", "train.max_bad_steps", "data.verify", "engine.timeout_s",
+    "train.keep_last_checkpoints", "train.keep_every_steps", "train.async_checkpoint",
+    "train.sample_every_steps", "train.num_sample_images", "train.max_bad_steps", "data.verify", "engine.timeout_s",
 })
 RESUME_SILENT_SECTIONS = ("track",)
 
 
 def is_resume_silent(key: str) -> bool:
     return key in RESUME_SILENT_KEYS or key.split(".", 1)[0] in RESUME_SILENT_SECTIONS
+
+
+def _check_train(t: TrainConfig) -> None:
+    _positive("train.num_steps", t.num_steps)
+    _positive("train.grad_accum_steps", t.grad_accum_steps)
+    _positive("train.log_every_steps", t.log_every_steps)
+    _positive("train.checkpoint_every_steps", t.checkpoint_every_steps)
+    _positive("train.keep_last_checkpoints", t.keep_last_checkpoints)
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if not 0.0 < t.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio must be in (0, 1], got {t.min_lr_ratio}")
+    if t.warmup_steps < 0 or t.warmup_steps > t.num_steps:
+        raise ConfigError(f"train.warmup_steps must be in [0, train.num_steps={t.num_steps}], got {t.warmup_steps}")
 
 
 def _positive(name: str, value: int) -> None:

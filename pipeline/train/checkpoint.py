@@ -4,15 +4,17 @@ Layout under ``run_dir/checkpoints``::
 
     step-00000100/              one complete checkpoint
         manifest.json           step, world size, config hash, size + sha256 of every file
-        model-<phase>.pt        from the engine (sharded per rank where the backend shards)
-        optim-<phase>.pt
+        ddp-<phase>/, ...       from the engine, each phase's model and optimizer (DDP, FSDP:
+                                torch.distributed.checkpoint, a file per rank)
         <name>.pt               shared state (EMA, trainer counters), written by rank 0
         <name>-rank00001.pt     per-rank state (data stream position, RNG)
     latest                      text file naming the newest complete checkpoint directory
 
 A checkpoint is written into ``.partial-step-...`` and renamed into place only once every
 rank has written its files and the manifest is on disk, so a crash mid-write never leaves a
-directory that looks complete; ``latest`` is replaced atomically afterwards. On restore the
+directory that looks complete; ``latest`` is replaced atomically afterwards. An asynchronous
+checkpoint (``save_async``) is staged at its step, written in the background, and committed
+the same way at a later step boundary once every rank's write is done. On restore the
 manifest is checked (sizes and checksums); a corrupt or truncated checkpoint is reported and
 the newest older valid one is used. Which step a checkpoint holds is read from its manifest,
 never parsed from a file name.
@@ -34,12 +36,15 @@ Nothing is lost silently (docs/reliability.md):
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import sys
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -126,6 +131,32 @@ def _is_valid(directory: Path) -> bool:
     return True
 
 
+@dataclass
+class _Pending:
+    step: int
+    tmp: Path
+    data: dict[str, int] | None
+    futures: list[Future]  # this rank's background writes
+
+
+def _own_state(shared: dict[str, Stateful], per_rank: dict[str, Stateful], rank: int) -> dict[str, Any]:
+    """{file name: state} this rank writes: the shared state on rank 0, its own per-rank state."""
+    out = {f"{key}.pt": obj.state_dict() for key, obj in shared.items()} if rank == 0 else {}
+    return out | {f"{key}-rank{rank:05d}.pt": obj.state_dict() for key, obj in per_rank.items()}
+
+
+def _write_state(tmp: Path, states: dict[str, Any], delay_s: float = 0.0) -> None:
+    time.sleep(delay_s)
+    for name, state in states.items():
+        torch.save(state, tmp / name)
+
+
+def _write_delay_s() -> float:
+    """Tests only: ``PIPELINE_CHECKPOINT_WRITE_DELAY_S`` holds each background write back this
+    long, so that a test can kill a rank while an asynchronous checkpoint is surely in flight."""
+    return float(os.environ.get("PIPELINE_CHECKPOINT_WRITE_DELAY_S", "0"))
+
+
 class Checkpointer:
     def __init__(
         self,
@@ -145,6 +176,8 @@ class Checkpointer:
         self.keep_every = keep_every
         self.config_hash = config_hash
         self.seed = seed
+        self._pending: _Pending | None = None  # the asynchronous checkpoint in flight
+        self._writer: ThreadPoolExecutor | None = None  # its shared and per-rank files
         if engine.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".partial-*"):  # left by a crash mid-write
@@ -153,7 +186,7 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
         engine.barrier()
 
-    # -- save -------------------------------------------------------------------------
+    # -- save ---------------------------------------------------------------------------
 
     def save(
         self,
@@ -165,21 +198,82 @@ class Checkpointer:
     ) -> Path:
         """``data``: the data position for the manifest, ``{"global_samples_consumed": N,
         "world_size": W, "epoch": E}`` (rank 0's; all ranks consume alike)."""
+        self.finalize()  # an asynchronous one still in flight counts first
+        tmp = self._begin(step)
+        for ph in phases:
+            ph.save(tmp, self.engine.rank)
+        _write_state(tmp, _own_state(shared, per_rank, self.engine.rank))
+        return self._commit(step, tmp, data)
+
+    def save_async(self, step: int, phases: list[PreparedPhase], shared: dict[str, Stateful],
+                   per_rank: dict[str, Stateful], data: dict[str, int] | None = None) -> None:
+        """``save``, with the writing in the background (``train.async_checkpoint``): every
+        tensor is staged (copied) before this returns, so training may go on. The checkpoint
+        counts only once :meth:`poll` or :meth:`finalize` has seen every rank's write done and
+        renamed it into place; until then ``latest`` and retention do not see it."""
+        self.finalize()
+        tmp = self._begin(step)
+        futures = [ph.save_async(tmp, self.engine.rank) for ph in phases]
+        staged = copy.deepcopy(_own_state(shared, per_rank, self.engine.rank))  # tensors copied
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        futures.append(self._writer.submit(_write_state, tmp, staged, _write_delay_s()))
+        self._pending = _Pending(step, tmp, data, futures)
+        if self.engine.is_main:
+            print(f"checkpoint: step {step} staged, writing in the background", file=sys.stderr, flush=True)
+
+    def poll(self) -> Path | None:
+        """At a step boundary, on every rank together: finalise the checkpoint in flight if
+        every rank's write is done (one small all-reduce while one is in flight, none
+        otherwise); return its path then, else None."""
+        if self._pending is None:
+            return None
+        if self.engine.any_rank(not all(f.done() for f in self._pending.futures)):
+            return None
+        return self.finalize()
+
+    def finalize(self) -> Path | None:
+        """Wait for this rank's writes of the checkpoint in flight, agree with every rank that
+        all succeeded, then commit it (manifest, rename, ``latest``, retention). None when
+        nothing is in flight. Collective."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        errors = []
+        for f in pending.futures:
+            try:
+                f.result()
+            except Exception as e:  # reported below, on every rank together
+                errors.append(f"{type(e).__name__}: {e}")
+        if self.engine.any_rank(bool(errors)):
+            if self.engine.is_main:
+                shutil.rmtree(pending.tmp, ignore_errors=True)
+            raise CheckpointError(f"the asynchronous checkpoint of step {pending.step} failed on some rank "
+                                  f"({'; '.join(errors) or 'not this one'}); the previous checkpoint stays latest")
+        return self._commit(pending.step, pending.tmp, pending.data)
+
+    def abandon(self) -> None:
+        """The run stops with an error while a checkpoint is in flight: it is not committed (other
+        ranks may be gone), its ``.partial-`` directory is removed at the next start."""
+        if self._pending is not None and self.engine.is_main:
+            print(f"checkpoint: step {self._pending.step} was still being written and does not count; "
+                  f"{LATEST} names the last complete one", file=sys.stderr, flush=True)
+        self._pending = None
+
+    def _begin(self, step: int) -> Path:
+        tmp = self.root / f".partial-step-{step:08d}"
+        if self.engine.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.engine.barrier()
+        return tmp
+
+    def _commit(self, step: int, tmp: Path, data: dict[str, int] | None) -> Path:
+        """Every rank has written its files into ``tmp``: rank 0 checksums them, writes the
+        manifest, renames ``tmp`` into place, replaces ``latest``, applies retention."""
         eng = self.engine
         name = f"step-{step:08d}"
         final = self.root / name
-        tmp = self.root / f".partial-{name}"
-        if eng.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        eng.barrier()
-        for ph in phases:
-            ph.save(tmp, eng.rank)
-        if eng.is_main:
-            for key, obj in shared.items():
-                torch.save(obj.state_dict(), tmp / f"{key}.pt")
-        for key, obj in per_rank.items():
-            torch.save(obj.state_dict(), tmp / f"{key}-rank{eng.rank:05d}.pt")
         eng.barrier()
         if eng.is_main:
             files = {}

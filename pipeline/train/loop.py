@@ -173,6 +173,7 @@ class _Training:
         self.run_dir = RunDir(cfg.run.dir)
         self.tracker: Tracker | None = None
         self.stream: Stream | None = None
+        self.ckpt: Checkpointer | None = None
 
     # ---- set-up and restore
 
@@ -235,6 +236,7 @@ class _Training:
 
     def maintenance(self) -> None:
         t, step = self.cfg.train, self.state.step
+        self._committed(self.ckpt.poll())  # an asynchronous checkpoint whose writes are all done
         if step % t.log_every_steps == 0 or step == t.num_steps:
             elapsed = time.perf_counter() - self.t_log
             _log_interval(self.meter, self.phases, self.engine, self.tracker, self.stream, self.state,
@@ -247,20 +249,32 @@ class _Training:
             self.save()
 
     def save(self) -> None:
-        """A checkpoint of every rank, then (rank 0) the export of its EMA weights."""
-        t0 = time.perf_counter()
-        path = self.ckpt.save(self.state.step, self.phases, self.shared, self.per_rank,
-                              data=self.stream.position_record())
+        """A checkpoint of every rank, then (rank 0) the export of its EMA weights. With
+        train.async_checkpoint the checkpoint is only staged here and committed later
+        (:meth:`_committed`); the export is of this step either way."""
+        self.t_save, self.saved_step = time.perf_counter(), self.state.step  # at most one in flight
+        args = (self.state.step, self.phases, self.shared, self.per_rank)
+        if self.cfg.train.async_checkpoint:
+            self.ckpt.save_async(*args, data=self.stream.position_record())
+            path = None
+        else:
+            path = self.ckpt.save(*args, data=self.stream.position_record())
         if self.engine.is_main:
             write_export(self.run_dir.root, self.ema.module, saved_dict(self.cfg), self.meta, self.state.step)
-            self.tracker.log_event("checkpoint", step=self.state.step, path=str(path),
-                                   seconds=time.perf_counter() - t0)
+        self._committed(path)
+
+    def _committed(self, path: Path | None) -> None:
+        """Log the checkpoint that now counts (``seconds``: since its save began)."""
+        if path is not None and self.engine.is_main:
+            self.tracker.log_event("checkpoint", step=self.saved_step, path=str(path),
+                                   seconds=time.perf_counter() - self.t_save)
 
     def preempted(self) -> int:
         """A signal reached some rank: checkpoint (unless this step just did), say so in
         run.dir, and return the exit code that asks the launcher to requeue."""
         if self.state.step % self.cfg.train.checkpoint_every_steps != 0:
             self.save()
+        self._committed(self.ckpt.finalize())  # before saying so: `latest` must name it
         if self.engine.is_main:
             PreemptionFlag.record(self.run_dir, self.state.step)
             print(f"preempted: checkpoint at step {self.state.step}; exiting {REQUEUE_EXIT_CODE} to requeue",
@@ -271,6 +285,7 @@ class _Training:
     # ---- the end
 
     def finish(self) -> None:
+        self._committed(self.ckpt.finalize())
         if self.engine.is_main:
             path = _sample_and_observe(self.ema.module, self.meta, self.cfg, self.tracker, self.reference,
                                        self.state.step)
@@ -284,6 +299,8 @@ class _Training:
     def close(self, exit_code: int | None) -> None:
         """What every exit path does: the tracker's record of the outcome, then the stream and
         the engine closed."""
+        if exit_code not in (0, REQUEUE_EXIT_CODE) and self.ckpt is not None:
+            self.ckpt.abandon()  # finish() and preempted() commit it; after an error it does not count
         if self.tracker is not None:
             failed = exit_code not in (0, REQUEUE_EXIT_CODE)  # preempted: checkpointed, to be resumed
             self.tracker.close(failed=failed, exit_code=exit_code)

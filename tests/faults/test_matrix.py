@@ -63,14 +63,14 @@ def _then(*steps: Callable[[Fixtures, Path], None]) -> Callable[[Fixtures, Path]
 
 def _damage_two_checkpoints(f: Fixtures, tmp: Path) -> None:
     """Step 6 (latest) truncated mid-file, step 4's manifest garbage: step 2 is the newest valid."""
-    p = _ckpt(_resumed(tmp), 6) / "model-vdm.pt"
+    p = _ckpt(_resumed(tmp), 6) / "ddp-vdm" / "__0_0.distcp"
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
     (_ckpt(_resumed(tmp), 4) / "manifest.json").write_text("garbage{")
 
 
 def _flip_every_model(f: Fixtures, tmp: Path) -> None:
     for step in (2, 4, 6):
-        p = _ckpt(_resumed(tmp), step) / "model-vdm.pt"
+        p = _ckpt(_resumed(tmp), step) / "ddp-vdm" / "__0_0.distcp"
         b = bytearray(p.read_bytes())
         b[len(b) // 2] ^= 0xFF
         p.write_bytes(bytes(b))
@@ -84,7 +84,7 @@ def _crash_leftovers(f: Fixtures, tmp: Path) -> None:
     partial = run / "checkpoints" / ".partial-step-00000008"
     shutil.copytree(_ckpt(run, 6), partial)
     (partial / "manifest.json").unlink()
-    (partial / "model-vdm.pt").write_bytes(b"half a")
+    (partial / "ddp-vdm" / "__0_0.distcp").write_bytes(b"half a")
     shutil.copytree(run / "export", tmp / "export-before")
     shutil.rmtree(run / "export")
     (run / "checkpoints" / "latest").unlink()
@@ -219,6 +219,10 @@ CASES = [
          ("data.label_key='clss'", "'cls'")),
     Case("labelled-data-without-label-key", "10", _train(VDM, lambda f, tmp: f.classes), 2,
          ("data.label_key is not set", "label_kind='class'", "('cls', ")),
+    # ---- issue 18: asynchronous checkpoints exist for DDP and FSDP only
+    Case("async-checkpoint-on-deepspeed", "18",
+         _train(VDM, GMM, "engine.backend=deepspeed", "train.async_checkpoint=true"), 2,
+         ("train.async_checkpoint=true needs engine.backend=accelerate", "engine.backend='deepspeed'")),
     # ---- item 8: a pipe: command stored in a run is never run by the commands that read it
     Case("evaluate-does-not-run-a-stored-pipe", "8",
          lambda f, tmp: ["evaluate", "--run", str(f.pipe_run), "--num-samples", "4"], 2,

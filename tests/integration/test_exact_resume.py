@@ -15,6 +15,7 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,14 +173,32 @@ def final_state(run: Path) -> dict[str, object]:
 
     ckpt = Path(run) / "checkpoints" / latest(run)
     out: dict[str, object] = {}
-    files = sorted(p for p in ckpt.glob("*.pt") if p.name.split("-")[0] in ("model", "optim", "ema", "trainer"))
-    assert any(p.name.startswith("model-") for p in files), f"no model files in {ckpt}"
+    files = sorted(p for p in ckpt.glob("*.pt") if p.name.split("-")[0] in ("ema", "trainer"))
+    phases = sorted(p.name.split("-", 1)[1] for p in ckpt.glob("ddp-*"))
+    assert phases, f"no model files in {ckpt}"
     for p in files:
         for k, v in _flatten(torch.load(p, map_location="cpu", weights_only=True)):
             out[f"{p.name}{k}"] = v
+    for phase in phases:
+        for k, v in _flatten(phase_state(ckpt, phase)):
+            out[f"{phase}{k}"] = v
+        for k, v in _flatten(torch.load(ckpt / f"ddp-{phase}" / "scheduler.pt", weights_only=True)):
+            out[f"{phase}/scheduler{k}"] = v
     for k, v in load_file(str(Path(run) / "export" / "weights.safetensors")).items():
         out[f"export/{k}"] = v
     return out
+
+
+def phase_state(ckpt: Path, phase: str) -> dict:
+    """One phase's model and optimizer state in a checkpoint, ``{"model": ..., "optim": ...}``
+    as whole tensors (its DCP directory, ``ddp-<phase>`` or ``fsdp-<phase>``, read without a
+    process group)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    d = next(p for p in (Path(ckpt) / f"ddp-{phase}", Path(ckpt) / f"fsdp-{phase}") if p.is_dir())
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(d, Path(tmp) / "state.pt")
+        return torch.load(Path(tmp) / "state.pt", map_location="cpu", weights_only=True)
 
 
 def assert_bitwise_equal(a: dict, b: dict) -> None:

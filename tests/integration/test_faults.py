@@ -15,7 +15,7 @@ import torch
 from tests.conftest import REPO, run_pipeline
 from tests.integration.test_exact_resume import (
     NUM_STEPS, Launch, assert_bitwise_equal, final_state, killed_run, latest, logged_steps, metric_rows,
-    reference_run, runs_root, train_args, wait_for_step,
+    phase_state, reference_run, runs_root, train_args, wait_for_step,
 )
 from tests.integration.test_multinode import HANG_TIMEOUT_S, two_node_run
 
@@ -118,7 +118,7 @@ def test_nan_and_inf_steps_are_skipped_together_then_the_run_stops(tmp_path):
     assert manifest["step"] == 5 and manifest["world_size"] == 2
     trainer = torch.load(run / "checkpoints" / "step-00000005" / "trainer.pt", weights_only=True)
     assert trainer["bad_steps"] == 1 and trainer["consecutive_bad_steps"] == 0
-    model = torch.load(run / "checkpoints" / "step-00000005" / "model-vdm.pt", weights_only=True)
+    model = phase_state(run / "checkpoints" / "step-00000005", "vdm")["model"]
     assert all(torch.isfinite(v).all() for v in model.values())
     assert not list((run / "checkpoints").glob(".partial-*"))
 

@@ -69,8 +69,10 @@ def two_nodes(tmp_path_factory, ising_shards) -> TwoNodeRun:
 def test_two_launchers_train_and_checkpoint_with_world_size_2(two_nodes):
     m = two_nodes.manifest
     assert m["step"] == 10 and m["world_size"] == 2
-    # Node 0 hosts rank 0 (writes the shared files), node 1 hosts rank 1 (its own stream/RNG files).
-    assert {"stream-rank00000.pt", "stream-rank00001.pt", "rng-rank00001.pt", "model-vdm.pt"} <= set(m["files"])
+    # Node 0 hosts rank 0 (writes the shared files), node 1 hosts rank 1 (its own stream/RNG files
+    # and its part of the model and optimizer, DCP).
+    assert {"stream-rank00000.pt", "stream-rank00001.pt", "rng-rank00001.pt",
+            "ddp-vdm/.metadata", "ddp-vdm/__0_0.distcp", "ddp-vdm/__1_0.distcp"} <= set(m["files"])
     assert two_nodes.steps_before_hang[:12] == list(range(1, 13))
     assert latest(two_nodes.run).startswith("step-")
     # The two launchers really formed one world of 2 (not two worlds of 1 each writing its own run).

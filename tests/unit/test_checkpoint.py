@@ -85,8 +85,12 @@ def test_crash_mid_write_leaves_previous_checkpoint_latest(engine, tmp_path, mon
     phase, ck = _setup(engine, tmp_path)
     ck.save(1, [phase], {"trainer": TrainState(step=1)}, {})
 
-    def boom(*a, **k):
-        raise OSError("disk full")
+    real_rename = os.rename
+
+    def boom(src, dst, *a, **k):  # the rename of the checkpoint directory (DCP renames files too)
+        if Path(dst).name == "step-00000002":
+            raise OSError("disk full")
+        real_rename(src, dst, *a, **k)
 
     monkeypatch.setattr(os, "rename", boom)
     with pytest.raises(OSError):
@@ -107,7 +111,7 @@ def test_corrupt_latest_falls_back_to_previous(engine, tmp_path, damage, capsys)
     ck.save(1, [phase], {"trainer": TrainState(step=1)}, {})
     _train_one(phase)
     ck.save(2, [phase], {"trainer": TrainState(step=2)}, {})
-    target = ck.root / "step-00000002" / "model-vdm.pt"
+    target = ck.root / "step-00000002" / "ddp-vdm" / "__0_0.distcp"
     if damage == "truncate":
         target.write_bytes(target.read_bytes()[:-10])
     elif damage == "flip":

@@ -122,7 +122,7 @@ def test_all_corrupt_names_each_and_deletes_nothing(engine, tmp_path):
     phase, ck = _seeded(engine, tmp_path)
     for step in (1, 2):
         ck.save(step, [phase], {"trainer": TrainState(step=step)}, {})
-    _damage(ck.root / "step-00000002" / "model-vdm.pt")
+    _damage(ck.root / "step-00000002" / "ddp-vdm" / "__0_0.distcp")
     (ck.root / "step-00000001" / "trainer.pt").unlink()
     with pytest.raises(NoValidCheckpointError) as e:
         ck.restore([phase], {"trainer": TrainState()}, {})
@@ -135,7 +135,7 @@ def test_all_corrupt_names_each_and_deletes_nothing(engine, tmp_path):
 def test_retention_keeps_a_damaged_checkpoint_until_a_newer_valid_one_exists(engine, tmp_path):
     phase, ck = _setup(engine, tmp_path, keep_last=1)
     ck.save(5, [phase], {"trainer": TrainState(step=5)}, {})
-    _damage(ck.root / "step-00000005" / "model-vdm.pt")
+    _damage(ck.root / "step-00000005" / "ddp-vdm" / "__0_0.distcp")
     ck.save(3, [phase], {"trainer": TrainState(step=3)}, {})  # e.g. resumed from an older one
     # keep_last=1 keeps the newest by step, the damaged 5 (nothing valid is newer); step 3 is the
     # newest valid one, so it stays too.

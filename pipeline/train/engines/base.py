@@ -12,6 +12,7 @@ import contextlib
 import copy
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -79,6 +80,13 @@ class PreparedPhase(ABC):
     @abstractmethod
     def save(self, directory: Path, rank: int) -> None:
         """Write this phase's model and optimizer state (this rank's share) into ``directory``."""
+
+    def save_async(self, directory: Path, rank: int) -> Future:
+        """Stage this rank's share (copy it, so training may go on) and write it into
+        ``directory`` in the background; the future is done once this rank's write is
+        (``train.async_checkpoint``; ``Config.validate`` allows it only where a backend has this)."""
+        raise AssertionError(f"{type(self).__name__} has no asynchronous save; Config.validate refuses "
+                             "train.async_checkpoint for its backend")
 
     @abstractmethod
     def load(self, directory: Path, rank: int) -> None: ...

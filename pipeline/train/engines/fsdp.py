@@ -6,7 +6,6 @@ import contextlib
 import copy
 import weakref
 from datetime import timedelta
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -47,7 +46,7 @@ class _FSDPPhase(_AcceleratePhase):
 
     def __init__(self, phase: Phase, train: TrainConfig, engine: FSDPEngine):
         self.engine = engine
-        super().__init__(phase, train, engine.acc, engine.any_rank)
+        super().__init__(phase, train, engine)
 
     def _wrap(self, phase: Phase, train: TrainConfig):
         from torch.distributed.fsdp import fully_shard
@@ -156,32 +155,10 @@ class _FSDPPhase(_AcceleratePhase):
                 g.mul_(coef)
         return norm
 
-    def _dir(self, directory: Path) -> Path:
-        return Path(directory) / f"fsdp-{self.name}"
-
-    def save(self, directory: Path, rank: int) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        # Sharded state dicts (DTensors): each rank writes its own shards of the parameters
-        # and Adam moments (__<rank>_0.distcp), rank 0 the metadata; replicated tensors once.
-        model, optim = get_state_dict(self.wrapped, self.optimizer)
-        dcp.save({"model": model, "optim": optim}, checkpoint_id=self._dir(directory))
-        if rank == 0:
-            torch.save(self.scheduler.state_dict(), self._dir(directory) / "scheduler.pt")
-
-    def load(self, directory: Path, rank: int) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        # Loaded into this run's sharding, which may come from another world size: DCP reads
-        # the slices of the saved shards that each rank now owns.
-        model, optim = get_state_dict(self.wrapped, self.optimizer)
-        state = {"model": model, "optim": optim}
-        dcp.load(state, checkpoint_id=self._dir(directory))
-        set_state_dict(self.wrapped, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        self.scheduler.load_state_dict(
-            torch.load(self._dir(directory) / "scheduler.pt", map_location="cpu", weights_only=True))
+    # Checkpoints: DDP's (``_AcceleratePhase.save``/``save_async``/``load``, DCP) with sharded
+    # state dicts (DTensors): each rank writes its own shards of the parameters and Adam
+    # moments, rank 0 the metadata; loading reads the slices this rank now owns, on any world size.
+    DCP_PREFIX = "fsdp"
 
 
 def _unsharded_class(cls: type) -> type:

@@ -8,12 +8,14 @@ shard_grad_op, and DDP with activation checkpointing. Per rank (max over ranks):
 * model-state memory, counted from the tensors the rank holds (``engines/memory.py``):
   parameters + gradients + optimizer state (Adam moments and any fp32 master copy);
 * peak RSS (``ru_maxrss``; on a GPU, peak allocated CUDA memory too);
-* step time (median over the steps after the first), the time to save and to load a checkpoint.
+* step time (median over the steps after the first), the time to save and to load a checkpoint;
+  with ``train.async_checkpoint`` (``ddp_async``, ``fsdp_async``) also the time the save blocks
+  (staging) and how much the steps slow down while the write is in flight.
 
 Last line JSON: ``params``, ``mem_ratio_zero3_vs_ddp`` and ``mem_ratio_fsdp_vs_ddp`` (model-state
 bytes per rank, full_shard; theory 0.5 on 2 ranks, target <= 0.6), ``step_time_ratio_fsdp_vs_ddp``,
 ``checkpoint_share`` per backend (save / (checkpoint_every_steps x step time + save), every 100
-steps), ``activation_checkpointing_rss_ratio``, ``mfu`` per backend (model FLOPs per second over
+steps; for the async backends the blocking time in place of the save), ``activation_checkpointing_rss_ratio``, ``mfu`` per backend (model FLOPs per second over
 the peak given by ``--peak-tflops``, 790 = an H200's bf16 peak), and every figure per backend.
 
 ``--device cuda`` runs the backends on one process (one GPU): memory ratios need 2 ranks and are
@@ -51,6 +53,10 @@ BACKENDS = {
     "fsdp": ["engine.backend=accelerate", "engine.fsdp=full_shard"],
     "fsdp_grad_op": ["engine.backend=accelerate", "engine.fsdp=shard_grad_op"],
     "ddp_ac": ["engine.backend=accelerate", "vdm.activation_checkpointing=true"],
+    # train.async_checkpoint: checkpoint_share counts what the save blocks (staging) plus how
+    # much slower the steps run while the write is in flight
+    "ddp_async": ["engine.backend=accelerate", "train.async_checkpoint=true"],
+    "fsdp_async": ["engine.backend=accelerate", "engine.fsdp=full_shard", "train.async_checkpoint=true"],
 }
 CHECKPOINT_EVERY_STEPS = 100
 
@@ -97,9 +103,26 @@ def _per_backend(ranks: list[dict]) -> dict[str, Any]:
            "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks), "step_time_s": step_s,
            "save_s": save_s, "load_s": load_s,
            "checkpoint_share": save_s / (CHECKPOINT_EVERY_STEPS * step_s + save_s)}
+    if "async_stage_s" in ranks[0]:
+        out["async"] = _async_figures(ranks, step_s)
+        blocking = out["async"]["blocking_s"]
+        out["checkpoint_share_sync"] = out["checkpoint_share"]
+        out["checkpoint_share"] = blocking / (CHECKPOINT_EVERY_STEPS * step_s + blocking)
     if ranks[0].get("cuda_peak_gib") is not None:
         out["cuda_peak_gib"] = max(r["cuda_peak_gib"] for r in ranks)
     return out
+
+
+def _async_figures(ranks: list[dict], step_s: float) -> dict[str, float]:
+    """What an asynchronous save costs the run: the staging it blocks for, plus the time the
+    steps run while the write is in flight take beyond ``step_s`` each (the write competes for
+    the cores and memory bandwidth); max over ranks."""
+    stage_s = max(r["async_stage_s"] for r in ranks)
+    flight = [r["async_flight_step_s"] for r in ranks]
+    slowdown_s = max(max(0.0, sum(f) - len(f) * step_s) for f in flight)
+    return {"stage_s": stage_s, "write_s": max(r["async_write_s"] for r in ranks),
+            "steps_in_flight": max(len(f) for f in flight), "slowdown_s": slowdown_s,
+            "blocking_s": stage_s + slowdown_s}
 
 
 def step_flops(channels: int, size: int, batch: int) -> float:
@@ -126,7 +149,10 @@ def bench(args) -> dict[str, Any]:
         print(f"{name}: model state {r['model_state_total_mb']:.1f} MB/rank "
               f"({', '.join(f'{k} {v:.1f}' for k, v in r['model_state_mb'].items())}), peak RSS "
               f"{r['peak_rss_mb']:.0f} MB, step {r['step_time_s']:.3f} s, save {r['save_s']:.2f} s, "
-              f"load {r['load_s']:.2f} s", flush=True)
+              f"load {r['load_s']:.2f} s" + (f", async: blocks {r['async']['stage_s']:.2f} s + steps slowed "
+                                             f"{r['async']['slowdown_s']:.2f} s over {r['async']['steps_in_flight']} "
+                                             f"step(s), written in {r['async']['write_s']:.2f} s"
+                                             if "async" in r else ""), flush=True)
     first = next(iter(results.values()))
     flops = step_flops(args.channels, args.size, args.batch_per_rank)
     summary: dict[str, Any] = {

@@ -252,6 +252,7 @@ class _Training:
         """A checkpoint of every rank, then (rank 0) the export of its EMA weights. With
         train.async_checkpoint the checkpoint is only staged here and committed later
         (:meth:`_committed`); the export is of this step either way."""
+        self._committed(self.ckpt.finalize())  # the one still in flight counts first
         self.t_save, self.saved_step = time.perf_counter(), self.state.step  # at most one in flight
         args = (self.state.step, self.phases, self.shared, self.per_rank)
         if self.cfg.train.async_checkpoint:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -219,8 +220,9 @@ def make_engine(args) -> Engine:
     return build_engine(cfg)
 
 
-def setup(engine: Engine, seed: int, ckpt: Path):
-    phases = [engine.prepare(p, TRAIN) for p in build_phases(seed)]
+def setup(engine: Engine, seed: int, ckpt: Path, async_checkpoint: bool = False):
+    train = dataclasses.replace(TRAIN, async_checkpoint=async_checkpoint)
+    phases = [engine.prepare(p, train) for p in build_phases(seed)]
     by_name = {ph.name: ph for ph in phases}
     emas = {"reg": EMA(by_name["reg"], TRAIN.ema_decay), "g": EMA(by_name["g"], TRAIN.ema_decay)}
     state = TrainState()
@@ -262,6 +264,8 @@ def main() -> None:
     ap.add_argument("--mode", choices=["first", "resume"], required=True)
     ap.add_argument("--ckpt", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--async-checkpoint", action="store_true",
+                    help="save_async: the first run trains on while its checkpoint is written")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -269,10 +273,11 @@ def main() -> None:
     shared = lambda emas, state: {"trainer": state, "ema_reg": emas["reg"], "ema_g": emas["g"]}  # noqa: E731
     report: dict = {"world_size": engine.world_size, "frozen_ok": True, "ema_ok": True, "norms": []}
     try:
-        phases, emas, state, ck = setup(engine, seed=1, ckpt=args.ckpt)
+        phases, emas, state, ck = setup(engine, seed=1, ckpt=args.ckpt, async_checkpoint=args.async_checkpoint)
+        save = ck.save_async if args.async_checkpoint else ck.save
         if args.mode == "first":
             train_steps(engine, phases, emas, state, 3, report)
-            ck.save(state.step, phases, shared(emas, state), {})
+            save(state.step, phases, shared(emas, state), {})
             report["saved"] = snapshot(phases, emas)
             report["saved_step"] = state.step
 
@@ -291,6 +296,7 @@ def main() -> None:
             norm2, skipped2 = optimizer_step(reg, engine, 100)
             report["after_nan_skipped"] = skipped2
             report["after_nan_changed"] = not equal(after["params"]["reg"], full_params(reg))
+            ck.finalize()  # async: committed only now, after the steps above changed the weights
             del phases, emas, reg
 
             # restart in-process: fresh weights (another seed), then restore
@@ -305,9 +311,10 @@ def main() -> None:
             report["restored_step"] = state.step
             report["restored"] = snapshot(phases, emas)
             train_steps(engine, phases, emas, state, 2, report)
-            ck.save(state.step, phases, shared(emas, state), {})
+            save(state.step, phases, shared(emas, state), {})
             report["saved"] = snapshot(phases, emas)
             report["saved_step"] = state.step
+            ck.finalize()
         report["seconds"] = time.perf_counter() - t0
         if engine.is_main:
             torch.save(report, args.out)

@@ -28,7 +28,7 @@ def _numel() -> int:
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     work = tmp_path_factory.mktemp("scale")
-    r = run_pipeline("bench", "scale", "--preset", "tiny", "--backends", "ddp,zero3,fsdp", "--num-steps", "2",
+    r = run_pipeline("bench", "scale", "--preset", "tiny", "--backends", "ddp,zero3,fsdp,ddp_async", "--num-steps", "2",
                      "--work-dir", str(work), timeout=600)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -37,10 +37,16 @@ def test_json_contract(result):
     for key in ("params", "mem_ratio_zero3_vs_ddp", "mem_ratio_fsdp_vs_ddp", "step_time_ratio_fsdp_vs_ddp",
                 "checkpoint_share", "mfu", "backends"):
         assert key in result, key
-    assert set(result["checkpoint_share"]) == {"ddp", "zero3", "fsdp"}
+    assert set(result["checkpoint_share"]) == {"ddp", "zero3", "fsdp", "ddp_async"}
     assert all(0 < v < 1 for v in result["checkpoint_share"].values())
     for b in result["backends"].values():
         assert b["step_time_s"] > 0 and b["save_s"] > 0 and b["load_s"] > 0 and b["peak_rss_mb"] > 100
+    a = result["backends"]["ddp_async"]
+    assert a["async"]["stage_s"] > 0 and a["async"]["write_s"] >= a["async"]["stage_s"]
+    assert a["async"]["blocking_s"] == a["async"]["stage_s"] + a["async"]["slowdown_s"]
+    step, blocking = a["step_time_s"], a["async"]["blocking_s"]
+    assert a["checkpoint_share"] == pytest.approx(blocking / (100 * step + blocking))
+    assert a["checkpoint_share_sync"] == pytest.approx(a["save_s"] / (100 * step + a["save_s"]))
 
 
 def test_ddp_holds_the_whole_state_on_each_rank(result):

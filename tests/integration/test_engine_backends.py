@@ -40,6 +40,8 @@ BACKENDS = {
     "zero3": ["--backend", "deepspeed", "--zero-stage", "3"],
     "fsdp": ["--backend", "accelerate", "--fsdp", "full_shard"],
     "fsdp_grad_op": ["--backend", "accelerate", "--fsdp", "shard_grad_op"],
+    # train.async_checkpoint: the first run trains on while its checkpoint is written (DCP)
+    "fsdp_async": ["--backend", "accelerate", "--fsdp", "full_shard", "--async-checkpoint"],
 }
 
 

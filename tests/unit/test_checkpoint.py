@@ -144,3 +144,22 @@ def test_latest_pointer_not_file_names_decides(engine, tmp_path):
     (ck.root / LATEST).unlink()
     st = TrainState()
     assert ck.restore([phase], {"trainer": st}, {})["step"] == 3 and st.step == 3
+
+
+def test_a_ddp_checkpoint_in_the_torch_save_format_still_loads(engine, tmp_path):
+    """Before DCP, rank 0 wrote DDP phases with torch.save (model-<phase>.pt, optim-<phase>.pt)."""
+    phase, _ = _setup(engine, tmp_path)
+    for _ in range(2):
+        _train_one(phase)
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save(phase.module.state_dict(), old / "model-vdm.pt")  # as accelerate.py wrote it until then
+    torch.save({"optimizer": phase.optimizer.state_dict(), "scheduler": phase.scheduler.state_dict()},
+               old / "optim-vdm.pt")
+    phase2, _ = _setup(engine, tmp_path)
+    assert not torch.equal(phase2.module.lin.weight, phase.module.lin.weight)
+    phase2.load(old, 0)
+    assert torch.equal(phase2.module.lin.weight, phase.module.lin.weight)
+    m1, m2 = (p.optimizer.state_dict()["state"][0]["exp_avg"] for p in (phase, phase2))
+    assert torch.equal(m1, m2)
+    assert phase2.scheduler.state_dict() == phase.scheduler.state_dict()

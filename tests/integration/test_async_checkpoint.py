@@ -20,6 +20,7 @@ pytestmark = pytest.mark.integration
 __all__ = ["runs_root"]  # the shared fixture, re-exported for this module
 
 ASYNC = "train.async_checkpoint=true"
+DELAY_S = 5
 
 
 def _wait_for_line(launch: Launch, text: str, timeout: float = 120) -> None:
@@ -31,23 +32,28 @@ def _wait_for_line(launch: Launch, text: str, timeout: float = 120) -> None:
         time.sleep(0.02)
 
 
+def _committed(run) -> list[int]:
+    """Steps of the checkpoint events in metrics.jsonl: logged when a checkpoint counts."""
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [e["step"] for e in events if e.get("event") == "checkpoint"]
+
+
 def test_sigkill_of_one_rank_during_an_async_save_loses_nothing(runs_root, ising_shards):
     from pipeline.train.checkpoint import CheckpointError, validate
 
     run = runs_root / "async-killed"
     _start_reference("vdm", runs_root, ising_shards)  # the synchronous run, beside this one (cached)
-    # 1. Async checkpoints up to step EVERY; the run ends with its last one committed.
-    Launch(train_args(run, ising_shards, "vdm", ASYNC, f"train.num_steps={EVERY}"), runs_root / "async-1.log").check()
-    assert latest(run) == f"step-{EVERY:08d}"
-
-    # 2. Resumed, with each rank's background write held back (test hook) so that the
-    # checkpoint of step 2*EVERY is surely in flight: rank 1 is SIGKILLed once it is staged.
-    env = {**conftest.subprocess_env(), "PIPELINE_CHECKPOINT_WRITE_DELAY_S": "60"}
-    launch = Launch(train_args(run, ising_shards, "vdm", ASYNC), runs_root / "async-2.log", env=env)
+    # 1. Each rank's background write held back DELAY_S (test hook), so that a checkpoint is
+    # surely in flight: the one of step EVERY is committed once its writes are done (at the
+    # latest before the next save), then rank 1 is SIGKILLed as soon as the one of step
+    # 2*EVERY is staged, well within its DELAY_S.
+    env = {**conftest.subprocess_env(), "PIPELINE_CHECKPOINT_WRITE_DELAY_S": str(DELAY_S)}
+    launch = Launch(train_args(run, ising_shards, "vdm", ASYNC), runs_root / "async-1.log", env=env)
     workers = launch.workers(2)
     _wait_for_line(launch, f"checkpoint: step {2 * EVERY} staged, writing in the background")
     workers[1].send_signal(signal.SIGKILL)
     assert launch.wait(timeout=120) != 0
+    assert _committed(run) == [EVERY]  # the first one was committed, after its step
     ckpts = run / "checkpoints"
     assert latest(run) == f"step-{EVERY:08d}"  # the previous checkpoint still counts ...
     assert validate(ckpts / f"step-{EVERY:08d}")["step"] == EVERY  # ... intact
@@ -57,9 +63,9 @@ def test_sigkill_of_one_rank_during_an_async_save_loses_nothing(runs_root, ising
         validate(partial)
     assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".")) == ["latest", f"step-{EVERY:08d}"]
 
-    # 3. Restarted (no hold-back): resumes from the previous checkpoint and finishes, bitwise
+    # 2. Restarted (no hold-back): resumes from the previous checkpoint and finishes, bitwise
     # equal to the uninterrupted synchronous run (model, Adam moments, EMA, export).
-    restart = Launch(train_args(run, ising_shards, "vdm", ASYNC), runs_root / "async-3.log").check()
+    restart = Launch(train_args(run, ising_shards, "vdm", ASYNC), runs_root / "async-2.log").check()
     assert f"resumed from step {EVERY} " in restart
     assert f"removing .partial-step-{2 * EVERY:08d}" in restart
     assert latest(run) == f"step-{NUM_STEPS:08d}"
@@ -74,6 +80,4 @@ def test_sigkill_of_one_rank_during_an_async_save_loses_nothing(runs_root, ising
         assert {k: a[step][k] for k in keep} == {k: b[step][k] for k in keep}, step
     # Checkpoints were committed after their step (by a later step's poll or at the end) and
     # logged once each, in order.
-    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    committed = [e["step"] for e in events if e.get("event") == "checkpoint"]
-    assert committed[-2:] == [2 * EVERY, NUM_STEPS], committed
+    assert _committed(run)[-2:] == [2 * EVERY, NUM_STEPS]

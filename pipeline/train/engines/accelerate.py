@@ -107,7 +107,7 @@ class _AcceleratePhase(PreparedPhase):
     # Checkpoints: torch.distributed.checkpoint in ``<dir>/<prefix>-<phase>/``. Under DDP the
     # model and Adam state are replicated; DCP's planner writes each tensor once, spread over
     # the ranks (``__<rank>_0.distcp``), rank 0 the metadata. The state dicts are keyed by
-    # parameter name, so they load onto any world size (and FSDP's sharding reads them too).
+    # parameter name, so they load onto any world size.
     DCP_PREFIX = "ddp"
 
     def _dcp_dir(self, directory: Path) -> Path:

@@ -35,12 +35,14 @@ def test_grf_shards_train_evaluate(tmp_path):
     assert result["evaluation"] == "grf" and result["step"] == 4 and result["num_generated"] == 64
     for key in ("bits_per_dim", "stderr", "nats_per_dim", "nll_exact_nats_per_dim", "power_spectrum_max_rel_err",
                 "power_spectrum_chi2", "w1_one_point", "ks_one_point", "recon_bpd", "prior_bpd", "diffusion_bpd",
-                "gap_nats_per_dim", "elbo_floor_gap_nats_per_dim", "power_spectrum_max_rel_err_reference"):
+                "gap_nats_per_dim", "elbo_floor_gap_nats_per_dim", "power_spectrum_max_rel_err_reference",
+                "minkowski_chi2", "minkowski_max_abs_z", "minkowski_reference_chi2", "minkowski_v2_max_abs_z"):
         assert isinstance(result[key], float) and math.isfinite(result[key]), key
     assert result["stderr"] > 0 and result["power_spectrum_chi2"] > 0 and result["power_spectrum_max_rel_err"] > 0
     assert result["nats_per_dim"] == pytest.approx(result["bits_per_dim"] * math.log(2), rel=1e-12)
     assert result["recon_bpd"] + result["prior_bpd"] + result["diffusion_bpd"] == pytest.approx(result["bits_per_dim"])
     assert len(result["power_spectrum"]["ratio"]) == result["power_spectrum_num_bins"]
+    assert np.asarray(result["minkowski"]["exact"]).shape == (3, len(result["minkowski"]["nu"]))
 
     # The exact NLL of the same held-out fields, from the manifest's record of the field and,
     # independently, from the log-likelihoods `pipeline shards` stored with each sample.

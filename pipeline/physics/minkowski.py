@@ -29,7 +29,9 @@ rho_j = C(e_j) / C0), exact for these estimators:
    P(X > h, Y > h; rho) = Phi(-h) - 2 T(h, sqrt((1 - rho) / (1 + rho))) (Owen 1956, T his
    function), so E v1 = (pi / 4) (E n_x + E n_y);
  - E v2 = Phi(-nu) - P(pair_x) - P(pair_y) + P(all four corners of a plaquette > t), the
-   last a 4-variate normal orthant probability (Genz's algorithm in scipy, to ~1e-9).
+   last a 4-variate normal orthant probability (Genz's randomised quasi-Monte Carlo in
+   scipy, 4e5 points, seeded: absolute error ~3e-6 for corners correlated at 0.95-0.97 against
+   a 2e6-point run, a few per cent of the standard error of v2 over hundreds of 32^2 maps).
 
 The continuum limit (Tomita 1986; Adler 1981, Thm. 5.3.1) of an isotropic field with
 sigma0^2 = <u^2> and sigma1^2 = <|grad u|^2>:
@@ -92,9 +94,10 @@ def _orthant4(nu: float, corr: np.ndarray) -> float:
     from scipy.stats import multivariate_normal
 
     # X > nu for all <=> -X < -nu; -X has the same covariance.
-    # Genz's randomised quasi-Monte Carlo integration, seeded: the same value on every call.
+    # Genz's randomised quasi-Monte Carlo integration, seeded: the same value on every call;
+    # the point budget (0.2 s a call), not abseps, sets the accuracy (module docstring).
     return float(multivariate_normal.cdf(np.full(4, -nu), mean=np.zeros(4), cov=corr, allow_singular=True,
-                                         maxpts=400_000, abseps=1e-9, releps=1e-7, rng=np.random.default_rng(0)))
+                                         maxpts=400_000, abseps=1e-9, releps=0, rng=np.random.default_rng(0)))
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,17 @@ def test_bivariate_orthant_against_numerical_integration():
             assert mk._orthant2(np.asarray(nu), rho) == pytest.approx(num, abs=1e-11)
 
 
+def test_four_variate_orthant_against_the_equicorrelated_one_dimensional_integral():
+    # Equicorrelated X_i = sqrt(rho) Z + sqrt(1 - rho) E_i: P(all > h) = E_Z[Phi((sqrt(rho) Z - h) / sqrt(1 - rho))^4].
+    for rho in (0.2, 0.6, 0.95):
+        corr = np.full((4, 4), rho) + (1 - rho) * np.eye(4)
+        for nu in (-2.0, 0.0, 1.0, 2.5):
+            num = integrate.quad(lambda z: stats.norm.pdf(z) * stats.norm.cdf((math.sqrt(rho) * z - nu)
+                                                                              / math.sqrt(1 - rho)) ** 4,
+                                 -np.inf, np.inf, epsabs=1e-13)[0]
+            assert mk._orthant4(nu, corr) == pytest.approx(num, abs=1e-5)
+
+
 def test_white_noise_expectation_has_the_independent_site_closed_form():
     exp = mk.gaussian_lattice_expectation(mk.LatticeCovariance(1.0, 0.0, 0.0, 0.0, 0.0), NU)
     p = stats.norm.sf(NU)

@@ -121,7 +121,12 @@ def test_grf_draws_match_the_exact_lattice_expectation_and_another_spectrum_fail
 def test_smooth_field_approaches_the_continuum_curves():
     gaps = []
     for cutoff in (0.6, 0.3):
-        cov = mk.LatticeCovariance.from_correlation(_field(-1.0, cutoff=cutoff, size=64).correlation())
+        f = _field(-1.0, cutoff=cutoff, size=64)
+        cov = mk.LatticeCovariance.from_correlation(f.correlation())
+        # sigma1^2 of the forward difference from the discrete spectrum: (1/N) sum_k P(k) sum_j 4 sin^2(k_j / 2)
+        k = 2 * math.pi * np.fft.fftfreq(64)
+        lattice_k2 = 4 * np.sin(k[:, None] / 2) ** 2 + 4 * np.sin(k[None, :] / 2) ** 2
+        assert cov.sigma1_sq == pytest.approx(float((f.power_full() * lattice_k2).sum()) / f.num_sites, rel=1e-10)
         lat = mk.gaussian_lattice_expectation(cov, NU)
         cont = mk.gaussian_continuum_expectation(cov.c0, cov.sigma1_sq, NU)
         np.testing.assert_allclose(lat[0], cont[0], rtol=1e-12)

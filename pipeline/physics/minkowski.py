@@ -1,5 +1,5 @@
 """Minkowski functionals of the excursion sets of 2D maps, and their exact expectations for
-Gaussian random fields (CosmoGAN, Mustafa et al. 2019, Sec. 4, reports them for weak-lensing maps).
+Gaussian random fields (CosmoGAN, Mustafa et al. 2019, reports them for weak-lensing maps).
 
 The excursion set of a map u at threshold t is {u > t}; thresholds are nu = t / sigma0 in
 units of the map's standard deviation. Per unit area (lattice spacing 1):

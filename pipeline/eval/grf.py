@@ -9,6 +9,10 @@ For a run trained on ``pipeline shards grf`` data (the field is rebuilt from the
    the same for as many reference fields, the noise level to compare with;
  - the one-point distribution of all sites against the exact N(0, C(0)): W1 and the KS
    distance (``one_point``), again with the reference's values next to them;
+ - for 2D fields, the Minkowski functionals of the excursion sets (area fraction, boundary
+   length and Euler characteristic per unit area at thresholds nu sigma0,
+   ``pipeline/physics/minkowski.py``) against their exact expectation for this field on
+   this lattice, next to the continuum curves (Tomita 1986) and the reference fields' values;
  - for VDMs, the negative ELBO of held-out fields (the exact evaluator, ``_vdm_likelihood``)
    next to their exact negative log-likelihood (``GRF.log_density``), in nats and bits per
    dimension. The ELBO is a bound: -ELBO >= -log p for any model, in expectation over the
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from pipeline.physics import minkowski
 from pipeline.physics.grf import GRF, compare_spectrum, grf_from_info, one_point
 
 # An ELBO this many standard errors below the exact NLL is flagged (issue 17). Tighter than
@@ -127,12 +132,37 @@ def evaluate_grf(samples: np.ndarray, field: GRF, reference: np.ndarray | None =
     }
     op = one_point(samples, field)
     out.update(w1_one_point=op["w1"], ks_one_point=op["ks"], std_one_point=op["std"], std_exact=op["exact_std"])
+    if field.ndim == 2:
+        out.update(minkowski_figures(samples, field, reference))
     if reference is not None:
         ref = compare_spectrum(reference, field)
         rop = one_point(reference, field)
         out.update(num_reference=len(reference), power_spectrum_max_rel_err_reference=ref.worst_relative_error,
                    power_spectrum_chi2_reference=ref.chi2, w1_one_point_reference=rop["w1"],
                    ks_one_point_reference=rop["ks"])
+    return out
+
+
+def minkowski_figures(samples: np.ndarray, field: GRF, reference: np.ndarray | None = None,
+                      nu: tuple[float, ...] = minkowski.DEFAULT_THRESHOLDS) -> dict[str, Any]:
+    """Minkowski functionals of 2D ``samples`` [S, C, L, L] (each channel one map) at thresholds
+    nu sqrt(C(0)) against the field's exact lattice expectation: sums of z^2 and max |z| per
+    functional (``minkowski_*``), the same for ``reference`` fields (``minkowski_*_reference``,
+    the noise level), and the curves (``minkowski``: mean, stderr, exact, continuum, reference)."""
+    assert field.ndim == 2, field.ndim
+    cov = minkowski.LatticeCovariance.from_correlation(field.correlation())
+    nu_arr = np.asarray(nu, dtype=np.float64)
+    exact = minkowski.gaussian_lattice_expectation(cov, nu_arr)
+    sigma0 = math.sqrt(cov.c0)
+    cmp = minkowski.compare_minkowski(samples, sigma0, nu_arr, exact)
+    out: dict[str, Any] = cmp.metrics("minkowski")
+    curves = {"nu": nu_arr, "names": list(minkowski.NAMES), "mean": cmp.mean, "stderr": cmp.stderr,
+              "exact": exact, "continuum": minkowski.gaussian_continuum_expectation(cov.c0, cov.sigma1_sq, nu_arr)}
+    if reference is not None:
+        ref = minkowski.compare_minkowski(reference, sigma0, nu_arr, exact)
+        out.update(ref.metrics("minkowski_reference"))
+        curves.update(reference_mean=ref.mean, reference_stderr=ref.stderr)
+    out["minkowski"] = curves
     return out
 
 

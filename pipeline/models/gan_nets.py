@@ -1,4 +1,9 @@
-"""Small GAN networks: conv nets for lattices and images, MLPs for vectors.
+"""Small GAN networks: conv nets for lattices, images and fields, MLPs for vectors.
+
+The conv nets take samples [C, L], [C, H, W] or [C, D, H, W]: their convolutions are those
+of the sample's number of spatial dimensions (:mod:`pipeline.models.conv_nd`), everything
+else is the same in every dimension, and for [C, H, W] they are the 2D networks they were
+before other dimensions existed (same layers, same creation order, same ops).
 
 Generators map a latent vector h (plus an optional label) to a sample in *model space*
 (spins and levels in [-1, 1] via tanh, continuous data unbounded); the data mapping lives in
@@ -30,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm as _sn
 
+from pipeline.models.conv_nd import convs
 from pipeline.models.embedding import LabelEmbedding, label_standardisation
 
 LabelKind = Literal["none", "class", "continuous"]
@@ -105,7 +111,8 @@ class MLPDiscriminator(_Discriminator):
 
 
 class ConvDiscriminator(_Discriminator):
-    """Stride-2 4x4 convolutions (one per entry of ``channels``), LeakyReLU(0.2).
+    """Stride-2 convolutions of kernel 4 per axis (one per entry of ``channels``), LeakyReLU(0.2),
+    over samples (C, L), (C, H, W) or (C, D, H, W).
 
     With circular padding (periodic lattices such as the Ising model) the features are
     averaged over all positions, so D is exactly invariant under cyclic translations by
@@ -117,35 +124,34 @@ class ConvDiscriminator(_Discriminator):
                  label_embedding: LabelEmbedding | None = None, spectral_norm: bool = False,
                  padding_mode: PaddingMode = "zeros", lattice_observables: bool = False):
         super().__init__()
-        if len(sample_shape) != 3:
-            raise ValueError(f"ConvDiscriminator needs samples of shape (C, H, W), got {sample_shape}")
-        if lattice_observables and (sample_shape[0] != 1 or padding_mode != "circular"):
+        conv = convs(len(sample_shape) - 1, f"ConvDiscriminator (samples of shape {tuple(sample_shape)})")[0]
+        if lattice_observables and (len(sample_shape) != 3 or sample_shape[0] != 1 or padding_mode != "circular"):
             raise ValueError(
                 "lattice observables need single-channel spin lattices with periodic (circular) padding; "
                 f"got sample shape {sample_shape}, padding {padding_mode!r}"
             )
         if not channels:
             raise ValueError("ConvDiscriminator needs at least one entry in channels")
-        c, h, w = sample_shape
+        c, spatial = sample_shape[0], tuple(sample_shape[1:])
         layers: list[nn.Module] = []
         for width in channels:
-            if h < 2 or w < 2:
+            if min(spatial) < 2:
                 raise ValueError(
                     f"sample shape {sample_shape} is too small for {len(channels)} stride-2 stages "
                     f"(channels={channels}); use fewer channels entries"
                 )
-            layers += [_maybe_sn(nn.Conv2d(c, width, 4, stride=2, padding=1, padding_mode=padding_mode),
+            layers += [_maybe_sn(conv(c, width, 4, stride=2, padding=1, padding_mode=padding_mode),
                                  spectral_norm), nn.LeakyReLU(0.2)]
-            c, h, w = width, h // 2, w // 2
+            c, spatial = width, tuple(s // 2 for s in spatial)
         self.net = nn.Sequential(*layers)
         self.pool = padding_mode == "circular"
         self.observables = lattice_observables
-        feat_dim = (c if self.pool else c * h * w) + (NUM_LATTICE_OBSERVABLES if lattice_observables else 0)
+        feat_dim = (c if self.pool else c * math.prod(spatial)) + (NUM_LATTICE_OBSERVABLES if lattice_observables else 0)
         self._init_head(feat_dim, num_outputs, label_embedding, spectral_norm)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         f = self.net(x)
-        f = f.mean(dim=(2, 3)) if self.pool else f.flatten(1)
+        f = f.mean(dim=tuple(range(2, f.dim()))) if self.pool else f.flatten(1)
         if self.observables:
             f = torch.cat([f, lattice_observables(x).to(f.dtype)], dim=1)
         return f
@@ -189,7 +195,8 @@ class MLPGenerator(_Generator):
 
 
 class ConvGenerator(_Generator):
-    """Linear to a (channels[-1], H/2^n, W/2^n) map, then n stages of nearest 2x upsampling +
+    """For samples (C, *S), S = (L,), (H, W) or (D, H, W) (3x3 below: kernel 3 per axis):
+    linear to a (channels[-1], S/2^n) map, then n stages of nearest 2x upsampling +
     3x3 conv + ReLU (upsample+conv avoids the checkerboard of transposed convolutions,
     Odena et al. 2016), then a 3x3 conv to the sample's channels. ``convs_per_stage`` > 1 adds
     3x3 conv + ReLU units at each stage's resolution (StyleGAN2's G has two per resolution):
@@ -216,38 +223,37 @@ class ConvGenerator(_Generator):
         super().__init__()
         if film and label_embedding is None:
             raise ValueError("FiLM conditioning needs a conditional generator (a label embedding)")
-        if len(sample_shape) != 3:
-            raise ValueError(f"ConvGenerator needs samples of shape (C, H, W), got {sample_shape}")
+        conv = convs(len(sample_shape) - 1, f"ConvGenerator (samples of shape {tuple(sample_shape)})")[0]
         if not channels:
             raise ValueError("ConvGenerator needs at least one entry in channels")
         if convs_per_stage < 1:
             raise ValueError(f"ConvGenerator needs convs_per_stage >= 1, got {convs_per_stage}")
-        c_out, h, w = sample_shape
+        c_out, spatial = sample_shape[0], tuple(sample_shape[1:])
         n = len(channels)
-        if h % 2**n or w % 2**n:
+        if any(s % 2**n for s in spatial):
             raise ValueError(
-                f"ConvGenerator with {n} upsampling stages (len(channels)={n}) needs H and W divisible "
+                f"ConvGenerator with {n} upsampling stages (len(channels)={n}) needs every spatial size divisible "
                 f"by {2**n}; got sample shape {sample_shape}. Use fewer channels entries."
             )
         d = self._init_cond(latent_dim, label_embedding, label_dim, bounded)
         widths = list(reversed(channels))
-        self.start_shape = (widths[0], h // 2**n, w // 2**n)
+        self.start_shape = (widths[0], *(s // 2**n for s in spatial))
         self.fc = nn.Linear(d, math.prod(self.start_shape))
         # Units of (upsample or identity, conv, ReLU): one upsampling unit per stage, then
         # convs_per_stage - 1 at its resolution. With 1 per stage the layer indices (and so
         # the state_dict keys) are those of the plain upsample + conv G.
         layers: list[nn.Module] = []
         unit_widths: list[int] = []
-        unit_shapes: list[tuple[int, int]] = []
+        unit_shapes: list[tuple[int, ...]] = []
         c = widths[0]
         for i, width in enumerate(widths):
             for j in range(convs_per_stage):
                 layers += [nn.Upsample(scale_factor=2, mode="nearest") if j == 0 else nn.Identity(),
-                           nn.Conv2d(c, width, 3, padding=1, padding_mode=padding_mode), nn.ReLU()]
+                           conv(c, width, 3, padding=1, padding_mode=padding_mode), nn.ReLU()]
                 unit_widths.append(width)
-                unit_shapes.append((h // 2 ** (n - 1 - i), w // 2 ** (n - 1 - i)))
+                unit_shapes.append(tuple(s // 2 ** (n - 1 - i) for s in spatial))
                 c = width
-        layers.append(nn.Conv2d(c, c_out, 3, padding=1, padding_mode=padding_mode))
+        layers.append(conv(c, c_out, 3, padding=1, padding_mode=padding_mode))
         self.net = nn.Sequential(*layers)
         self.film = None
         if film:
@@ -256,12 +262,13 @@ class ConvGenerator(_Generator):
                 nn.init.zeros_(lin.weight)
                 nn.init.zeros_(lin.bias)
         self.vector_latent_dim = latent_dim
-        self.noise_shapes: list[tuple[int, int]] = []
+        self.noise_shapes: list[tuple[int, ...]] = []
         self.noise_strength = None
+        ones = (1,) * len(spatial)  # broadcast over every spatial axis
         if noise_inputs:
             self.noise_shapes = unit_shapes
-            self.noise_strength = nn.ParameterList(nn.Parameter(torch.zeros(1, width, 1, 1)) for width in unit_widths)
-            self.latent_dim = latent_dim + sum(a * b for a, b in self.noise_shapes)
+            self.noise_strength = nn.ParameterList(nn.Parameter(torch.zeros(1, width, *ones)) for width in unit_widths)
+            self.latent_dim = latent_dim + sum(math.prod(s) for s in self.noise_shapes)
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = F.relu(self.fc(self._input(h[:, :self.vector_latent_dim], labels))).reshape(-1, *self.start_shape)
@@ -271,13 +278,15 @@ class ConvGenerator(_Generator):
             up, conv, act = self.net[3 * i:3 * i + 3]
             x = conv(up(x))
             if self.film is not None:
-                gamma, beta = self.film[i](e)[:, :, None, None].chunk(2, dim=1)
+                film = self.film[i](e)
+                gamma, beta = film.reshape(*film.shape, *(1,) * (x.dim() - 2)).chunk(2, dim=1)
                 x = x * (1.0 + gamma) + beta
             if self.noise_strength is not None:
-                a, b = self.noise_shapes[i]
-                noise = h[:, offset:offset + a * b].reshape(-1, 1, a, b).to(x.dtype)
+                shape = self.noise_shapes[i]
+                size = math.prod(shape)
+                noise = h[:, offset:offset + size].reshape(-1, 1, *shape).to(x.dtype)
                 x = x + self.noise_strength[i] * noise
-                offset += a * b
+                offset += size
             x = act(x)
         return self._output(self.net[-1](x))
 
@@ -315,8 +324,7 @@ def build_gan_nets(
                           film=g_film, noise_inputs=g_noise_inputs, convs_per_stage=g_convs_per_stage)
         d_feat = widths[-1]
         if padding_mode != "circular":
-            c, h, w = sample_shape
-            d_feat = widths[-1] * (h // 2 ** len(widths)) * (w // 2 ** len(widths))
+            d_feat = widths[-1] * math.prod(s // 2 ** len(widths) for s in sample_shape[1:])
         d_feat += NUM_LATTICE_OBSERVABLES if lattice_observables else 0
         d = ConvDiscriminator(sample_shape, widths, d_outputs, embedding(d_feat), spectral_norm, padding_mode,
                               lattice_observables)

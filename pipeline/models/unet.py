@@ -20,12 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ndim -> (convolution, transposed convolution) over that many spatial dimensions.
-_CONVS: dict[int, tuple[type[nn.Module], type[nn.Module]]] = {
-    1: (nn.Conv1d, nn.ConvTranspose1d),
-    2: (nn.Conv2d, nn.ConvTranspose2d),
-    3: (nn.Conv3d, nn.ConvTranspose3d),
-}
+from pipeline.models.conv_nd import CONVS
 
 
 def _groups(channels: int) -> int:
@@ -36,9 +31,9 @@ def _groups(channels: int) -> int:
 
 
 def _convs(ndim: int) -> tuple[type[nn.Module], type[nn.Module]]:
-    if ndim not in _CONVS:
-        raise ValueError(f"UNet ndim must be one of {sorted(_CONVS)} (spatial dimensions of a sample), got {ndim!r}")
-    return _CONVS[ndim]
+    if ndim not in CONVS:
+        raise ValueError(f"UNet ndim must be one of {sorted(CONVS)} (spatial dimensions of a sample), got {ndim!r}")
+    return CONVS[ndim]
 
 
 class ResBlock(nn.Module):

@@ -1,4 +1,5 @@
-"""`pipeline report --run DIR`: PNG plots of a run from its metrics.jsonl."""
+"""`pipeline report --run DIR [--eval FILE]`: PNG plots of a run from its metrics.jsonl, and of
+a `pipeline evaluate` result."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--run", required=True, metavar="DIR", help="run directory (holds metrics.jsonl)")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: DIR/report)")
+    p.add_argument("--eval", default=None, metavar="FILE",
+                   help="also plot a `pipeline evaluate` result (its --out JSON or saved stdout): power-spectrum "
+                        "ratio and Minkowski functionals (GRF runs), profile ratios (calorimeter runs)")
     p.set_defaults(func=_report)
 
 
@@ -23,7 +27,7 @@ def _report(args: argparse.Namespace) -> int:
     from pipeline.track.report import make_report
 
     try:
-        paths = make_report(args.run, args.out)
+        paths = make_report(args.run, args.out, args.eval)
     except ValueError as e:
         print(f"pipeline report: error: {e}", file=sys.stderr)
         return 2

@@ -165,10 +165,12 @@ def latest_sample_grid(run_dir: Path) -> Path | None:
     return max(pngs, key=lambda p: (int(p.stem.rsplit("-", 1)[1]), p.stat().st_mtime))
 
 
-def make_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Render the plots of ``run_dir`` into ``out_dir`` (default ``run_dir/report``).
+def make_report(run_dir: str | Path, out_dir: str | Path | None = None, eval_path: str | Path | None = None) -> list[Path]:
+    """Render the plots of ``run_dir`` into ``out_dir`` (default ``run_dir/report``), and those
+    of a ``pipeline evaluate`` result in ``eval_path`` (``pipeline/track/eval_plots.py``).
 
-    Returns the paths written. Raises ``ValueError`` when ``run_dir`` is not a run directory.
+    Returns the paths written. Raises ``ValueError`` when ``run_dir`` is not a run directory
+    or ``eval_path`` holds no evaluation result (both before anything is written).
     """
     import matplotlib
 
@@ -183,6 +185,9 @@ def make_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[
     log = read_metrics(metrics_path)
     if not (log.series or log.profiles or log.images):
         raise ValueError(f"{metrics_path} holds no metrics ({log.num_bad_lines} unreadable lines)")
+    from pipeline.track.eval_plots import eval_plots, read_eval
+
+    result = read_eval(eval_path) if eval_path is not None else None
     out = Path(out_dir) if out_dir is not None else rd.report
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -198,6 +203,8 @@ def make_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[
         _panel_figure(log, _training_panels(log), out / "training.png"),
         _panel_figure(log, _prefix_panels(log, ["perf/", "sys/"]), out / "throughput.png"),
     ]
+    if result is not None:
+        written.extend(eval_plots(result, out))
     grid = latest_sample_grid(run_dir)
     if grid is not None:
         written.append(Path(shutil.copyfile(grid, out / "latest_samples.png")))

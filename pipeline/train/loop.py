@@ -359,7 +359,8 @@ def _print_where(run_dir: RunDir, samples_path, ckpt: Checkpointer) -> None:
     """The last lines of a finished run: where its directory, samples and checkpoint are."""
     print(f"run: {run_dir.root.resolve()}")
     # No grid for samples that are not images (vectors, points): say so rather than "None".
-    where = Path(samples_path).resolve() if samples_path else "no PNG grid (only [H, W] or [1, H, W] samples make one)"
+    where = (Path(samples_path).resolve() if samples_path
+             else "no PNG grid (only [H, W], [1, H, W] and, by middle slices, [1, D, H, W] samples make one)")
     print(f"samples: {where}")
     print(f"checkpoint: {ckpt.find_latest_valid()[0].resolve()}")
 
@@ -378,8 +379,11 @@ def _sample_and_observe(module, meta, cfg: Config, tracker, reference: dict, ste
     n = cfg.train.num_sample_images
     x = sample_from(module, n, default_labels(meta, n), seed=cfg.run.seed + step).cpu().numpy()
     # Only single-channel 2-D samples make an image grid; vectors (e.g. GMM points) have none.
+    # Single-channel 3-D samples [1, D, H, W] (3D fields) are drawn by their middle slice x[D // 2].
     is_image = x.ndim == 3 or (x.ndim == 4 and x.shape[1] == 1)
     path = tracker.log_images("samples", x, step=step) if is_image else None
+    if x.ndim == 5 and x.shape[1] == 1:
+        path = tracker.log_images("mid_slices", x[:, 0, x.shape[2] // 2], step=step)
     if meta.data_kind == "spins" and len(meta.sample_shape) == 3:
         from pipeline.track.metrics import physics_metrics
 

@@ -212,6 +212,10 @@ CASES = [
          ("does not exist (a local path: it is not looked up on the hub",), watch=lambda f, tmp: [tmp / "out"]),
     Case("report-out-unwritable", "10", lambda f, tmp: ["report", "--run", str(f.vdm_run), "--out", "/proc/nope"], 2,
          ("cannot create the output directory '/proc/nope'",), watch=lambda f, tmp: [f.vdm_run]),
+    Case("report-eval-not-a-result", "17",
+         lambda f, tmp: ["report", "--run", str(f.vdm_run), "--out", str(tmp / "rep"), "--eval",
+                         str(f.vdm_run / "config.yaml")], 2,
+         ("holds no `pipeline evaluate` result",), watch=lambda f, tmp: [f.vdm_run, tmp / "rep"]),
     Case("two-processes-say-it-once", "10", _train(GAN, GMM, "gan.conditional=true"), 1,
          ("gan.conditional=true but the data has no labels",), run=launched, check=_check_once_from_rank_0),
     # ---- item 11

@@ -60,3 +60,10 @@ def test_calo_file_to_shards_to_vdm_training(tmp_path):
     for key in ("longitudinal_max_rel_err", "radial_max_rel_err", "response", "response_analytic", "response_z"):
         assert isinstance(result[key], float) and math.isfinite(result[key]), key
     assert abs(result["response_z_data"]) < 4 and result["longitudinal_max_abs_z_data"] < 4.5
+    # The classifier two-sample AUC on a test half (of the 32 generated and the held-out
+    # showers, whichever is fewer): a 4-step model's showers are far from real ones, so the AUC
+    # is far above 0.5 (its null standard error is about 0.1).
+    half = result["classifier_num_test"] // 2
+    assert 10 <= half <= 16 and result["classifier_num_train"] + 2 * half <= 64
+    assert result["classifier_auc_null_stderr"] == pytest.approx(math.sqrt((2 * half + 1) / (12 * half * half)))
+    assert result["classifier_auc"] > 0.5 + 3 * result["classifier_auc_null_stderr"]

@@ -1,6 +1,7 @@
 """The phi^4 and calorimeter presets train through the CLI on data the sources write (a few
 steps each, shrunk data): `pipeline shards phi4` -> configs/vdm_phi4.yaml -> `pipeline
-evaluate` (observables vs the exact free field), and `pipeline
+evaluate` (observables vs the exact free field), the same with configs/gan_phi4.yaml at an
+interacting point (vs the HMC ensemble), and `pipeline
 shards calo` -> `pipeline shards hdf5` -> configs/vdm_calo.yaml (its full 45 x 16 x 9 geometry)."""
 
 from __future__ import annotations
@@ -42,6 +43,29 @@ def test_vdm_phi4_preset_trains(tmp_path):
         assert isinstance(result[key], float) and math.isfinite(result[key]), key
     # A 3-step model is far from the field: its negative ELBO is above the exact NLL of the same configurations.
     assert result["nats_per_dim"] > result["nll_exact_nats_per_dim"]
+
+
+def test_gan_phi4_preset_trains(tmp_path):
+    """configs/gan_phi4.yaml at its symmetric-phase point (shrunk lattice): conv G and D with
+    circular padding read from the manifest's boundary, 3 steps, then `pipeline evaluate`
+    against the HMC ensemble (lambda > 0: no exact reference)."""
+    data, run = tmp_path / "phi4", tmp_path / "run"
+    run_pipeline("shards", "phi4", "--size", "8", "--kappa", "0.22", "--lam", "0.02", "--num-samples", "128",
+                 "--burn-in", "20", "--pilot", "40", "--num-chains", "32", "--out", str(data))
+    run_pipeline("train", "--config", "configs/gan_phi4.yaml", f"run.dir={run}", f"data.train_urls={data}",
+                 "gan.channels=[8,16]", "gan.latent_dim=8", *FEW_STEPS)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "g/loss_g" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(math.isfinite(r[k]) for r in steps for k in ("g/loss_g", "d/loss_d", "d/gradient_penalty"))
+    r = run_pipeline("evaluate", "--run", str(run), "--data", str(data), "--num-samples", "64")
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["evaluation"] == "phi4" and result["reference_kind"] == "HMC ensemble"
+    assert result["objective"] == "gan" and result["num_generated"] == 64
+    for key in ("abs_magnetisation", "susceptibility", "susceptibility_z", "susceptibility_reference",
+                "propagator_max_abs_z"):
+        assert isinstance(result[key], float) and math.isfinite(result[key]), key
+    assert "bits_per_dim" not in result  # a GAN has no likelihood
 
 
 def test_vdm_calo_preset_trains(tmp_path):

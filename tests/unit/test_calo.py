@@ -128,3 +128,24 @@ def test_evaluator_on_true_and_distorted_showers():
     assert bad["response_z"] > 5
     shifted = compare_calo(np.roll(x.reshape(600, *g.shape), 1, axis=1), e, g, MATERIAL)  # one layer deeper
     assert shifted["longitudinal_max_abs_z"] > 10
+
+
+def test_classifier_auc_is_a_half_for_one_source_and_high_for_a_shifted_one():
+    """Two independent draws of the same showers: AUC within 4 null standard errors of 0.5
+    (the Mann-Whitney null, exact for a classifier that ignores its input); showers one layer
+    deeper, a shift the profiles see at > 10 sigma: AUC far above that band."""
+    from pipeline.eval.calo import calo_classifier_auc
+
+    g = calo.CaloGeometry(num_layers=12, num_alpha=4, num_radial=5)
+    rng = np.random.default_rng(12)
+    e1, e2 = calo.sample_energies(600, 1e3, 1e5, rng), calo.sample_energies(600, 1e3, 1e5, rng)
+    x1, x2 = calo.simulate(e1, g, MATERIAL, rng), calo.simulate(e2, g, MATERIAL, rng)
+    same = calo_classifier_auc(x1, e1, x2, e2, seed=0)
+    se = same["classifier_auc_null_stderr"]
+    assert se == pytest.approx(math.sqrt(601 / (12 * 300 * 300)))
+    assert same["classifier_num_test"] == 600 and same["classifier_num_train"] == 600
+    assert abs(same["classifier_auc"] - 0.5) < 4 * se
+    assert calo_classifier_auc(x1, e1, x2, e2, seed=0) == same  # seeded
+    deeper = np.roll(x2.reshape(600, *g.shape), 1, axis=1)
+    shifted = calo_classifier_auc(x1, e1, deeper, e2, seed=0)
+    assert shifted["classifier_auc"] > 0.5 + 10 * se

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -228,3 +230,49 @@ def test_convs_per_stage_adds_units_at_each_resolution_with_their_own_noise_and_
         ConvGenerator(4, (1, 8, 8), [4], bounded=True, convs_per_stage=0)
     with pytest.raises(ValueError, match="conv networks"):
         build_gan_nets(**{**kw, "arch": "mlp", "widths": [8]}, g_convs_per_stage=2)
+
+
+# ------------------------------------------------------------------ 1D and 3D fields
+
+ND_SHAPES = [(2, 16), (1, 8, 12), (1, 8, 4, 12)]  # (C, L), (C, H, W), (C, D, H, W); unequal axes
+
+
+@pytest.mark.parametrize("shape", ND_SHAPES)
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_conv_nets_in_every_dimension(shape, padding):
+    torch.manual_seed(0)
+    g, d = build_gan_nets(sample_shape=shape, latent_dim=5, widths=[4, 8], arch="conv", bounded=False,
+                          padding_mode=padding, label_kind="continuous", label_values=(0.1, 0.3), g_film=True,
+                          g_noise_inputs=True, g_convs_per_stage=2)
+    convs = [m for m in g.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    assert convs and all(len(m.kernel_size) == len(shape) - 1 for m in convs)
+    # noise maps: one per conv unit (2 per stage) at its resolution, S / 2 and S
+    stage_sites = [math.prod(s // 2**k for s in shape[1:]) for k in (1, 0)]
+    assert g.latent_dim == 5 + 2 * sum(stage_sites)
+    labels = torch.tensor([0.1, 0.3, 0.1])
+    x = g(torch.randn(3, g.latent_dim), labels)
+    assert x.shape == (3, *shape) and torch.isfinite(x).all()
+    assert d(x, labels).shape == (3, 1)
+    x.sum().backward()  # gradients reach G's every part
+    assert all(p.grad is not None for p in g.parameters())
+
+
+@pytest.mark.parametrize("shape", [(1, 16), (1, 8, 16, 8)])
+def test_circular_discriminator_is_invariant_under_translations_in_1d_and_3d(shape):
+    torch.manual_seed(0)
+    x = torch.randn(3, *shape)
+    dims = tuple(range(2, 2 + len(shape) - 1))
+    shifted = torch.roll(x, shifts=tuple(4 * (k + 1) for k in range(len(dims))), dims=dims)
+    d_circ = ConvDiscriminator(shape, [4, 8], padding_mode="circular")
+    torch.testing.assert_close(d_circ(shifted), d_circ(x), rtol=1e-5, atol=1e-5)
+    d_zero = ConvDiscriminator(shape, [4, 8], padding_mode="zeros")
+    assert not torch.allclose(d_zero(shifted), d_zero(x), atol=1e-4)
+
+
+def test_nd_shape_errors():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ConvGenerator(2, (1, 8, 8, 6), [4, 4], bounded=False)
+    with pytest.raises(ValueError, match=r"1, 2 or 3 spatial dimensions"):
+        ConvGenerator(2, (1, 4, 4, 4, 4), [4], bounded=False)
+    with pytest.raises(ValueError, match="lattice observables"):
+        ConvDiscriminator((1, 8, 8, 8), [4], padding_mode="circular", lattice_observables=True)

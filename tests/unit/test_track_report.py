@@ -88,3 +88,46 @@ def test_bad_input_is_a_clear_error_exit_2(tmp_path, capsys, setup, message):
     assert main(["report", "--run", str(run)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("pipeline report: error:") and message in err
+
+
+def test_report_plots_an_evaluation_result(tmp_path, capsys):
+    """--eval: a GRF result (true 2D fields through the evaluator) draws the spectrum ratio and
+    the Minkowski functionals; a calorimeter result its profile ratios; the evaluation's last
+    stdout line is read as the --out JSON is."""
+    from pipeline.eval.calo import compare_calo
+    from pipeline.eval.grf import evaluate_grf
+    from pipeline.eval.run import json_safe
+    from pipeline.physics import calo
+    from pipeline.physics.grf import GRF, PowerLaw
+
+    run = tmp_path / "run"
+    _write_run(run)
+    f = GRF(2, 16, PowerLaw(-2.0))
+    rng = np.random.default_rng(0)
+    grf_result = json_safe({"evaluation": "grf", **evaluate_grf(f.sample(64, rng), f, reference=f.sample(64, rng))})
+    (tmp_path / "grf.log").write_text("sampling...\n" + json.dumps(grf_result) + "\n")  # saved stdout
+    assert main(["report", "--run", str(run), "--out", str(tmp_path / "a"), "--eval", str(tmp_path / "grf.log")]) == 0
+    names = {p.rsplit("/", 1)[-1] for p in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"]}
+    assert {"eval_spectrum.png", "eval_minkowski.png"} <= names and "eval_profiles.png" not in names
+    with Image.open(tmp_path / "a" / "eval_minkowski.png") as im:
+        assert min(im.size) > 300
+
+    g = calo.CaloGeometry(num_layers=6, num_alpha=2, num_radial=3)
+    e = calo.sample_energies(50, 1e3, 1e4, rng)
+    calo_result = json_safe({"evaluation": "calo", **compare_calo(calo.simulate(e, g, calo.CaloMaterial(), rng), e, g,
+                                                                  calo.CaloMaterial())})
+    (tmp_path / "calo.json").write_text(json.dumps(calo_result, indent=1))  # --out's form
+    assert main(["report", "--run", str(run), "--out", str(tmp_path / "b"), "--eval", str(tmp_path / "calo.json")]) == 0
+    names = {p.rsplit("/", 1)[-1] for p in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"]}
+    assert "eval_profiles.png" in names and "eval_spectrum.png" not in names
+
+
+@pytest.mark.parametrize("content, message", [(None, "is not a file"), ('{"a": 1}\n', "holds no `pipeline evaluate`")])
+def test_a_bad_eval_file_is_exit_2_before_anything_is_written(tmp_path, capsys, content, message):
+    run = tmp_path / "run"
+    _write_run(run)
+    path = tmp_path / "e.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["report", "--run", str(run), "--out", str(tmp_path / "out"), "--eval", str(path)]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -37,7 +37,7 @@ def grf(field, num_samples: int, *, seed: int) -> SourceData:
         info["nll_nats_per_dim"] = float(-log_lik.mean() / (field.channels * field.num_sites))
     return SourceData(
         x=x,
-        meta=DataMeta(sample_shape=field.shape, data_kind="continuous"),
+        meta=DataMeta(sample_shape=field.shape, data_kind="continuous", boundary="periodic"),
         json_columns=json_columns,
         info=info,
     )

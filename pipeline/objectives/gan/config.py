@@ -36,9 +36,11 @@ class GANConfig:
     conditional: bool = False  # labels into G and D (projection discriminator)
     # Widths: conv channels per stride-2 stage (G mirrors D), or MLP hidden widths.
     channels: list[int] = field(default_factory=lambda: [64, 128])
-    # auto: conv for samples of shape (C, H, W), MLP otherwise.
+    # auto: conv for samples of shape (C, H, W), and for (C, L) / (C, D, H, W) grids whose
+    # manifest declares a boundary (fields: GRF, phi^4); MLP otherwise. conv: any of the three.
     arch: Literal["auto", "conv", "mlp"] = "auto"
-    # auto: circular (periodic boundary) padding for spins, zeros otherwise.
+    # auto: circular padding for spins and for data whose manifest says boundary=periodic
+    # (a torus: GRFs, phi^4), zeros otherwise.
     padding: Literal["auto", "zeros", "circular"] = "auto"
     spectral_norm: bool = False  # on D's layers (Miyato et al. 2018)
     # Spin lattices only: D's features also carry each lattice's nearest-neighbour, diagonal
@@ -138,10 +140,13 @@ class GANConfig:
         """(arch, padding, number of D outputs) for data described by ``meta``, with the
         ``auto`` choices resolved; ConfigError when the config does not fit the data."""
         shape = tuple(meta.sample_shape)
-        arch = self.arch if self.arch != "auto" else ("conv" if len(shape) == 3 else "mlp")
-        if arch == "conv" and len(shape) != 3:
-            raise ConfigError(f"gan.arch='conv' needs samples of shape (C, H, W); this data has {shape}")
-        padding = self.padding if self.padding != "auto" else ("circular" if meta.data_kind == "spins" else "zeros")
+        grid = len(shape) == 3 or (len(shape) in (2, 4) and meta.boundary is not None)
+        arch = self.arch if self.arch != "auto" else ("conv" if grid else "mlp")
+        if arch == "conv" and len(shape) not in (2, 3, 4):
+            raise ConfigError(f"gan.arch='conv' needs samples of shape (C, L), (C, H, W) or (C, D, H, W); "
+                              f"this data has {shape}")
+        periodic = meta.data_kind == "spins" or meta.boundary == "periodic"
+        padding = self.padding if self.padding != "auto" else ("circular" if periodic else "zeros")
         self._check_labels(meta)
         self._check_parts(meta, arch)
         return arch, padding, (meta.num_classes if self.semi_supervised != "off" else 1)

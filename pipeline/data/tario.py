@@ -322,8 +322,23 @@ def _gather_same_header(buf: bytes, offsets: np.ndarray, sizes: np.ndarray, pres
         arr = data[row[same]].view(dtype).reshape(len(cand), *sample_shape[::-1] if fortran else sample_shape)
         if fortran:
             arr = arr.transpose(0, *range(arr.ndim - 1, 0, -1))
-        out[cand] = arr
+        _assign(out, cand, arr)
     return cand
+
+
+def _assign(out: np.ndarray, rows: np.ndarray, arr: np.ndarray) -> None:
+    """``out[rows] = arr`` (float32). float16 is converted by torch: numpy's conversion took
+    7x as long (0.37 vs 0.05 s for 4000 64x64 samples, one thread; issue 16 section 4)."""
+    if arr.dtype != np.float16 or not arr.dtype.isnative:
+        out[rows] = arr
+        return
+    import torch
+
+    src = torch.from_numpy(np.ascontiguousarray(arr))
+    if len(rows) == len(out) and (rows == np.arange(len(out))).all():  # the usual case: every row
+        torch.from_numpy(out).copy_(src)
+    else:
+        out[rows] = src.float().numpy()
 
 
 def decode_png(data: bytes) -> np.ndarray:

@@ -121,3 +121,8 @@ def test_decode_npy_batch_gathers_members_at_uneven_offsets():
     assert ok.all()
     for j, i in enumerate(want):
         assert np.array_equal(x[j], arrays[i].astype(np.float32))
+    # A missing member (offset -1) first: the others land in their own rows.
+    x, ok = tario.decode_npy_batch(raw, np.r_[-1, idx.offset["npy"][want]], np.r_[0, idx.size["npy"][want]], (1, 8, 8))
+    assert not ok[0] and ok[1:].all() and not x[0].any()
+    for j, i in enumerate(want):
+        assert np.array_equal(x[j + 1], arrays[i].astype(np.float32))

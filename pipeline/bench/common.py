@@ -49,14 +49,13 @@ def loopback_s3():
         proc.wait(timeout=30)
 
 
-def preset_step_rate(config: str, shards: Path, run_dir: Path, *, num_steps: int,
+def preset_step_rate(config: str, shards: Path, run_dir: Path, *, num_steps: int, threads: int,
                      overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Samples/s of the real training step of preset ``config`` fed ``shards``: ``pipeline
-    train`` in a fresh process (threads: every core), timed by the loop itself (the median
-    ``perf/step_time_s`` of the logging intervals after the first, one step each)."""
+    train`` in a fresh process with ``threads`` OpenMP threads, timed by the loop itself (the
+    median ``perf/step_time_s`` of the logging intervals after the first, one step each)."""
     from pipeline.bench.train import run_train
 
-    threads = os.cpu_count() or 1
     shutil.rmtree(run_dir, ignore_errors=True)  # a run directory left by a last bench would resume
     before = load_avg()
     r = run_train(run_dir, Path(config), shards, [

@@ -2,16 +2,17 @@
 ``datasets`` iterable loader over the same shards and with a training step's consumption.
 
 All three are measured in one run on the same machine, so the ratios are meaningful even
-where absolute figures are not (shared CPUs); the load average before and after is part of
-the output. The training step is the real one of the preset being fed (``--train-config``,
-default the quickstart's): ``pipeline train`` in a fresh process for ``--train-steps`` steps
-on the bench's Ising shards, samples/s from its own step timer (the median logging interval
-after the first; the loop, model, optimizer, EMA and its data stream included). Stream and HF loader both use 2 DataLoader
-workers, shuffling on, decoding on, batches of ``batch_size``. The first batch (worker
-start-up) is excluded from the timing. Memory: a fresh process streams one whole epoch of
-two data sets that differ only in length (default 4x); `rss_growth_ratio` is the ratio of
-their peak RSS, ~1 when memory is bounded by the shuffle buffer and shard size, not the data
-set. The last stdout line is one JSON object.
+where absolute figures are not (shared CPUs); the load average goes with the figures. The
+training step is the real one of the preset being fed (``--train-config``, default the
+quickstart's): ``pipeline train`` in a fresh process (one thread) for ``--train-steps``
+steps on unlabelled spins of the bench's lattice size, samples/s from the loop's own step
+timer (the median logging interval after the first; loop, model, optimizer, EMA and data
+stream included). Stream and HF loader both use 2 DataLoader workers, shuffling on,
+decoding on, batches of ``batch_size``. The first batch (worker start-up) is excluded from
+the timing. Memory: a fresh process streams one whole epoch of two data sets that differ
+only in length (default 4x); `rss_growth_ratio` is the ratio of their peak RSS (the
+process's ``VmHWM`` plus its largest worker's), ~1 when memory is bounded by the shuffle
+buffer and shard size, not the data set. The last stdout line is one JSON object.
 
 Object storage: ``--s3`` also streams the Ising shards from an S3 API server on loopback
 (moto's server, ``pip install 'moto[server]'``, started in its own process on a free
@@ -36,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pipeline.bench.common import loopback_s3, preset_step_rate
+from pipeline.bench.common import load_avg, loopback_s3, preset_step_rate
 from pipeline.bench.train import write_spin_shards
 from pipeline.errors import ConfigError
 
@@ -205,6 +206,7 @@ def run(
         tmp = tempfile.TemporaryDirectory(prefix="bench-data-")
         work_dir = tmp.name
     root = Path(work_dir)
+    load_before = load_avg()
     try:
         kw = dict(batch_size=batch_size, num_batches=num_batches, num_workers=num_workers,
                   shuffle_buffer=shuffle_buffer)
@@ -213,7 +215,9 @@ def run(
         s3_figures = _s3_figures(root, results["ising"]["samples_per_s"], **kw) if s3 else {}
         # The quickstart's own kind of data: unlabelled size x size spins (the Ising sets carry a label).
         spins = write_spin_shards(root / "train-data", size=size, num_samples=4 * batch_size)
-        step = preset_step_rate(train_config, spins, root / "train-run", num_steps=num_train_steps)
+        # One thread, as `pipeline bench train` does: a small model's 2 OpenMP threads stall on a
+        # loaded machine (seen: 3-5 s a quickstart step at load 10, against 0.2 s).
+        step = preset_step_rate(train_config, spins, root / "train-run", num_steps=num_train_steps, threads=1)
         train_rate = step["samples_per_s"]
         print(f"training step of {train_config} on {size}x{size} spins consumes {train_rate:.0f} samples/s "
               f"(load {step['load_avg']})", flush=True)
@@ -233,6 +237,7 @@ def run(
             "peak_rss_children_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN),
             **s3_figures,
             "datasets": results,
+            "load_avg": [load_before, load_avg()],
             "config": {"size": size, "batch_size": batch_size, "num_batches": num_batches,
                        "num_workers": num_workers, "shuffle_buffer": shuffle_buffer,
                        "samples_per_shard": samples_per_shard},

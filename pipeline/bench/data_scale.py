@@ -388,6 +388,7 @@ def _s3_epoch(d: Path, files: list[str], shuffle_buffer: int) -> dict[str, Any]:
 def main_scale(args) -> dict[str, Any]:
     """``pipeline bench data --scale``: the data set under ``--work-dir`` (kept, reused) or a
     temporary directory (removed), the fed preset's real training step, then the epochs."""
+    import os
     import shutil
     import tempfile
 
@@ -401,7 +402,7 @@ def main_scale(args) -> dict[str, Any]:
         if args.scale_train_steps > 0:
             spins = write_spin_shards(root / "train-data", size=SIDE, num_samples=64)
             step = preset_step_rate(args.scale_train_config, spins, root / "train-run", num_steps=args.scale_train_steps,
-                                    overrides=("engine.backend=accelerate", "engine.mixed_precision=no",
+                                    threads=os.cpu_count() or 1, overrides=("engine.backend=accelerate", "engine.mixed_precision=no",
                                                "vdm.sample_steps=1"))
             print(f"training step of {args.scale_train_config} (64x64, DDP fp32 on CPU) consumes "
                   f"{step['samples_per_s']:.2f} samples/s (load {step['load_avg']})", flush=True)

@@ -10,6 +10,7 @@ import math
 import tarfile
 
 import numpy as np
+import pytest
 
 
 def test_bench_data_reports_json(tmp_path, capsys, monkeypatch):
@@ -36,6 +37,8 @@ def test_bench_data_reports_json(tmp_path, capsys, monkeypatch):
     assert out["ratio_vs_train_step"] == out["samples_per_s"] / step["samples_per_s"]
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_bench_data_scale_reports_json(tmp_path, capsys, monkeypatch):
     from pipeline.cli import main
 

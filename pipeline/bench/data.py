@@ -287,8 +287,11 @@ def _main(args) -> int:
         for name in ("scale_samples", "scale_shards", "scale_shuffle_buffer", "scale_s3_shards"):
             if getattr(args, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-        if args.scale_shards > args.scale_samples:
-            raise ConfigError(f"--scale-shards {args.scale_shards} exceeds --scale-samples {args.scale_samples}")
+        if args.scale_train_steps < 0:
+            raise ConfigError(f"--scale-train-steps must be >= 0, got {args.scale_train_steps}")
+        from pipeline.bench.data_scale import check_sizes
+
+        check_sizes(args.scale_samples, args.scale_shards, args.scale_s3_shards)
     if args.s3 or args.scale:
         try:
             import moto.server  # noqa: F401

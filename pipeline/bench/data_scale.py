@@ -122,6 +122,21 @@ def _sha256(rows: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def check_sizes(num_samples: int, num_shards: int, s3_shards: int) -> None:
+    """ConfigError unless every epoch the bench streams (all shards, the first quarter, the
+    first ``s3_shards``) gives each rank two batches at least (the first is not timed)."""
+    from pipeline.errors import ConfigError
+
+    if num_shards > num_samples:
+        raise ConfigError(f"--scale-shards {num_shards} exceeds --scale-samples {num_samples}")
+    smallest = num_samples // num_shards * min(max(1, num_shards // 4), s3_shards)
+    need = 2 * NUM_RANKS * BATCH
+    if smallest < need:
+        raise ConfigError(f"--scale-samples {num_samples} in {num_shards} shards leaves {smallest} samples in the "
+                          f"smallest epoch streamed (a quarter of the shards, or --scale-s3-shards {s3_shards}); "
+                          f"need {need}: 2 batches of {BATCH} on each of {NUM_RANKS} ranks")
+
+
 def write_scale_shards(out: Path, *, num_samples: int, num_shards: int, seed: int = 0) -> dict[str, Any]:
     """The scale data set under ``out`` (reused when complete with the same parameters);
     its manifest. Shard k holds global indices [k*n/S, (k+1)*n/S)."""

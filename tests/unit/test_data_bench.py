@@ -82,3 +82,18 @@ def test_scale_shards_read_by_tarfile(tmp_path):
             assert m.isfile() and m.mtime == 0
             a = np.load(io.BytesIO(tf.extractfile(m).read()), allow_pickle=False)
             assert a.dtype == np.float16 and np.array_equal(a, xi)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--scale-samples", "0"], "--scale-samples must be >= 1"),
+    (["--scale-samples", "4", "--scale-shards", "8"], "exceeds --scale-samples"),
+    (["--scale-samples", "1000", "--scale-shards", "8", "--scale-s3-shards", "1"], "leaves 125 samples"),
+    (["--scale-train-steps", "-1"], "--scale-train-steps must be >= 0"),
+])
+def test_bench_data_scale_refuses_sizes_it_cannot_stream(tmp_path, capsys, args, says):
+    """Exit 2 with one line before anything is written (a rank needs 2 batches of 64 in every epoch streamed)."""
+    from pipeline.cli import main
+
+    assert main(["bench", "data", "--scale", "--work-dir", str(tmp_path / "w"), *args]) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

@@ -2,30 +2,33 @@
 ``datasets`` iterable loader over the same shards and with a training step's consumption.
 
 All three are measured in one run on the same machine, so the ratios are meaningful even
-where absolute figures are not (shared CPUs). Stream and HF loader both use 2 DataLoader
-workers, shuffling on, decoding on, batches of ``batch_size``. The first batch (worker
-start-up) is excluded from the timing. Memory: a fresh process streams one whole epoch of
-two data sets that differ only in length (default 4x); `rss_growth_ratio` is the ratio of
-their peak RSS, ~1 when memory is bounded by the shuffle buffer and shard size, not the data
-set. The last stdout line is one JSON object.
+where absolute figures are not (shared CPUs); the load average goes with the figures. The
+training step is the real one of the preset being fed (``--train-config``, default the
+quickstart's): ``pipeline train`` in a fresh process (one thread) for ``--train-steps``
+steps on unlabelled spins of the bench's lattice size, samples/s from the loop's own step
+timer (the median logging interval after the first; loop, model, optimizer, EMA and data
+stream included). Stream and HF loader both use 2 DataLoader workers, shuffling on,
+decoding on, batches of ``batch_size``. The first batch (worker start-up) is excluded from
+the timing. Memory: a fresh process streams one whole epoch of two data sets that differ
+only in length (default 4x); `rss_growth_ratio` is the ratio of their peak RSS (the
+process's ``VmHWM`` plus its largest worker's), ~1 when memory is bounded by the shuffle
+buffer and shard size, not the data set. The last stdout line is one JSON object.
 
 Object storage: ``--s3`` also streams the Ising shards from an S3 API server on loopback
 (moto's server, ``pip install 'moto[server]'``, started in its own process on a free
 127.0.0.1 port; the shards uploaded to it) with the same settings, and reports
 ``s3_samples_per_s`` and ``s3_ratio_vs_local``. moto is a Python server on the same CPUs,
 so the ratio bounds from below what a real store on a network with bandwidth to spare gives.
+
+``--scale``: a million 64x64 float16 samples on 2 ranks x 2 workers, beside webdataset and
+HF ``datasets``, in bounded memory (:mod:`pipeline.bench.data_scale`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import resource
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,27 +37,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-TrainStep = Callable[[torch.Tensor], None]
-
-
-def conv_train_step(size: int = 16, *, channels: int = 32, seed: int = 0) -> TrainStep:
-    """A stand-in for the quickstart training step: a small conv net, forward + backward +
-    Adam update on a [B, 1, size, size] batch. Replace with the real step when measuring it."""
-    torch.manual_seed(seed)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, channels, 3, padding=1), torch.nn.SiLU(),
-        torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.SiLU(),
-        torch.nn.Conv2d(channels, 1, 3, padding=1),
-    )
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-
-    def step(x: torch.Tensor) -> None:
-        loss = (net(x) - x).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+from pipeline.bench.common import load_avg, loopback_s3, preset_step_rate
+from pipeline.bench.train import write_spin_shards
+from pipeline.errors import ConfigError
 
 
 def _rate(batches, num_batches: int, batch_size_of: Callable[[Any], int]) -> float:
@@ -79,40 +64,6 @@ def stream_rate(urls: str, *, batch_size: int, num_batches: int, num_workers: in
         return _rate(s, num_batches, lambda b: len(b["x"]))
     finally:
         s.close()
-
-
-@contextlib.contextmanager
-def loopback_s3():
-    """An S3 API server (moto) in a process of its own on a free 127.0.0.1 port, with the
-    AWS_* variables pointing at it while the block runs; yields its endpoint."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
-                                             "AWS_DEFAULT_REGION")}
-    try:
-        deadline = time.monotonic() + 60
-        while True:  # listening yet?
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto's S3 server did not start on 127.0.0.1:{port}") from None
-                time.sleep(0.2)
-        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                          AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_DEFAULT_REGION="us-east-1")
-        yield os.environ["AWS_ENDPOINT_URL"]
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def s3_stream_rate(local_dir: Path, **kw) -> float:
@@ -149,15 +100,6 @@ def hf_rate(files: list[str], *, batch_size: int, num_batches: int, num_workers:
     return _rate(loader, num_batches, lambda b: len(b["x"]))
 
 
-def train_step_rate(step: TrainStep, *, size: int, batch_size: int, num_steps: int) -> float:
-    x = torch.randint(0, 2, (batch_size, 1, size, size)).float() * 2 - 1
-    step(x)  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(num_steps):
-        step(x)
-    return batch_size * num_steps / (time.perf_counter() - t0)
-
-
 def _peak_rss_mb(who: int) -> float:
     return resource.getrusage(who).ru_maxrss / 1024  # Linux reports KiB
 
@@ -173,8 +115,9 @@ it = iter(s)
 for _ in range(s.samples_per_epoch // 64):
     next(it)
 s.close()
-peak = lambda who: resource.getrusage(who).ru_maxrss / 1024
-print(json.dumps({"self": peak(resource.RUSAGE_SELF), "children": peak(resource.RUSAGE_CHILDREN)}))
+# Not ru_maxrss of this process: started by fork + exec, it inherits the parent's RSS at the fork.
+hwm = next(float(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
+print(json.dumps({"self": hwm, "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
 
 
@@ -253,7 +196,7 @@ def run(
     num_workers: int = 2,
     shuffle_buffer: int = 1000,
     samples_per_shard: int = 1000,
-    train_step: TrainStep | None = None,
+    train_config: str = "configs/quickstart.yaml",
     num_train_steps: int = 30,
     rss_sizes: tuple[int, ...] = (10_000, 40_000),
     s3: bool = False,
@@ -263,15 +206,21 @@ def run(
         tmp = tempfile.TemporaryDirectory(prefix="bench-data-")
         work_dir = tmp.name
     root = Path(work_dir)
+    load_before = load_avg()
     try:
         kw = dict(batch_size=batch_size, num_batches=num_batches, num_workers=num_workers,
                   shuffle_buffer=shuffle_buffer)
         results = _dataset_rates(root, size=size, num_per_temperature=num_per_temperature,
                                  samples_per_shard=samples_per_shard, **kw)
         s3_figures = _s3_figures(root, results["ising"]["samples_per_s"], **kw) if s3 else {}
-        step = train_step or conv_train_step(size)
-        train_rate = train_step_rate(step, size=size, batch_size=batch_size, num_steps=num_train_steps)
-        print(f"train step ({batch_size} x 1 x {size} x {size}) consumes {train_rate:.0f} samples/s", flush=True)
+        # The quickstart's own kind of data: unlabelled size x size spins (the Ising sets carry a label).
+        spins = write_spin_shards(root / "train-data", size=size, num_samples=4 * batch_size)
+        # One thread, as `pipeline bench train` does: a small model's 2 OpenMP threads stall on a
+        # loaded machine (seen: 3-5 s a quickstart step at load 10, against 0.2 s).
+        step = preset_step_rate(train_config, spins, root / "train-run", num_steps=num_train_steps, threads=1)
+        train_rate = step["samples_per_s"]
+        print(f"training step of {train_config} on {size}x{size} spins consumes {train_rate:.0f} samples/s "
+              f"(load {step['load_avg']})", flush=True)
         rss = epoch_rss_by_size(root, sizes=rss_sizes, size=size, num_workers=num_workers,
                                 shuffle_buffer=shuffle_buffer, samples_per_shard=samples_per_shard)
         ising = results["ising"]
@@ -283,10 +232,12 @@ def run(
             "ratio_vs_hf": ising["ratio_vs_hf"],
             "train_step_samples_per_s": train_rate,
             "ratio_vs_train_step": ising["samples_per_s"] / train_rate,
+            "train_step": step,
             "peak_rss_mb": _peak_rss_mb(resource.RUSAGE_SELF),
             "peak_rss_children_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN),
             **s3_figures,
             "datasets": results,
+            "load_avg": [load_before, load_avg()],
             "config": {"size": size, "batch_size": batch_size, "num_batches": num_batches,
                        "num_workers": num_workers, "shuffle_buffer": shuffle_buffer,
                        "samples_per_shard": samples_per_shard},
@@ -307,11 +258,24 @@ def register(bench_subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-batches", type=int, default=300, help="timed batches per loader")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of both loaders")
-    p.add_argument("--train-steps", type=int, default=30, help="timed training steps")
+    p.add_argument("--train-steps", type=int, default=30, help="training steps of the preset's real step")
+    p.add_argument("--train-config", default="configs/quickstart.yaml",
+                   help="the preset whose training step the stream feeds (default configs/quickstart.yaml)")
     p.add_argument("--rss-samples", type=int, default=10_000,
                    help="memory check: stream one epoch of this many samples and of 4x as many (default 10000)")
     p.add_argument("--s3", action="store_true",
                    help="also stream the Ising shards from a loopback S3 server (needs moto[server])")
+    scale = p.add_argument_group("--scale: an epoch of a million samples in bounded memory (pipeline.bench.data_scale)")
+    scale.add_argument("--scale", action="store_true", help="run the scale bench instead (needs moto[server])")
+    scale.add_argument("--scale-samples", type=int, default=1_000_000, help="64x64 float16 samples (default 1000000)")
+    scale.add_argument("--scale-shards", type=int, default=256, help="shards (default 256)")
+    scale.add_argument("--scale-shuffle-buffer", type=int, default=8192, help="every loader's (default 8192)")
+    scale.add_argument("--scale-s3-shards", type=int, default=16,
+                       help="the loopback S3 leg streams the first this many shards (default 16)")
+    scale.add_argument("--scale-train-config", default="configs/scale_10m.yaml",
+                       help="the preset fed by 64x64 samples whose real step ratio_vs_train_step compares with")
+    scale.add_argument("--scale-train-steps", type=int, default=2,
+                       help="its steps, the first not timed (default 2; 0: skip)")
     p.set_defaults(func=_main)
 
 
@@ -319,15 +283,29 @@ def _main(args) -> int:
     for name in ("size", "num_samples", "batch_size", "num_batches", "train_steps", "rss_samples"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.s3:
+    if args.scale:
+        for name in ("scale_samples", "scale_shards", "scale_shuffle_buffer", "scale_s3_shards"):
+            if getattr(args, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if args.scale_train_steps < 0:
+            raise ConfigError(f"--scale-train-steps must be >= 0, got {args.scale_train_steps}")
+        from pipeline.bench.data_scale import check_sizes
+
+        check_sizes(args.scale_samples, args.scale_shards, args.scale_s3_shards)
+    if args.s3 or args.scale:
         try:
             import moto.server  # noqa: F401
         except ImportError:
-            raise ConfigError("--s3 needs moto's S3 server: pip install 'moto[server]'") from None
+            raise ConfigError("--s3 and --scale need moto's S3 server: pip install 'moto[server]'") from None
     if args.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {args.workers}")
+    if args.scale:
+        from pipeline.bench.data_scale import main_scale
+
+        print(json.dumps(main_scale(args)))
+        return 0
     out = run(work_dir=args.work_dir, size=args.size, num_per_temperature=args.num_samples,
               batch_size=args.batch_size, num_batches=args.num_batches, num_workers=args.workers,
-              num_train_steps=args.train_steps, rss_sizes=(args.rss_samples, 4 * args.rss_samples), s3=args.s3)
+              train_config=args.train_config, num_train_steps=args.train_steps, rss_sizes=(args.rss_samples, 4 * args.rss_samples), s3=args.s3)
     print(json.dumps(out))
     return 0

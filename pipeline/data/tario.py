@@ -295,21 +295,50 @@ def _gather_same_header(buf: bytes, offsets: np.ndarray, sizes: np.ndarray, pres
                         first: bytes, header: tuple, sample_shape: tuple[int, ...], out: np.ndarray
                         ) -> np.ndarray:
     """Copy into ``out`` every present member whose header bytes are ``first`` and whose size
-    fits (one vectorised gather); return their indices."""
+    fits (one vectorised gather); return their indices.
+
+    The gather takes whole rows of a strided view of the shard: member data offsets are
+    multiples of 512 apart, so with ``stride`` their greatest common divisor every candidate
+    starts at row ``(offset - base) // stride`` of ``as_strided(buf[base:], (rows, width),
+    (stride, 1))`` (one view for the headers, one for the data), and a row take is one
+    contiguous copy per member. (An element-wise index, ``offset + arange(nbytes)`` per
+    member, builds 8 bytes of index per byte of data: issue 16 section 4 measured it at 60 %
+    of a worker's time on 8 KiB samples.)"""
     dtype, fortran, hl = header
     u8 = np.frombuffer(buf, dtype=np.uint8)
     nbytes = int(np.prod(sample_shape, dtype=np.int64)) * dtype.itemsize
     cand = present[sizes[present] == hl + nbytes]
     if len(cand):
-        hdr = u8[offsets[cand][:, None] + np.arange(hl)]
-        same = (hdr == np.frombuffer(first, dtype=np.uint8)).all(1)
+        off = offsets[cand]
+        base = int(off.min())
+        stride = int(np.gcd.reduce(off - base)) or 1
+        row = (off - base) // stride
+        num_rows = int(row.max()) + 1
+        head = np.lib.stride_tricks.as_strided(u8[base:], shape=(num_rows, hl), strides=(stride, 1), writeable=False)
+        same = (head[row] == np.frombuffer(first, dtype=np.uint8)).all(1)
         cand = cand[same]
-        raw = u8[offsets[cand][:, None] + hl + np.arange(nbytes)]
-        arr = raw.view(dtype).reshape(len(cand), *sample_shape[::-1] if fortran else sample_shape)
+        data = np.lib.stride_tricks.as_strided(u8[base + hl:], shape=(num_rows, nbytes), strides=(stride, 1),
+                                               writeable=False)
+        arr = data[row[same]].view(dtype).reshape(len(cand), *sample_shape[::-1] if fortran else sample_shape)
         if fortran:
             arr = arr.transpose(0, *range(arr.ndim - 1, 0, -1))
-        out[cand] = arr
+        _assign(out, cand, arr)
     return cand
+
+
+def _assign(out: np.ndarray, rows: np.ndarray, arr: np.ndarray) -> None:
+    """``out[rows] = arr`` (float32). float16 is converted by torch: numpy's conversion took
+    7x as long (0.37 vs 0.05 s for 4000 64x64 samples, one thread; issue 16 section 4)."""
+    if arr.dtype != np.float16 or not arr.dtype.isnative:
+        out[rows] = arr
+        return
+    import torch
+
+    src = torch.from_numpy(np.ascontiguousarray(arr))
+    if len(rows) == len(out) and (rows == np.arange(len(out))).all():  # the usual case: every row
+        torch.from_numpy(out).copy_(src)
+    else:
+        out[rows] = src.float().numpy()
 
 
 def decode_png(data: bytes) -> np.ndarray:

@@ -80,7 +80,10 @@ class Decoder:
                     continue
                 if a.shape == plan.sample_shape:
                     xs[j], ok[j] = a, True
-            x[have], valid[have] = xs, ok
+            if have.all():  # the usual case: no copy (x, zeros, stays untouched)
+                x, valid = xs, ok
+            else:
+                x[have], valid[have] = xs, ok
         return x, valid
 
     def _labels(self, buf: bytes, idx: tario.TarIndex, wanted: np.ndarray, valid: np.ndarray) -> np.ndarray:

@@ -88,3 +88,41 @@ def test_verify_names_missing_json_keys(tmp_path, capsys):
     (out / shards.MANIFEST_NAME).write_text(json.dumps(m))
     problems = shards.verify(out, schema_members=2)
     assert problems and all("key json" in p and "'pressure'" in p for p in problems)
+
+
+def test_decode_npy_batch_gathers_members_at_uneven_offsets():
+    """The strided gather of tario.decode_npy_batch (members of one header found at offsets
+    512-byte blocks apart but unevenly, between json members of varying length, taken in a
+    permuted order) against np.load of each member."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    from pipeline.data import tario
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((1, 8, 8)).astype(np.float16) for _ in range(12)]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for i, a in enumerate(arrays):
+            for name, data in ((f"{i:04d}.json", b"x" * int(rng.integers(0, 1500))), (f"{i:04d}.npy", None)):
+                if data is None:
+                    b = io.BytesIO()
+                    np.save(b, a)
+                    data = b.getvalue()
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    idx = tario.scan_tar(raw)
+    want = rng.permutation(12)[:9]
+    x, ok = tario.decode_npy_batch(raw, idx.offset["npy"][want], idx.size["npy"][want], (1, 8, 8))
+    assert ok.all()
+    for j, i in enumerate(want):
+        assert np.array_equal(x[j], arrays[i].astype(np.float32))
+    # A missing member (offset -1) first: the others land in their own rows.
+    x, ok = tario.decode_npy_batch(raw, np.r_[-1, idx.offset["npy"][want]], np.r_[0, idx.size["npy"][want]], (1, 8, 8))
+    assert not ok[0] and ok[1:].all() and not x[0].any()
+    for j, i in enumerate(want):
+        assert np.array_equal(x[j + 1], arrays[i].astype(np.float32))

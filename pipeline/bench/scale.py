@@ -79,7 +79,9 @@ def _model_overrides(objective: str, channels) -> list[str]:
 def _overrides(args, backend: str) -> list[str]:
     return ["run.dir=unused", "data.train_urls=unused", "train.num_steps=100000", "train.warmup_steps=0",
             *_model_overrides(args.objective, args.channels),
-            f"engine.mixed_precision={args.mixed_precision}", "engine.timeout_s=1800", *BACKENDS[backend]]
+            f"engine.mixed_precision={args.mixed_precision}", "engine.timeout_s=1800", *BACKENDS[backend],
+            *([f"engine.deepspeed_config={args.deepspeed_config}"]
+              if args.deepspeed_config and "engine.backend=deepspeed" in BACKENDS[backend] else [])]
 
 
 def _launch(args, backend: str, out: Path) -> dict[str, Any]:
@@ -216,6 +218,9 @@ def register(bench_subparsers) -> None:
     p.add_argument("--threads", type=positive_int, default=1, help="OMP threads per process (default 1)")
     p.add_argument("--peak-tflops", type=float, default=790.0,
                    help="peak FLOP rate for the MFU figure, in TFLOP/s (default 790: H200 bf16 dense)")
+    p.add_argument("--deepspeed-config",
+                   help="engine.deepspeed_config (a DeepSpeed JSON) for the ZeRO backends, e.g. ZeRO-3's "
+                        "stage3_max_reuse_distance (default: none, DeepSpeed's defaults)")
     p.add_argument("--work-dir", help="keep logs and checkpoints here (default: a temp dir)")
     p.set_defaults(func=_main)
 

@@ -63,3 +63,18 @@ def test_cli_refuses_unknown_backend_and_one_step():
     args = p.parse_args(["scale", "--objective", "gan", "--backends", "ddp,ddp_ac"])
     with pytest.raises(ValueError, match="activation checkpointing is the VDM UNet's"):
         args.func(args)
+
+
+def test_deepspeed_config_reaches_only_the_zero_backends():
+    from pipeline.bench.scale import _overrides
+
+    args = argparse.Namespace(objective="gan", channels=[8, 16], mixed_precision="no",
+                              deepspeed_config="launch/ds_zero3.json")
+    key = "engine.deepspeed_config=launch/ds_zero3.json"
+    assert key in _overrides(args, "zero3") and key in _overrides(args, "zero3_offload")
+    assert key not in _overrides(args, "ddp") and key not in _overrides(args, "fsdp")
+    for backend in ("zero3", "ddp"):  # every override parses into a GAN config of those widths
+        from pipeline.config import load_config
+
+        cfg = load_config(None, _overrides(args, backend))
+        assert cfg.objective == "gan" and cfg.gan.channels == [8, 16]

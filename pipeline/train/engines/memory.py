@@ -1,8 +1,9 @@
 """Model-state memory a rank holds, counted from its tensors (issue 18, section 1).
 
 Parameters, gradients and optimizer state (Adam moments, and the fp32 master copies ZeRO and
-mixed precision keep), each tensor counted by its local shard (a DTensor's ``to_local()``, a
-ZeRO-3 parameter's ``ds_tensor``) and each storage once, however many views point into it
+mixed precision keep), each tensor counted by what this rank stores of it (a DTensor's
+``to_local()``; a ZeRO-3 parameter's ``ds_tensor`` partition, plus its full tensor while gathered,
+as the small ones always are) and each storage once, however many views point into it
 (ZeRO's flat buffers). What autograd keeps for backward and a backend's private C++ buffers
 (DDP's gradient buckets) are not reachable from Python and not counted: peak RSS covers them.
 """
@@ -16,11 +17,14 @@ import torch
 CATEGORIES = ("params", "grads", "optimizer")
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    """The part of ``t`` this rank stores."""
-    if hasattr(t, "ds_tensor"):  # ZeRO-3 parameter: its partition
-        return t.ds_tensor
-    return t.to_local() if hasattr(t, "to_local") else t
+def local(t: torch.Tensor) -> list[torch.Tensor]:
+    """The parts of ``t`` this rank stores: a DTensor's shard; a ZeRO-3 parameter's partition
+    (``ds_tensor``) and, while it is gathered, its full tensor (``data``: empty once released).
+    ZeRO-3 never releases parameters of at most ``stage3_param_persistence_threshold`` elements
+    (DeepSpeed's default 1e5): they stay whole on every rank beside their partition."""
+    if hasattr(t, "ds_tensor"):  # ZeRO-3 parameter
+        return [t.ds_tensor, t.data]
+    return [t.to_local() if hasattr(t, "to_local") else t]
 
 
 class StateCounter:
@@ -33,13 +37,16 @@ class StateCounter:
     def add(self, category: str, tensors: Iterable[torch.Tensor]) -> None:
         assert category in self.bytes, category
         for t in tensors:
-            if t is None or not torch.is_tensor(t) or t.numel() == 0:
+            if t is None or not torch.is_tensor(t):
                 continue
-            storage = local(t).untyped_storage()
-            if storage.data_ptr() in self._seen:
-                continue
-            self._seen.add(storage.data_ptr())
-            self.bytes[category] += storage.nbytes()
+            for part in local(t):  # a released ZeRO-3 parameter has numel() 0 but holds its partition
+                if part is None or part.numel() == 0:
+                    continue
+                storage = part.untyped_storage()
+                if storage.data_ptr() in self._seen:
+                    continue
+                self._seen.add(storage.data_ptr())
+                self.bytes[category] += storage.nbytes()
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

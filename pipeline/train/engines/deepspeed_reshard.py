@@ -4,6 +4,19 @@ DeepSpeed loads its own checkpoints only at the world size and stage that wrote 
 full fp32 weights and Adam moments are rebuilt from the old shards (DeepSpeed's zero_to_fp32
 merge) and scattered into the new run's partitions, so training continues as if
 uninterrupted. The helpers for ZeRO's per-parameter optimizer views live here too.
+
+Why not DeepSpeed's universal checkpoint (``deepspeed.checkpoint.ds_to_universal``, issue 18
+asks to prefer it where it can replace this module; read against deepspeed 0.19.8):
+* it unpickles every model and optimizer file with ``torch.load(..., weights_only=False)``
+  (``ds_to_universal.py``, ``universal_checkpoint.py``), which would run arbitrary code from a
+  checkpoint directory; this project loads DeepSpeed's files with ``weights_only=True`` and an
+  allow-list (``_load_optim_shard``, docs/reliability.md);
+* it is an offline conversion that writes a second, per-parameter copy of the fp32 weights and
+  both Adam moments beside the checkpoint, outside the atomic manifest of train/checkpoint.py;
+* it is read only when ``checkpoint.load_universal`` is set in the DeepSpeed config at
+  ``deepspeed.initialize``, before this project's restore knows the old world size.
+So the merge below stays; it is tested across world sizes (2 -> 1 -> 2, every ZeRO stage)
+(tests/integration/test_engine_backends.py, test_backends_real.py).
 """
 
 from __future__ import annotations

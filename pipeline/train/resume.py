@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +112,34 @@ def classify_meta(old: dict[str, Any], new: DataMeta) -> tuple[list[Change], lis
     return errors, warnings
 
 
+# The keys that split the global batch into ranks x micro steps x samples per micro step.
+_BATCH_SPLIT_KEYS = ("data.batch_per_rank", "train.grad_accum_steps")
+
+
+def _same_global_batch(run_dir: RunDir, old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether the global batch (world size x micro steps x batch per rank) is the one the
+    newest checkpoint was trained with. An elastic resume (issue 16) that changes
+    ``data.batch_per_rank`` or ``train.grad_accum_steps`` only to keep it on a new world size
+    (2 x 8 -> 1 x 16) continues the same global batches sample for sample, so those keys are no
+    change of the data order; the world-size change itself is said by the checkpoint module
+    (``ResumeWarning``). Old world size: the newest checkpoint's manifest; new: the launcher's
+    ``WORLD_SIZE`` (1 for a plain ``python``)."""
+    from pipeline.train.checkpoint import LATEST, MANIFEST
+
+    try:
+        name = (run_dir.checkpoints / LATEST).read_text().strip()
+        old_world_size = int(json.loads((run_dir.checkpoints / name / MANIFEST).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):  # no readable newest checkpoint: keep the warnings
+        return False
+
+    def global_batch(flat: dict[str, Any], world_size: int) -> int | None:
+        batch, accum = flat.get("data.batch_per_rank"), flat.get("train.grad_accum_steps", 1)
+        return None if batch is None else world_size * batch * accum
+
+    before = global_batch(old, old_world_size)
+    return before is not None and before == global_batch(new, int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def check_resume(cfg: Config, meta: DataMeta) -> list[str]:
     """Raise :class:`ConfigError` (naming every key, old and new value) when ``cfg`` cannot
     continue the checkpoints in ``cfg.run.dir``; return the warnings to print otherwise
@@ -122,7 +151,10 @@ def check_resume(cfg: Config, meta: DataMeta) -> list[str]:
     errors: list[Change] = []
     warnings: list[Change] = []
     if run_dir.config.is_file():
-        e, w = classify(read_saved_config(run_dir.config), flat_config(cfg), cfg.objective)
+        old, new = read_saved_config(run_dir.config), flat_config(cfg)
+        e, w = classify(old, new, cfg.objective)
+        if _same_global_batch(run_dir, old, new):
+            w = [c for c in w if c.key not in _BATCH_SPLIT_KEYS]
         errors += e
         warnings += w
     export_json = run_dir.export / EXPORT_INFO

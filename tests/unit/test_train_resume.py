@@ -91,3 +91,30 @@ def test_check_resume_reads_only_and_names_keys(tmp_path):
         check_resume(load_config(None, BASE + [f"run.dir={rd.root}", "vdm.emb_dim=32"]),
                      DataMeta(sample_shape=(1, 8, 8), data_kind="levels", num_levels=2))
     assert rd.config.read_bytes() == saved
+
+
+def test_elastic_resume_keeping_the_global_batch_is_no_data_order_change(tmp_path, monkeypatch):
+    """2 ranks x 8 -> 1 x 16 (or 1 x 8 x 2 micro steps) continues the same global batches: no
+    warning about data.batch_per_rank / train.grad_accum_steps; another global batch still warns."""
+    rd = RunDir(tmp_path / "run")
+    cfg = load_config(None, BASE + [f"run.dir={rd.root}", "data.batch_per_rank=8"])
+    (rd.checkpoints / "step-00000005").mkdir(parents=True)
+    (rd.checkpoints / "step-00000005" / "manifest.json").write_text(json.dumps({"world_size": 2}))
+    (rd.checkpoints / "latest").write_text("step-00000005\n")
+    save_config(cfg, rd.config)
+
+    def warnings(world_size: int, *overrides: str) -> list[str]:
+        monkeypatch.setenv("WORLD_SIZE", str(world_size))
+        return check_resume(load_config(None, BASE + [f"run.dir={rd.root}", *overrides]), META)
+
+    assert warnings(1, "data.batch_per_rank=16") == []
+    assert warnings(1, "data.batch_per_rank=8", "train.grad_accum_steps=2") == []
+    assert warnings(4, "data.batch_per_rank=4") == []
+    (w,) = warnings(2, "data.batch_per_rank=16")  # global 32 != 16
+    assert "data.batch_per_rank: 8 -> 16" in w
+    (w,) = warnings(1, "data.batch_per_rank=16", "train.lr=0.1")  # the lr still warns, the split does not
+    assert "train.lr" in w and "batch_per_rank" not in w
+    monkeypatch.delenv("WORLD_SIZE")
+    (rd.checkpoints / "latest").unlink()  # no readable newest checkpoint: the change is named
+    (w,) = check_resume(load_config(None, BASE + [f"run.dir={rd.root}", "data.batch_per_rank=16"]), META)
+    assert "data.batch_per_rank: 8 -> 16" in w

@@ -67,11 +67,16 @@ def has_checkpoints(run_dir: RunDir) -> bool:
 def _check_not_past_the_end(run_dir: RunDir, num_steps: int) -> None:
     """A run whose checkpoints are beyond ``train.num_steps`` cannot be continued to it: say so
     instead of restoring, training nothing and printing where the samples would be (issue 15
-    item 14). The step is read from the checkpoint directories' names, without loading them."""
+    item 14). The step is read from each checkpoint's manifest (never from a directory name),
+    without loading the checkpoint; an unreadable manifest is left to the restore, which names it."""
     from pipeline.train.checkpoint import MANIFEST
 
-    steps = [int(m.parent.name.removeprefix("step-")) for m in run_dir.checkpoints.glob(f"step-*/{MANIFEST}")
-             if m.parent.name.removeprefix("step-").isdigit()]
+    steps = []
+    for manifest in run_dir.checkpoints.glob(f"step-*/{MANIFEST}"):
+        try:
+            steps.append(int(json.loads(manifest.read_text())["step"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
     if steps and max(steps) > num_steps:
         raise ConfigError(
             f"run.dir={run_dir.root} holds checkpoints up to step {max(steps)}, beyond train.num_steps={num_steps}: "

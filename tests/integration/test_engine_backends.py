@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from pipeline.train.schedule import lr_lambda
+from tests.conftest import free_port
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_toy import TRAIN  # noqa: E402
@@ -51,7 +52,10 @@ def _launch(num_processes: int, args: list[str], log: Path) -> None:
         cmd = [py, str(TOY), *args]
     else:
         cmd = [str(Path(py).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(TOY), *args]
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               # a port of its own: make test's other worker may be launching at the same time
+               # (accelerate's default 29500 then fails with EADDRINUSE)
+               "--main_process_port", str(free_port()), str(TOY), *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(log, "w") as f:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=600)

@@ -153,8 +153,16 @@ def test_throughput_meter_window_averages():
 
 
 def test_rss_grows_with_a_large_allocation():
+    import mmap
+
+    # A fresh anonymous mapping, every page written: new resident pages whatever the allocator
+    # kept from earlier tests in this process (a malloc'd block may reuse freed, resident memory,
+    # which made this test depend on the tests run before it in the same pytest worker).
+    size, page = 64 * 2**20, mmap.PAGESIZE
+    block = mmap.mmap(-1, size)
     before = rss_bytes()
-    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    for offset in range(0, size, page):
+        block[offset] = 1
     after = rss_bytes()
+    block.close()
     assert after - before > 48 * 2**20
-    del block

@@ -116,8 +116,8 @@ for _ in range(s.samples_per_epoch // 64):
     next(it)
 s.close()
 # Not ru_maxrss of this process: started by fork + exec, it inherits the parent's RSS at the fork.
-hwm = next(float(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
-print(json.dumps({"self": hwm, "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+from pipeline.bench.rss import proc_status_mb
+print(json.dumps({"self": proc_status_mb("VmHWM"), "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
 
 

@@ -46,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.bench.rss import proc_status_mb
+
 SIDE = 64
 SAMPLE_SHAPE = (1, SIDE, SIDE)
 BATCH = 64
@@ -243,7 +245,7 @@ def rank_epoch(spec: dict[str, Any]) -> dict[str, float]:
         batches, stream = _batches_wds(spec["files"], rank, buf)
     else:
         batches, stream = _batches_hf(spec["files"], rank, buf, spec["cache_dir"])
-    start_rss = _status_mb("VmRSS")  # what the workers fork from (the loaders are lazy)
+    start_rss = proc_status_mb("VmRSS")  # what the workers fork from (the loaders are lazy)
     n = len(next(batches))  # worker start-up is not throughput
     first, t0 = n, time.perf_counter()
     for x in batches:
@@ -257,16 +259,7 @@ def rank_epoch(spec: dict[str, Any]) -> dict[str, float]:
     return {"samples": n, "timed_samples": n - first, "seconds": seconds, "start_rss_mb": start_rss,
             # Workers are forked, not exec'd: their ru_maxrss is their own peak, the pages
             # they share with the rank included (RUSAGE_CHILDREN's is the largest worker's).
-            "main_peak_mb": _status_mb("VmHWM"), "worker_peak_mb": peak(resource.RUSAGE_CHILDREN)}
-
-
-def _status_mb(field: str) -> float:
-    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process's memory, MiB. Not ``ru_maxrss``:
-    a process started by fork + exec inherits in it the RSS its parent had at the fork
-    (Linux keeps the old memory's high-water mark across exec), so it would count the bench's
-    own process."""
-    with open("/proc/self/status") as f:
-        return next(float(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+            "main_peak_mb": proc_status_mb("VmHWM"), "worker_peak_mb": peak(resource.RUSAGE_CHILDREN)}
 
 
 def _rank_cli() -> None:

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.bench.args import backend_list, positive_int
+from pipeline.bench.rss import proc_status_mb
 from pipeline.run_dir import RunDir
 
 DEFAULT_CHECKPOINT_EVERY_STEPS = 100  # TrainConfig's default interval
@@ -101,11 +102,7 @@ def _peak_rss_watch(proc: subprocess.Popen, peaks: dict[int, float], stop: threa
                 rank = k.environ().get("RANK")
                 if rank is None or "-m" not in k.cmdline():
                     continue
-                with open(f"/proc/{k.pid}/status") as f:
-                    for line in f:
-                        if line.startswith("VmHWM:"):
-                            kb = float(line.split()[1])
-                            peaks[int(rank)] = max(peaks.get(int(rank), 0.0), kb / 1024)
+                peaks[int(rank)] = max(peaks.get(int(rank), 0.0), proc_status_mb("VmHWM", k.pid))
             except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError):
                 continue
         stop.wait(0.1)

@@ -44,8 +44,20 @@ def to_uint8(images: Any, value_range: tuple[float, float] | None = None) -> tup
 
 
 def is_image_shape(sample_shape: tuple[int, ...]) -> bool:
-    """Whether samples of this shape ([H, W] or [1, H, W]) can be drawn as a grid."""
-    return len(sample_shape) == 2 or (len(sample_shape) == 3 and sample_shape[0] == 1)
+    """Whether samples of this shape can be drawn as a grid: [H, W], [1, H, W], and single-channel
+    3-D fields [1, D, H, W] by their middle slice (:func:`drawable`)."""
+    return len(sample_shape) == 2 or (len(sample_shape) in (3, 4) and sample_shape[0] == 1)
+
+
+def drawable(samples: np.ndarray) -> np.ndarray | None:
+    """The [N, H, W] images that stand for a batch of samples in a grid: [N, H, W] and
+    [N, 1, H, W] as they are, single-channel 3-D fields [N, 1, D, H, W] by their middle slice
+    x[:, 0, D // 2]; None for samples that are not images (vectors, points, multi-channel)."""
+    if not is_image_shape(tuple(samples.shape[1:])):
+        return None
+    if samples.ndim == 5:
+        return samples[:, 0, samples.shape[2] // 2]
+    return samples[:, 0] if samples.ndim == 4 else samples
 
 
 def grid_shape(num_images: int, ncols: int | None = None) -> tuple[int, int]:

@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(continuous time)")
     s.add_argument("--label", type=float, action="append", default=None,
                    help="condition on this label (class index or temperature); repeat to cycle over several")
-    s.add_argument("--png", default=None, help="also write a PNG grid of the samples here (.npy output)")
+    s.add_argument("--png", default=None, help="also write a PNG grid of the samples here (.npy output; "
+                   "single-channel 3D fields by their middle slices)")
     s.add_argument("--samples-per-shard", type=int, default=None, help="--out DIR: samples per shard (default 1000)")
     s.add_argument("--batch-size", type=int, default=None,
                    help="samples per forward pass and per noise chunk (default 256; --out DIR; part of what "
@@ -130,7 +131,8 @@ def _sample(args) -> int:
     sampler = sampler_config(args)
     if args.png and not is_image_shape(tuple(meta.sample_shape)):
         # Checked before the .npy is written: a failed command leaves nothing half-done.
-        raise ConfigError(f"--png draws samples of shape [H, W] or [1, H, W]; this model's samples have shape "
+        raise ConfigError(f"--png draws samples of shape [H, W], [1, H, W] or [1, D, H, W] (middle slices); this "
+                          f"model's samples have shape "
                           f"{tuple(meta.sample_shape)}; leave out --png")
     try:
         module.check_sample_options(args.num_steps, sampler)
@@ -164,9 +166,11 @@ def _sample_npy(args, module, labels, sampler, info) -> int:
     np.save(out, x.cpu().numpy())
     print(f"wrote {x.shape[0]} samples of shape {tuple(x.shape[1:])} from step {info['step']} to {out}")
     if args.png:
-        from pipeline.track.images import save_grid_png
+        from pipeline.track.images import drawable, save_grid_png
 
-        print(f"grid: {save_grid_png(x.cpu().numpy(), Path(args.png))}")
+        samples = x.cpu().numpy()
+        where = "middle slices" if samples.ndim == 5 else "grid"
+        print(f"{where}: {save_grid_png(drawable(samples), Path(args.png))}")
     return 0
 
 

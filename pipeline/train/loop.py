@@ -374,16 +374,15 @@ def _remember_first(batches, store: dict):
 def _sample_and_observe(module, meta, cfg: Config, tracker, reference: dict, step: int):
     """Sample a grid from the EMA model; for spin data, log its physics against real data."""
     from pipeline.train.export import sample_from
+    from pipeline.track.images import drawable
     from pipeline.train.sampling import default_labels
 
     n = cfg.train.num_sample_images
     x = sample_from(module, n, default_labels(meta, n), seed=cfg.run.seed + step).cpu().numpy()
-    # Only single-channel 2-D samples make an image grid; vectors (e.g. GMM points) have none.
-    # Single-channel 3-D samples [1, D, H, W] (3D fields) are drawn by their middle slice x[D // 2].
-    is_image = x.ndim == 3 or (x.ndim == 4 and x.shape[1] == 1)
-    path = tracker.log_images("samples", x, step=step) if is_image else None
-    if x.ndim == 5 and x.shape[1] == 1:
-        path = tracker.log_images("mid_slices", x[:, 0, x.shape[2] // 2], step=step)
+    # Only single-channel 2-D samples make an image grid, and 3-D fields by their middle slice;
+    # vectors (e.g. GMM points) have none.
+    images = drawable(x)
+    path = None if images is None else tracker.log_images("mid_slices" if x.ndim == 5 else "samples", images, step=step)
     if meta.data_kind == "spins" and len(meta.sample_shape) == 3:
         from pipeline.track.metrics import physics_metrics
 

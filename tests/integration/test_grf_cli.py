@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline.eval.grf import elbo_gap_nats, field_power
 from pipeline.eval.reference import load_reference
@@ -77,6 +78,16 @@ def test_vdm_grf3d_preset_trains_and_evaluates(tmp_path):
     steps = [r for r in rows if "vdm/bits_per_dim" in r]
     assert [r["step"] for r in steps] == [1, 2, 3] and all(math.isfinite(r["vdm/bits_per_dim"]) for r in steps)
     assert list((run / "samples").glob("mid_slices-*.png"))  # 3D samples are drawn by their middle slices
+    out, png = tmp_path / "s.npy", tmp_path / "s.png"
+    r = run_pipeline("sample", "--run", str(run), "--num-samples", "4", "--num-steps", "2", "--out", str(out),
+                     "--png", str(png))
+    assert f"middle slices: {png}" in r.stdout
+    x = np.load(out)
+    grid = np.asarray(Image.open(png))[:, :, 0]  # 2 x 2 tiles of 8 x 8 sites, 1-pixel gray borders
+    assert x.shape == (4, 1, 8, 8, 8) and grid.shape == (19, 19)
+    mid = x[3, 0, 4]  # the 4th sample's middle slice, min-max mapped over the drawn slices
+    lo, hi = x[:, 0, 4].min(), x[:, 0, 4].max()
+    assert np.array_equal(grid[10:18, 10:18], np.round((mid - lo) / (hi - lo) * 255).astype(np.uint8))
     r = run_pipeline("evaluate", "--run", str(run), "--data", str(data), "--num-samples", "16", "--num-steps", "4",
                      "--elbo-num-samples", "4", "--elbo-noise-samples", "2")
     result = json.loads(r.stdout.strip().splitlines()[-1])

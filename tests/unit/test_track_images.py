@@ -51,3 +51,14 @@ def test_bad_shapes_rejected(tmp_path):
         save_grid_png(np.zeros((0, 4, 4)), tmp_path / "x.png")
     with pytest.raises(ValueError, match="value_range"):
         save_grid_png(np.zeros((1, 4, 4)), tmp_path / "x.png", value_range=(1.0, 1.0))
+
+
+def test_drawable_views_images_as_they_are_and_3d_fields_by_their_middle_slice():
+    from pipeline.track.images import drawable, is_image_shape
+
+    x = np.arange(2 * 1 * 4 * 3 * 5, dtype=np.float64).reshape(2, 1, 4, 3, 5)
+    assert np.array_equal(drawable(x), x[:, 0, 2]) and drawable(x).shape == (2, 3, 5)
+    assert np.array_equal(drawable(x[:, :, 0]), x[:, 0, 0])  # [N, 1, H, W]
+    assert np.array_equal(drawable(x[:, 0, 0]), x[:, 0, 0])  # [N, H, W]
+    for not_images in (np.zeros((2, 7)), np.zeros((2, 3, 4, 4)), np.zeros((2, 2, 4, 4, 4))):
+        assert drawable(not_images) is None and not is_image_shape(not_images.shape[1:])

@@ -3,8 +3,9 @@ per-batch ELBO estimate, at equal cost, and whether they stay unbiased.
 
 For a trained model (a run directory with ``export/``) and held-out data (the run's
 ``data.train_urls``, validation split when there is one), every sampler (uniform,
-stratified, importance, and learned-schedule for a continuous-time model that has a
-learned time map) and, in discrete time, both estimator forms (denoising matching, Luo
+stratified, importance; in continuous time learned-schedule for a model that has a learned
+time map, and uniform-linear, uniform t on the linear schedule between the model's
+endpoints, the baseline of a learned or cosine schedule) and, in discrete time, both estimator forms (denoising matching, Luo
 2022 eq. 58; consistency, Luo eq. 45) estimate the negative ELBO of the same data batches.
 Every estimate is one call of the training forward pass: B samples, one network evaluation
 each, so all estimates have the same cost.
@@ -22,6 +23,10 @@ with a fresh ``ctx.step`` (a fresh stratified permutation), and:
   (eps held fixed per batch), the part due to t alone.
 * ``data_variance`` = Var_x(E[estimate | x]) = Var(-ELBO(x)) / B, from the exact per-sample
   values minus their Monte-Carlo noise. Identical for every unbiased sampler.
+* ``noise_floor``: the least E_x Var(estimate | batch) any time-step sampler can reach at
+  this cost (:func:`~pipeline.bench.variance_batches.noise_floor`); with the data variance
+  it bounds every ratio (``ratio_ceiling_any_t_sampler``), and ``--plot`` draws each
+  sampler's variance as data + floor + what t could still remove.
 * ``variance`` = data_variance + variance_given_x: the variance of one per-batch estimate
   with fresh data, noise and time steps (law of total variance), what training sees.
 
@@ -52,31 +57,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.objectives.base import StepContext
+from pipeline.bench.variance_batches import (  # noqa: F401  (exact_batches, EvalBatch: the tests' entry points too)
+    EvalBatch, _gen, data_variance, exact_batches, load_pool, noise_floor,
+)
 from pipeline.bench.variance_summary import summarise
-from pipeline.eval.elbo import exact_elbo
-from pipeline.objectives.vdm import VDM, VDMConfig
 from pipeline.errors import ConfigError
+from pipeline.objectives.base import StepContext
+from pipeline.objectives.vdm import VDM, VDMConfig
 
-SAMPLERS = ("uniform", "stratified", "importance", "learned-schedule")
+SAMPLERS = ("uniform", "stratified", "importance", "learned-schedule", "uniform-linear")
+CONTINUOUS_ONLY = ("learned-schedule", "uniform-linear")
+SKIP_REASONS = {
+    "learned-schedule": "the run has no learned time map (train with vdm.timestep_sampler=learned-schedule)",
+    "uniform-linear": "the run's schedule is linear: 'uniform' is that baseline already",
+}
 FORMS = ("denoising_matching", "consistency")
 MEASURE_STEP0 = 1_000_000  # ctx.step of the first measured estimate (warm-up uses 0, 1, ...)
-
-
-def _gen(*key: int) -> torch.Generator:
-    """An independent generator for each (purpose, index, ...) key."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
-
-
-@dataclass
-class EvalBatch:
-    """One fixed batch and its exact negative ELBO (bits/dim)."""
-
-    x: torch.Tensor  # data space, as stored
-    labels: torch.Tensor | None
-    exact_bpd: float
-    exact_stderr_bpd: float  # Monte-Carlo standard error of exact_bpd
-    exact_per_sample_bpd: torch.Tensor  # [B]
 
 
 @dataclass
@@ -95,57 +91,28 @@ class SamplerStats:
         return dataclasses.asdict(self)
 
 
-def exact_batches(
-    module: VDM,
-    x: torch.Tensor,
-    labels: torch.Tensor | None,
-    *,
-    num_batches: int,
-    batch_size: int,
-    seed: int,
-    num_noise_samples: int = 4,
-    num_quadrature_points: int = 64,
-) -> list[EvalBatch]:
-    """``num_batches`` batches drawn without replacement from ``x`` (independently of each
-    other), each with its exact negative ELBO."""
-    if batch_size < 2:
-        raise ValueError(f"batch_size must be >= 2, got {batch_size}")
-    if x.shape[0] < batch_size:
-        raise ValueError(f"the data has {x.shape[0]} samples, fewer than batch_size={batch_size}")
-    rng = np.random.default_rng([seed, 1])
-    g = _gen(seed, 2)
-    out = []
-    for _ in range(num_batches):
-        idx = torch.from_numpy(rng.choice(x.shape[0], batch_size, replace=False))
-        xb, lb = x[idx], labels[idx] if labels is not None else None
-        ex = exact_elbo(module, xb, lb, num_noise_samples=num_noise_samples,
-                        num_quadrature_points=num_quadrature_points, generator=g)
-        out.append(EvalBatch(xb, lb, ex["bits_per_dim"], ex["stderr_bpd"], ex["per_sample_bpd"].double()))
-    return out
-
-
-def data_variance(batches: list[EvalBatch]) -> float:
-    """Var over random batches of the batch's mean -ELBO: Var_x(-ELBO(x)) / B.
-
-    The exact per-sample values carry Monte-Carlo noise whose mean variance is B x the
-    squared standard error of the batch mean; it is subtracted so that only the data's
-    spread remains."""
-    per_batch = []
-    for b in batches:
-        v = b.exact_per_sample_bpd
-        n = v.numel()
-        per_batch.append((float(v.var(unbiased=True)) - n * b.exact_stderr_bpd**2) / n)
-    return float(np.mean(per_batch))
-
-
 def with_sampler(module: VDM, sampler: str, form: str | None = None) -> VDM | None:
     """A copy of ``module`` (same network and schedule weights) that draws time steps with
     ``sampler`` and uses the diffusion ``form``, with fresh sampler state; None when
-    ``module`` has nothing to run it with (learned-schedule without a learned time map)."""
+    ``module`` has nothing to run it with (learned-schedule without a learned time map,
+    uniform-linear for a model whose schedule is linear already).
+
+    ``uniform-linear`` is the baseline of a learned (or cosine) schedule in continuous time:
+    uniform t on the linear schedule between the model's own endpoints. The continuous-time
+    ELBO depends on the schedule only through its endpoints (Kingma et al. 2021 eq. 17 in
+    gamma), so it estimates the same value; it is the estimator the model would have without
+    its schedule (Kingma et al. sec. 5.1 compare the learned schedule with this one)."""
     cfg = dataclasses.replace(module.cfg, timestep_sampler=sampler, diffusion_form=form or module.cfg.diffusion_form)
+    drop: tuple[str, ...] = ("sampler.",)  # sampler state is never carried over: importance warms up afresh
+    if sampler == "uniform-linear":
+        if module.cfg.schedule == "linear" or not module.continuous:
+            return None
+        g0, g1 = (float(g.detach()) for g in module.endpoints("cpu"))
+        cfg = dataclasses.replace(cfg, timestep_sampler="uniform", schedule="linear", learn_endpoints=False,
+                                  gamma_min=g0, gamma_max=g1)
+        drop += ("schedule.", "time_map.")
     new = VDM(cfg, module.meta)
-    # Sampler state is never carried over: every sampler starts fresh (importance warms up).
-    state = {k: v for k, v in module.state_dict().items() if not k.startswith("sampler.")}
+    state = {k: v for k, v in module.state_dict().items() if not k.startswith(drop)}
     missing, unexpected = new.load_state_dict(state, strict=False)
     # Only sampler state and the (learned-schedule) time map may differ between configurations.
     bad = [k for k in list(missing) + list(unexpected) if not k.startswith(("sampler.", "time_map."))]
@@ -266,36 +233,6 @@ def measure(module: VDM, batches: list[EvalBatch], *, num_repeats: int, seed: in
 # ---------------------------------------------------------------------------------------
 
 
-def load_pool(run_dir: Path, info: dict, data: str | None) -> tuple[torch.Tensor, torch.Tensor | None, str, str]:
-    """The held-out samples (and labels) to measure on: ``data`` or the run's train_urls,
-    validation split when the set has one."""
-    from pipeline.eval.reference import has_split, load_reference
-
-    from pipeline.eval.common import run_data
-
-    data_cfg = info["config"].get("data") or {}
-    urls = run_data(run_dir, info, data)
-    split = "validation" if has_split(urls, "validation") else "all"
-    ref = load_reference(urls, split=split)
-    meta = info["meta"]
-    if tuple(ref.meta.sample_shape) != tuple(meta["sample_shape"]):
-        raise ConfigError(f"--data {urls}: samples of shape {tuple(ref.meta.sample_shape)}, the model was trained on "
-                          f"{tuple(meta['sample_shape'])}")
-    x = torch.from_numpy(ref.x)
-    kind = meta.get("label_kind", "none")
-    if kind == "none":
-        return x, None, urls, split
-    if kind == "class":
-        if ref.cls is None:
-            raise ConfigError(f"{urls}: the model is class-conditional but the samples carry no class")
-        return x, torch.from_numpy(ref.cls), urls, split
-    key = data_cfg.get("label_key") or "temperature"
-    col = ref.json_column(key)
-    if col is None:
-        raise ConfigError(f"{urls}: the model is conditioned on {key!r} but the samples carry no numeric json {key!r}")
-    return x, torch.from_numpy(col).float(), urls, split
-
-
 def _check_counts(num_batches: int, num_repeats: int, num_noise_samples: int) -> None:
     for name, value, least in (("num_batches", num_batches, 1), ("num_repeats", num_repeats, 2),
                                ("exact_noise_samples", num_noise_samples, 2)):
@@ -304,7 +241,7 @@ def _check_counts(num_batches: int, num_repeats: int, num_noise_samples: int) ->
 
 
 def _samplers_to_run(module: VDM, samplers: tuple[str, ...] | None) -> tuple[str, ...]:
-    allowed = SAMPLERS if module.continuous else SAMPLERS[:-1]
+    allowed = SAMPLERS if module.continuous else tuple(s for s in SAMPLERS if s not in CONTINUOUS_ONLY)
     samplers = tuple(samplers or allowed)
     bad = [s for s in samplers if s not in allowed]
     if bad or "uniform" not in samplers:
@@ -324,7 +261,7 @@ def _measure_all(module: VDM, x: torch.Tensor, labels: torch.Tensor | None, batc
         for s in samplers:
             m = with_sampler(module, s, form)
             if m is None:
-                skipped[s] = "the run has no learned time map (train with vdm.timestep_sampler=learned-schedule)"
+                skipped[s] = SKIP_REASONS[s]
                 continue
             n = warm_up(m, x, labels, batch_size=batch_size, seed=seed + 1)
             if n:
@@ -367,7 +304,7 @@ def run(
 
     batches = exact_batches(module, x, labels, num_batches=num_batches, batch_size=B, seed=seed,
                             num_noise_samples=num_noise_samples, num_quadrature_points=num_quadrature_points)
-    d_var = data_variance(batches)
+    d_var, floor = data_variance(batches), noise_floor(batches)
     stats, warmup, skipped = _measure_all(module, x, labels, batches, forms=forms, samplers=samplers, batch_size=B,
                                           num_repeats=num_repeats, seed=seed, grads=grads)
     head = cfg.diffusion_form if cfg.diffusion_form in stats else forms[0]
@@ -379,7 +316,7 @@ def run(
         "network_evals_per_estimate": B,
         "exact_bpd": float(np.mean([b.exact_bpd for b in batches])),
         "exact_stderr_bpd": math.sqrt(sum(b.exact_stderr_bpd**2 for b in batches)) / len(batches),
-        **summarise(stats, head, d_var, grads),
+        **summarise(stats, head, d_var, grads, floor),
         "importance_warmup_batches": warmup,
         "skipped": skipped,
         "seconds": time.perf_counter() - t0,
@@ -402,6 +339,8 @@ def register(bench_subparsers) -> None:
     p.add_argument("--quadrature-points", type=int, default=64, help="Gauss-Legendre nodes of the continuous-time exact ELBO")
     p.add_argument("--samplers", default=None, help="comma-separated subset (must include uniform); default: all that apply")
     p.add_argument("--no-grads", action="store_true", help="skip the gradient variance (faster)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="draw where each sampler's variance comes from "
+                   "(data, noise floor, removable by t) to this PNG")
     p.set_defaults(func=_main)
 
 
@@ -409,8 +348,14 @@ def _main(args) -> int:
     if args.quadrature_points < 1:
         raise ConfigError(f"--quadrature-points must be >= 1, got {args.quadrature_points}")
     samplers = tuple(s.strip() for s in args.samplers.split(",")) if args.samplers else None
+    if args.plot and not Path(args.plot).parent.is_dir():
+        raise ConfigError(f"--plot {args.plot!r}: its directory does not exist")
     out = run(args.run, data=args.data, num_batches=args.num_batches, num_repeats=args.num_repeats,
               batch_size=args.batch_size, seed=args.seed, num_noise_samples=args.exact_noise_samples,
               num_quadrature_points=args.quadrature_points, samplers=samplers, grads=not args.no_grads)
+    if args.plot:
+        from pipeline.bench.variance_plot import plot_decomposition
+
+        out["plot"] = str(plot_decomposition(out, args.plot))
     print(json.dumps(out))
     return 0

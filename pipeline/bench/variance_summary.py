@@ -10,9 +10,11 @@ from typing import Any
 # module imports this one).
 
 
-def summarise(stats: dict[str, dict[str, Any]], head: str, d_var: float, grads: bool) -> dict[str, Any]:
-    """The headline figures of form ``head`` (variances, ratios vs uniform, bias, best sampler) and
-    the per-form tables."""
+def summarise(stats: dict[str, dict[str, Any]], head: str, d_var: float, grads: bool,
+              floor: float) -> dict[str, Any]:
+    """The headline figures of form ``head`` (variances, ratios vs uniform, bias, best sampler),
+    the per-form tables, and where the denoising-matching form's variance comes from: ``floor``
+    is :func:`pipeline.bench.variance.noise_floor`."""
     hs = stats[head]
 
     def per(f: str, key: str) -> dict[str, float]:
@@ -50,4 +52,25 @@ def summarise(stats: dict[str, dict[str, Any]], head: str, d_var: float, grads: 
         "variance_given_x_by_form": {f: per(f, "variance_given_x") for f in stats},
         "variance_t_only_by_form": {f: per(f, "variance_t_only") for f in stats},
         "bias_sigma_by_form": {f: per(f, "bias_sigma") for f in stats},
+        **_decomposition({s: st.variance_given_x for s, st in stats["denoising_matching"].items()}, d_var, floor),
+    }
+
+
+def _decomposition(given_x: dict[str, float], d_var: float, floor: float) -> dict[str, Any]:
+    """Each sampler's total variance (denoising-matching form) as data + noise floor (what no
+    time-step sampler removes at this cost) + the rest (what a better choice of t could still
+    remove, at most), and the best ratio vs uniform that any time-step sampler could reach:
+    uniform's total over data + floor (and over uniform-linear's, a learned schedule's baseline,
+    when it was measured)."""
+    base = {}
+    if "uniform-linear" in given_x:  # a learned schedule's baseline (continuous time)
+        linear = d_var + given_x["uniform-linear"]
+        base = {"ratio_vs_uniform_linear_by_sampler": {s: linear / (d_var + v) for s, v in given_x.items()},
+                "ratio_ceiling_vs_uniform_linear": linear / (d_var + floor)}
+    return {
+        **base,
+        "noise_floor": floor,
+        "ratio_ceiling_any_t_sampler": (d_var + given_x["uniform"]) / (d_var + floor),
+        "variance_decomposition": {s: {"total": d_var + v, "data": d_var, "noise_floor": floor, "removable": v - floor}
+                                   for s, v in given_x.items()},
     }

@@ -94,7 +94,8 @@ def exact_elbo(
 
     Returns floats ``recon_bpd``, ``prior_bpd``, ``diffusion_bpd``, ``bits_per_dim``,
     ``stderr_bpd``; tensors ``per_term_bpd`` (batch-mean bits/dim of each diffusion term,
-    or of each quadrature node's weighted contribution) and ``per_sample_bpd`` [B].
+    or of each quadrature node's weighted contribution), ``per_sample_bpd`` [B], and the noise
+    variance of one draw: ``term_noise_var_bpd`` [B, num_terms], ``recon_noise_var_bpd`` [B].
     """
     if num_noise_samples < 2:
         raise ValueError(f"num_noise_samples must be >= 2 (for a standard error), got {num_noise_samples}")
@@ -114,7 +115,7 @@ def exact_elbo(
         terms = _quadrature_terms(module, rows, g0, g1, num_quadrature_points, noise, chunk_size)
     else:
         terms = _discrete_terms(module, rows, noise, chunk_size)
-    return _in_bits(recon, prior, terms, 1.0 / (module.num_dims * math.log(2)))
+    return _in_bits(recon, prior, terms, 1.0 / (module.num_dims * math.log(2)), num_noise_samples)
 
 
 def _noise_rows(module: VDM, x: torch.Tensor, labels: torch.Tensor | None, num_draws: int,
@@ -130,9 +131,11 @@ def _noise_rows(module: VDM, x: torch.Tensor, labels: torch.Tensor | None, num_d
 
 
 def _in_bits(recon: tuple[torch.Tensor, torch.Tensor], prior: torch.Tensor,
-             terms: list[tuple[torch.Tensor, torch.Tensor]], to_bpd: float) -> dict:
+             terms: list[tuple[torch.Tensor, torch.Tensor]], to_bpd: float, num_draws: int) -> dict:
     """:func:`exact_elbo`'s result from the per-sample (mean, variance of the mean) in nats of the
-    reconstruction and of each diffusion term, and the exact prior term; ``to_bpd``: nats -> bits/dim."""
+    reconstruction and of each diffusion term, and the exact prior term; ``to_bpd``: nats -> bits/dim;
+    ``num_draws``: noise draws behind each mean (a single draw's variance is ``num_draws`` x the
+    variance of the mean)."""
     recon_m, recon_v = recon
     tm = torch.stack([m for m, _ in terms], 1)  # [B, num_terms]
     tv = torch.stack([v for _, v in terms], 1)
@@ -147,4 +150,8 @@ def _in_bits(recon: tuple[torch.Tensor, torch.Tensor], prior: torch.Tensor,
         "stderr_bpd": float(var_per_sample.sum().sqrt() / per_sample.shape[0] * to_bpd),
         "per_term_bpd": (tm.mean(0) * to_bpd).cpu(),
         "per_sample_bpd": (per_sample * to_bpd).cpu(),
+        # Variance over the noise of one draw of each term, per sample ((bits/dim)^2): what no
+        # choice of time steps can remove (``pipeline bench variance``'s noise floor).
+        "term_noise_var_bpd": (tv * num_draws * to_bpd**2).cpu(),
+        "recon_noise_var_bpd": (recon_v * num_draws * to_bpd**2).cpu(),
     }

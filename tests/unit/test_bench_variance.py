@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from pipeline.bench.variance import exact_batches, fixed_noise_generator, measure, run, with_sampler
+from pipeline.bench.variance_batches import noise_floor
 from pipeline.config import ConfigError, load_config
 from pipeline.data.meta import DataMeta
 from pipeline.data.stream import read_meta
@@ -64,9 +65,18 @@ def export_untrained(tmp_path, shards, *overrides: str):
 
 def test_cli_smoke_json_on_an_untrained_export(tmp_path, ising_shards):
     run_dir = export_untrained(tmp_path, ising_shards)
+    png = tmp_path / "decomposition.png"
     r = run_pipeline("bench", "variance", "--run", str(run_dir), "--num-batches", "2", "--num-repeats", "3",
-                     "--exact-noise-samples", "2", timeout=120)
+                     "--exact-noise-samples", "2", "--plot", str(png), timeout=120)
     out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    parts = out["variance_decomposition"]
+    assert set(parts) == {"uniform", "stratified", "importance"} and out["noise_floor"] > 0
+    for s, p in parts.items():  # the denoising-matching form is the preset's: its totals are the headline ones
+        assert p["total"] == pytest.approx(out["variance"][s])
+        assert p["total"] == pytest.approx(p["data"] + p["noise_floor"] + p["removable"])
+    assert out["ratio_ceiling_any_t_sampler"] == pytest.approx(
+        out["variance"]["uniform"] / (out["data_variance"] + out["noise_floor"]))
     for key in ("variance", "best_sampler", "ratio_vs_uniform", "bias_sigma", "variance_by_form", "variance_t_only",
                 "variance_given_x", "data_variance", "exact_bpd", "grad_variance", "bias_sigma_by_form"):
         assert key in out, key
@@ -89,10 +99,11 @@ def test_continuous_time_includes_the_learned_time_map_only_when_there_is_one(tm
                                "vdm.timestep_sampler=learned-schedule")
     out = run(learned, num_batches=1, num_repeats=2, num_noise_samples=2, num_quadrature_points=8, grads=False)
     assert set(out["variance"]) == {"uniform", "stratified", "importance", "learned-schedule"}
-    assert set(out["variance_by_form"]) == {"denoising_matching"} and not out["skipped"]
+    assert set(out["variance_by_form"]) == {"denoising_matching"} and set(out["skipped"]) == {"uniform-linear"}
     plain = export_untrained(tmp_path / "b", ising_shards, "vdm.num_timesteps=0")
     out = run(plain, num_batches=1, num_repeats=2, num_noise_samples=2, num_quadrature_points=8, grads=False)
     assert "learned-schedule" not in out["variance"] and "learned-schedule" in out["skipped"]
+    assert "uniform-linear" in out["skipped"]  # the quickstart schedule is linear: uniform is that baseline
     with pytest.raises(ConfigError, match="must include uniform"):
         run(plain, samplers=("stratified",))
     with pytest.raises(ConfigError, match="num-repeats"):
@@ -168,3 +179,58 @@ def test_bias_check_flags_an_estimator_without_importance_weights():
     assert abs(sigma[False]) > 6, sigma  # about -14 sigma at these settings
     # An honest sampler on the same batches agrees with the exact value too.
     assert abs(measure(with_sampler(base, "stratified"), batches, num_repeats=24, seed=1, grads=False).bias_sigma) < 3
+
+
+@torch.no_grad()
+def test_noise_floor_matches_brute_force_and_no_sampler_goes_below_it():
+    """The floor (1/B) (sum_t sqrt(v_t))^2 + recon noise, from the exact evaluator's noise draws,
+    against v_t computed here by brute force (4000 noise draws of every term of every sample);
+    then every sampler's measured variance given x lies above it."""
+    base = tiny_vdm()
+    batches = exact_batches(base, pool(), None, num_batches=4, batch_size=16, seed=0, num_noise_samples=64)
+    to_bpd = 1.0 / (D * math.log(2))
+    g = torch.Generator().manual_seed(11)
+    x = torch.cat([b.x for b in batches])
+    n = 4000
+    rows = x.repeat_interleave(n, 0)
+    v = []
+    for k in range(K):  # diffusion_nats returns K x term k under uniform u in bin k
+        loss, *_ = base.diffusion_nats(rows, torch.full((rows.shape[0],), (k + 0.5) / K), None, g)
+        v.append((loss / K * to_bpd).double().reshape(-1, n).var(1))
+    g0, _ = base.endpoints("cpu")
+    recon = base.recon_nats(rows, rows, g0, torch.randn(rows.shape, generator=g)) * to_bpd
+    v_recon = recon.double().reshape(-1, n).var(1).mean()
+    v_t = torch.stack(v, 1).mean(0)
+    ref = (float(v_t.sqrt().sum()) ** 2 + float(v_recon)) / 16
+    assert noise_floor(batches) == pytest.approx(ref, rel=0.1)
+    # Any fixed proposal does worse than the optimum p ~ sqrt(v) (the bound's own claim).
+    for p in (torch.full((K,), 1.0 / K), torch.softmax(torch.randn(K, generator=g), 0)):
+        assert float((v_t / p.double()).sum() + v_recon) / 16 >= ref * (1 - 1e-9)
+    for s in ("uniform", "stratified", "importance"):
+        st = measure(with_sampler(base, s), batches, num_repeats=24, seed=2, grads=False)
+        assert st.variance_given_x > 0.8 * ref, (s, st.variance_given_x, ref)
+
+
+def test_uniform_linear_baseline_of_a_learned_schedule_is_unbiased_at_the_learned_endpoints():
+    """A continuous-time VDM with a learned schedule whose endpoints moved (-5.5, 3.2 instead of
+    the configured -6, 4): the uniform-linear copy uses the linear schedule between the learned
+    endpoints, so it estimates the same ELBO (the exact evaluator's, schedule-free given the
+    endpoints) without bias; a copy at the configured endpoints would estimate another ELBO."""
+    torch.manual_seed(0)
+    cfg = VDMConfig(num_timesteps=0, architecture="mlp", mlp_hidden=16, mlp_layers=1, emb_dim=8, schedule="learned",
+                    learn_endpoints=True, timestep_sampler="stratified", gamma_min=-6.0, gamma_max=4.0)
+    m = VDM(cfg, DataMeta(sample_shape=(D,), data_kind="spins"))
+    with torch.no_grad():
+        m.denoiser.net.out.weight.normal_(0, 0.5)
+        m.schedule.gamma_0.fill_(-5.5)
+        m.schedule.gap_raw.fill_(math.log(math.expm1(8.7 - 0.01)))  # gap = softplus(gap_raw) + 0.01
+    m.eval()
+    g0, g1 = (float(g.detach()) for g in m.endpoints("cpu"))
+    assert g0 == pytest.approx(-5.5) and g1 == pytest.approx(3.2, abs=1e-4)
+    lin = with_sampler(m, "uniform-linear")
+    assert lin.cfg.schedule == "linear" and (lin.cfg.gamma_min, lin.cfg.gamma_max) == (g0, g1)
+    assert with_sampler(lin, "uniform-linear") is None  # linear already: nothing to add
+    batches = exact_batches(m, pool(), None, num_batches=4, batch_size=16, seed=0, num_noise_samples=16,
+                            num_quadrature_points=32)
+    st = measure(lin, batches, num_repeats=48, seed=1, grads=False)
+    assert abs(st.bias_sigma) < 3, st

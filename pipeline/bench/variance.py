@@ -5,8 +5,8 @@ For a trained model (a run directory with ``export/``) and held-out data (the ru
 ``data.train_urls``, validation split when there is one), every sampler (uniform,
 stratified, importance; in continuous time learned-schedule for a model that has a learned
 time map, and uniform-linear, uniform t on the linear schedule between the model's
-endpoints, the baseline of a learned or cosine schedule) and, in discrete time, both estimator forms (denoising matching, Luo
-2022 eq. 58; consistency, Luo eq. 45) estimate the negative ELBO of the same data batches.
+endpoints, the baseline of a learned or cosine schedule) and, in discrete time, both
+estimator forms (denoising matching, Luo 2022 eq. 58; consistency, Luo eq. 45) estimate the negative ELBO of the same data batches.
 Every estimate is one call of the training forward pass: B samples, one network evaluation
 each, so all estimates have the same cost.
 
@@ -57,9 +57,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.bench.variance_batches import (  # noqa: F401  (exact_batches, EvalBatch: the tests' entry points too)
-    EvalBatch, _gen, data_variance, exact_batches, load_pool, noise_floor,
-)
+from pipeline.bench.variance_batches import EvalBatch, data_variance, exact_batches, load_pool, noise_floor
+from pipeline.bench.variance_batches import keyed_generator as _gen
 from pipeline.bench.variance_summary import summarise
 from pipeline.errors import ConfigError
 from pipeline.objectives.base import StepContext

@@ -16,7 +16,7 @@ from pipeline.eval.elbo import exact_elbo
 from pipeline.objectives.vdm import VDM
 
 
-def _gen(*key: int) -> torch.Generator:
+def keyed_generator(*key: int) -> torch.Generator:
     """An independent generator for each (purpose, index, ...) key."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
 
@@ -52,7 +52,7 @@ def exact_batches(
     if x.shape[0] < batch_size:
         raise ValueError(f"the data has {x.shape[0]} samples, fewer than batch_size={batch_size}")
     rng = np.random.default_rng([seed, 1])
-    g = _gen(seed, 2)
+    g = keyed_generator(seed, 2)
     out = []
     for _ in range(num_batches):
         idx = torch.from_numpy(rng.choice(x.shape[0], batch_size, replace=False))

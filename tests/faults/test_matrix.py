@@ -205,7 +205,7 @@ CASES = [
     Case("sample-num-steps-on-a-gan", "10", _sample(GAN_RUN, "--num-steps", "5"), 2,
          ("--num-steps applies to VDM samplers",), watch=SAMPLE_OUT),
     Case("sample-png-of-vectors", "10", lambda f, tmp: [*_sample(VDM_RUN)(f, tmp), "--png", str(tmp / "s.png")], 2,
-         ("--png draws samples of shape [H, W] or [1, H, W]", "shape (2,)"), watch=SAMPLE_OUT),
+         ("--png draws samples of shape [H, W], [1, H, W] or [1, D, H, W]", "shape (2,)"), watch=SAMPLE_OUT),
     Case("shards-hf-missing-path", "10",
          lambda f, tmp: ["shards", "hf", "--path", str(tmp / "nonexistent"), "--x-column", "x",
                          "--out", str(tmp / "out")], 2,

@@ -375,10 +375,10 @@ def _sample_and_observe(module, meta, cfg: Config, tracker, reference: dict, ste
     """Sample a grid from the EMA model; for spin data, log its physics against real data."""
     from pipeline.train.export import sample_from
     from pipeline.track.images import drawable
-    from pipeline.train.sampling import default_labels
+    from pipeline.train.sampling import grid_labels
 
     n = cfg.train.num_sample_images
-    x = sample_from(module, n, default_labels(meta, n), seed=cfg.run.seed + step).cpu().numpy()
+    x = sample_from(module, n, grid_labels(meta, n), seed=cfg.run.seed + step).cpu().numpy()
     # Only single-channel 2-D samples make an image grid, and 3-D fields by their middle slice;
     # vectors (e.g. GMM points) have none.
     images = drawable(x)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from pipeline.data.meta import DataMeta
@@ -27,6 +28,19 @@ def default_labels(meta: DataMeta, n: int, values: list[float] | None = None) ->
     if not pool:
         raise ValueError("this model is conditional on a continuous label: give --label VALUE")
     return torch.tensor([pool[i % len(pool)] for i in range(n)], dtype=torch.float32)
+
+
+def grid_labels(meta: DataMeta, n: int) -> torch.Tensor | None:
+    """Labels for the training loop's sample grids: :func:`default_labels` (every class, every
+    label value of the data), and for a continuous label the data knows only by its range (a
+    label drawn per sample, e.g. a shower's incident energy, log-uniform in CaloChallenge) ``n``
+    values spread over that range: geometrically when it is positive and spans a factor of 10
+    or more, evenly otherwise. (``pipeline sample`` asks for ``--label`` instead.)"""
+    if meta.label_kind == "continuous" and not meta.label_values and meta.label_range is not None:
+        lo, hi = (float(v) for v in meta.label_range)
+        spread = np.geomspace(lo, hi, n) if lo > 0 and hi >= 10 * lo else np.linspace(lo, hi, n)
+        return torch.tensor(spread, dtype=torch.float32)
+    return default_labels(meta, n)
 
 
 def label_warnings(meta: DataMeta, values: list[float] | None) -> list[str]:

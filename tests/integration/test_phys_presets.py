@@ -70,10 +70,15 @@ def test_gan_phi4_preset_trains(tmp_path):
 
 def test_vdm_calo_preset_trains(tmp_path):
     h5, data, run = tmp_path / "calo.h5", tmp_path / "calo", tmp_path / "run"
-    run_pipeline("shards", "calo", "--num-samples", "96", "--out", str(h5))
+    # 300 showers: more than 256 distinct incident energies, so the manifest keeps only their
+    # range (label_range), as for a real data set; the final sample grid spreads over it.
+    run_pipeline("shards", "calo", "--num-samples", "300", "--out", str(h5))
     run_pipeline("shards", "hdf5", "--path", str(h5), "--x-key", "showers", "--label-key", "incident_energies",
                  "--x-shape", "45,16,9", "--add-channel-dim", "--out", str(data))
     run_pipeline("train", "--config", "configs/vdm_calo.yaml", f"run.dir={run}", f"data.train_urls={data}",
                  "vdm.mlp_hidden=64", "vdm.emb_dim=16", *FEW_STEPS)
     steps = _steps(run)
     assert [r["step"] for r in steps] == [1, 2, 3] and all(math.isfinite(r["vdm/bits_per_dim"]) for r in steps)
+    meta = json.loads((data / "manifest.json").read_text())["meta"]
+    assert meta["label_values"] is None and meta["label_range"][0] < meta["label_range"][1]
+    assert list((run / "samples").glob("mid_slices-*.png"))  # the end-of-run grid, labels over the range

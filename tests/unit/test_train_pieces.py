@@ -13,7 +13,7 @@ from pipeline.data.meta import DataMeta
 from pipeline.train.ema import EMA
 from pipeline.train.engines import build_engine
 from pipeline.train.phases import Phase
-from pipeline.train.sampling import default_labels
+from pipeline.train.sampling import default_labels, grid_labels
 from pipeline.train.schedule import lr_lambda
 from pipeline.train.state import RNGState
 
@@ -118,3 +118,14 @@ def test_contract_hooks_run_per_micro_step_and_per_optimizer_step():
     assert obj.calls == [("micro", 0.0), ("micro", 2.0), ("optimizer",),
                          ("micro", 4.0), ("micro", 6.0), ("optimizer",),
                          ("micro", 8.0), ("micro", 10.0), ("optimizer",)]
+
+
+def test_grid_labels_spread_over_a_continuous_label_known_only_by_its_range():
+    energies = DataMeta(sample_shape=(4,), data_kind="continuous", label_kind="continuous", label_range=(1.0, 1000.0))
+    assert torch.allclose(grid_labels(energies, 4), torch.tensor([1.0, 10.0, 100.0, 1000.0]))  # log-uniform data
+    narrow = DataMeta(sample_shape=(4,), data_kind="continuous", label_kind="continuous", label_range=(2.0, 3.0))
+    assert torch.allclose(grid_labels(narrow, 3), torch.tensor([2.0, 2.5, 3.0]))
+    temps = DataMeta(sample_shape=(4,), data_kind="continuous", label_kind="continuous", label_values=(2.0, 3.0))
+    assert grid_labels(temps, 3).tolist() == [2.0, 3.0, 2.0]  # the data's own values, as default_labels
+    with pytest.raises(ValueError, match="give --label"):  # the CLI still asks for one
+        default_labels(energies, 4)

@@ -69,4 +69,3 @@ def preset_step_rate(config: str, shards: Path, run_dir: Path, *, num_steps: int
 def load_avg() -> float:
     """The 1-minute load average (the figures are only comparable at a similar load)."""
     return round(os.getloadavg()[0], 2)
-

@@ -123,6 +123,14 @@ def validate(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+def manifest_step(directory: Path) -> int | None:
+    """The step a checkpoint's manifest records (checkpoint not validated); None if none is readable."""
+    try:
+        return int(json.loads((directory / MANIFEST).read_text())["step"])
+    except (ValueError, KeyError, TypeError):  # JSONDecodeError is a ValueError; OSError propagates
+        return None
+
+
 def _is_valid(directory: Path) -> bool:
     try:
         validate(directory)
@@ -306,13 +314,13 @@ class Checkpointer:
         for d in self.root.iterdir() if self.root.is_dir() else []:
             m = d / MANIFEST
             if d.is_dir() and not d.name.startswith(".") and m.is_file():
-                try:
-                    out.append((int(json.loads(m.read_text())["step"]), d))
-                except (json.JSONDecodeError, KeyError, ValueError, TypeError):
+                step = manifest_step(d)
+                if step is None:
                     # Unreadable manifest: ordered by the directory's name, so that it is tried
                     # (and reported as skipped) in its place, not after an older valid one.
                     name_step = d.name.removeprefix("step-")
-                    out.append((int(name_step) if name_step.isdigit() else -1, d))
+                    step = int(name_step) if name_step.isdigit() else -1
+                out.append((step, d))
         return sorted(out, key=lambda x: x[0], reverse=True)
 
     def _apply_retention(self, just_saved: Path) -> None:

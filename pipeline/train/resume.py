@@ -69,14 +69,16 @@ def _check_not_past_the_end(run_dir: RunDir, num_steps: int) -> None:
     instead of restoring, training nothing and printing where the samples would be (issue 15
     item 14). The step is read from each checkpoint's manifest (never from a directory name),
     without loading the checkpoint; an unreadable manifest is left to the restore, which names it."""
-    from pipeline.train.checkpoint import MANIFEST
+    from pipeline.train.checkpoint import MANIFEST, manifest_step
 
     steps = []
     for manifest in run_dir.checkpoints.glob(f"step-*/{MANIFEST}"):
         try:
-            steps.append(int(json.loads(manifest.read_text())["step"]))
-        except (OSError, ValueError, KeyError, TypeError):
+            step = manifest_step(manifest.parent)
+        except OSError:
             continue
+        if step is not None:
+            steps.append(step)
     if steps and max(steps) > num_steps:
         raise ConfigError(
             f"run.dir={run_dir.root} holds checkpoints up to step {max(steps)}, beyond train.num_steps={num_steps}: "

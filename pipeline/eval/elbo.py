@@ -109,7 +109,7 @@ def exact_elbo(
 
     # The order of the draws from ``generator``: reconstruction first, then each term's.
     g0, g1 = module.endpoints(device)
-    recon = rows.mc(module.recon_nats(rows.x, rows.x_raw, g0, noise(rows.x.shape)))
+    recon = rows.mc(module.recon_nats(rows.x, rows.x_raw, g0, noise(rows.x.shape), rows.labels))
     prior = module.prior_nats(x0, g1)
     if module.continuous:
         terms = _quadrature_terms(module, rows, g0, g1, num_quadrature_points, noise, chunk_size)
@@ -123,8 +123,8 @@ def _noise_rows(module: VDM, x: torch.Tensor, labels: torch.Tensor | None, num_d
     """``x`` in model space [B, ...], and ``x`` (data space) with its labels on ``device``, checked,
     each sample repeated ``num_draws`` times."""
     x_raw = x.to(device).float()
-    x0 = module.to_model_space(x_raw)
-    labels = module.check_labels(labels.to(device) if labels is not None else None, x0.shape[0])
+    labels = module.check_labels(labels.to(device) if labels is not None else None, x_raw.shape[0])
+    x0 = module.to_model_space(x_raw, labels)
     repeated = labels.repeat_interleave(num_draws, 0) if labels is not None else None
     return x0, _NoiseRows(x0.repeat_interleave(num_draws, 0), x_raw.repeat_interleave(num_draws, 0), repeated,
                           x0.shape[0], num_draws)

@@ -130,6 +130,26 @@ def test_evaluator_on_true_and_distorted_showers():
     assert shifted["longitudinal_max_abs_z"] > 10
 
 
+def test_flags_name_profiles_and_response_beyond_five_percent_and_the_noise():
+    from pipeline.eval.calo import calo_flags, compare_calo
+
+    g = calo.CaloGeometry(num_layers=12, num_alpha=4, num_radial=5)
+    rng = np.random.default_rng(12)
+    e = calo.sample_energies(1200, 1e3, 1e5, rng)
+    x = calo.simulate(e, g, MATERIAL, rng)
+    data = {f"{k}_data": v for k, v in compare_calo(x[600:], e[600:], g, MATERIAL).items()}
+    assert calo_flags({**compare_calo(x[:600], e[:600], g, MATERIAL), **data}) == []
+    hot = compare_calo(x[:600] * 1.10, e[:600], g, MATERIAL)  # 10 % too much energy
+    flags = calo_flags({**hot, **data})
+    assert len(flags) == 3 and flags[2].startswith(f"total-energy response off by {abs(hot['response_rel_err']):.1%}")
+    assert calo_flags({**hot, **data}, tolerance=0.2) == []
+    # Wild samples (the energy scale missed, standard errors as large as the means): flagged
+    # though every z-score is small.
+    wild = rng.normal(0, 400, size=x[:600].shape) * x[:600].mean() + x[:600]
+    wild_result = {**compare_calo(wild, e[:600], g, MATERIAL), **data}
+    assert any(f.startswith("longitudinal profile") for f in calo_flags(wild_result))
+
+
 def test_classifier_auc_is_a_half_for_one_source_and_high_for_a_shifted_one():
     """Two independent draws of the same showers: AUC within 4 null standard errors of 0.5
     (the Mann-Whitney null, exact for a classifier that ignores its input); showers one layer

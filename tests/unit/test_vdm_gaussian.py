@@ -321,3 +321,55 @@ def test_ancestral_sampling_draws_from_the_model(num_steps, T_ref):
     assert abs(float(x.mean())) < 4 * math.sqrt(V / n)
     assert abs(float(x.var()) - V) < 4 * V * math.sqrt(2 / n), (float(x.var()), V)
     assert abs(Chain(9, 0.0).marginal_var() - Chain(5, 0.0).marginal_var()) > 8 * V * math.sqrt(2 / n)
+
+
+
+def test_gaussian_skip_is_the_regression_of_eps_on_z_and_its_moments_are_gathered_over_ranks():
+    """vdm.skip=gaussian: eps_hat = sigma (z - alpha mu) / (alpha^2 v + sigma^2) + net, mu and v the
+    data's moments over everything trained on. The MLP's output layer starts at zero, so the
+    untrained denoiser is the skip alone, which must be E[eps | z] for independent Gaussian values
+    of those moments: checked against the least-squares fit eps ~ a z + b per value over draws."""
+    from pipeline.objectives.base import StepContext
+
+    meta = DataMeta(sample_shape=(3,), data_kind="continuous")
+    cfg = VDMConfig(num_timesteps=0, architecture="mlp", mlp_hidden=4, mlp_layers=1, emb_dim=8, skip="gaussian")
+    mean, std = torch.tensor([0.5, -2.0, 0.0]), torch.tensor([0.1, 1.0, 3.0])
+    g = torch.Generator().manual_seed(0)
+    batches = [mean + std * torch.randn(64, 3, generator=g) for _ in range(4)]
+
+    def train_on(parts_per_step):  # micro batches split over "ranks" (a fake all_gather concatenates them)
+        m = VDM(cfg, meta)
+        for step, parts in enumerate(parts_per_step):
+            outs = [m({"x": p}, StepContext(step, 0, 1, r, len(parts), 0)) for r, p in enumerate(parts)]
+
+            def gather(t):  # the stratified sampler gathers nothing: the calls are the skip's sums, then counts
+                if t.dim() > 1:
+                    return torch.cat([o.data_sums.unsqueeze(0) for o in outs])
+                return torch.cat([torch.tensor([float(o.u.shape[0])], dtype=torch.float64) for o in outs])
+
+            m.after_micro_step(outs[0], gather)  # one module stands for every rank's: each adds all sums once
+        return m
+
+    one = train_on([[b] for b in batches])
+    two = train_on([[b[:32], b[32:]] for b in batches])
+    data = torch.cat(batches).double()
+    for m in (one, two):
+        mu, var = m.denoiser.skip.moments()
+        torch.testing.assert_close(mu, data.mean(0))
+        torch.testing.assert_close(var, data.var(0, unbiased=False))
+    for gamma in (-3.0, 0.0, 4.0):
+        alpha, sigma = math.sqrt(1 / (1 + math.exp(gamma))), math.sqrt(1 / (1 + math.exp(-gamma)))
+        mu, var = (v.float() for v in one.denoiser.skip.moments())
+        x = mu + var.sqrt() * torch.randn(200_000, 3, generator=g)
+        eps = torch.randn(x.shape, generator=g)
+        z = alpha * x + sigma * eps
+        zc, ec = z - z.mean(0), eps - eps.mean(0)
+        slope = (zc * ec).sum(0) / (zc * zc).sum(0)
+        intercept = eps.mean(0) - slope * z.mean(0)
+        zq = z[:5]
+        with torch.no_grad():
+            got = one.denoiser(zq, torch.tensor(gamma))
+        torch.testing.assert_close(got, slope * zq + intercept, rtol=0.03, atol=0.02)
+    plain = VDM(VDMConfig(num_timesteps=0, architecture="mlp", mlp_hidden=4, mlp_layers=1, emb_dim=8), meta)
+    with torch.no_grad():
+        assert float(plain.denoiser(zq, torch.tensor(0.0)).abs().max()) == 0.0  # without the skip: 0

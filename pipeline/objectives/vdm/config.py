@@ -16,6 +16,9 @@ from pipeline.errors import ConfigError
 if TYPE_CHECKING:
     from pipeline.data.meta import DataMeta
 
+# The transforms objectives/data_space.py implements (its TRANSFORMS; this module stays torch-free).
+DATA_TRANSFORMS = ("none", "log-label-fraction")
+
 
 @dataclass
 class VDMConfig:
@@ -32,6 +35,12 @@ class VDMConfig:
     importance_num_bins: int = 100  # time bins in continuous time (discrete: one per term)
     # Decoder: "auto" takes the data kind from the data's manifest; an explicit value must match it.
     data_kind: Literal["auto", "spins", "levels", "continuous"] = "auto"
+    # Continuous data only: the invertible map into model space (objectives/data_space.py).
+    # "log-label-fraction": each value divided by the sample's label (a shower's incident
+    # energy), log-transformed onto [-1, 1]; data_transform_floor is the fraction of the label
+    # the log resolves near 0. Samples come back in data space; the ELBO is of the stored values.
+    data_transform: Literal["none", "log-label-fraction"] = "none"
+    data_transform_floor: float = 1e-8
     architecture: Literal["auto", "unet", "mlp"] = "auto"  # auto: unet for [C, H, W], mlp otherwise
     channels: int = 16  # UNet width at full resolution
     # Recompute each UNet residual block's activations in backward instead of keeping them
@@ -40,6 +49,10 @@ class VDMConfig:
     emb_dim: int = 64  # conditioning embedding (noise level + label)
     mlp_hidden: int = 128
     mlp_layers: int = 3
+    # "gaussian": eps_hat = the exact denoiser of independent Gaussian values with the data's
+    # running per-value mean and variance + the network's correction (denoiser.GaussianSkip).
+    # Needed by an MLP narrower than the sample (mlp_hidden < its number of values).
+    skip: Literal["none", "gaussian"] = "none"
     periodic: bool = True  # circular padding (periodic lattices)
     sample_steps: int | None = None  # default ancestral steps for continuous time (discrete: T - 1)
 
@@ -73,6 +86,14 @@ class VDMConfig:
                               "blocks to checkpoint (use architecture unet or auto with 2D/3D fields)")
         if self.sample_steps is not None and self.sample_steps < 1:
             raise ConfigError(f"vdm.sample_steps must be >= 1 or null, got {self.sample_steps}")
+        if self.skip not in ("none", "gaussian"):
+            raise ConfigError(f"vdm.skip={self.skip!r} is not allowed; use one of 'none', 'gaussian'")
+        if self.data_transform not in DATA_TRANSFORMS:
+            raise ConfigError(f"vdm.data_transform={self.data_transform!r} is not allowed; "
+                              f"use one of {', '.join(DATA_TRANSFORMS)}")
+        if not 0.0 < self.data_transform_floor < 0.1:
+            raise ConfigError(f"vdm.data_transform_floor must be in (0, 0.1) (a fraction of the label), "
+                              f"got {self.data_transform_floor}")
 
     def resolve_architecture(self, sample_shape: tuple[int, ...]) -> str:
         """``unet`` or ``mlp`` for samples of this shape. ``auto`` takes the UNet for 2D and 3D
@@ -104,6 +125,18 @@ class VDMConfig:
         if meta.label_kind == "class" and (not meta.num_classes or meta.num_classes < 1):
             raise ConfigError(f"label_kind 'class' needs num_classes >= 1 in the data's manifest, got {meta.num_classes}")
         self.resolve_architecture(tuple(meta.sample_shape))
+        if self.data_transform == "log-label-fraction":
+            if meta.data_kind != "continuous" or meta.label_kind != "continuous":
+                raise ConfigError(
+                    f"vdm.data_transform=log-label-fraction divides each sample by its continuous label (a "
+                    f"shower's incident energy): it needs continuous data with continuous labels, but the data's "
+                    f"manifest says data_kind {meta.data_kind!r}, label_kind {meta.label_kind!r}; "
+                    f"use vdm.data_transform=none")
+            lowest = (min(meta.label_values) if meta.label_values else
+                      meta.label_range[0] if meta.label_range else None)
+            if lowest is not None and lowest <= 0:
+                raise ConfigError(f"vdm.data_transform=log-label-fraction needs positive labels; the data's "
+                                  f"manifest has labels down to {lowest}")
 
 SAMPLER_NAMES = ("ancestral", "ddim", "dpm-solver")
 GRID_SPACINGS = ("time", "logsnr")

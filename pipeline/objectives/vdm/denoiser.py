@@ -19,11 +19,15 @@ class Denoiser(nn.Module):
     endpoints leaves the model unchanged (Kingma et al. 2021 sec. 5.1). Labels go through the
     shared :class:`~pipeline.models.embedding.LabelEmbedding` (continuous ones as Fourier
     features of the standardised value), added to the noise-level embedding.
+
+    ``skip``: a :class:`GaussianSkip`, eps_hat = skip(z, gamma) + net(...): the network learns the
+    correction to the Gaussian answer.
     """
 
-    def __init__(self, net: nn.Module, emb_dim: int, meta: DataMeta):
+    def __init__(self, net: nn.Module, emb_dim: int, meta: DataMeta, skip: "GaussianSkip | None" = None):
         super().__init__()
         self.net, self.emb_dim, self.label_kind = net, emb_dim, meta.label_kind
+        self.skip = skip
         self.gamma_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if meta.label_kind in ("class", "continuous"):
             mean, std = label_standardisation(meta.label_values, meta.label_range)
@@ -37,7 +41,47 @@ class Denoiser(nn.Module):
         emb = self.gamma_mlp(fourier_features(gamma, self.emb_dim, 1 / 16, 4.0))
         if self.label_kind != "none":
             emb = emb + self.label_emb(label)
-        return self.net(z, emb)
+        out = self.net(z, emb)
+        return out + self.skip(z, gamma) if self.skip is not None else out
+
+
+class GaussianSkip(nn.Module):
+    """E[eps | z] = sigma (z - alpha mu) / (alpha^2 v + sigma^2) per value: the exact denoiser of
+    data with independent Gaussian values of mean mu and variance v (z = alpha x + sigma eps,
+    alpha^2 = sigmoid(-gamma), sigma^2 = sigmoid(gamma)). The network beside it learns the
+    correction, as in Karras et al. 2022's preconditioning (c_skip, sec. 5 and App. B.6), here
+    with the data's own moments: without it a network narrower than the data (an MLP with fewer
+    hidden units than the sample has values) cannot output eps_hat ~ z at high noise, and the
+    ancestral sampler, which divides the error by alpha, diverges; a value that is nearly
+    constant (an empty calorimeter voxel) is then denoised exactly at every noise level.
+
+    mu and v are the model-space data's moments over every sample trained on so far (float64
+    sums, gathered over ranks by :meth:`VDM.after_micro_step`, so identical on every rank and
+    checkpointed with the model); before any data, mu = 0 and v = 1."""
+
+    MIN_VAR = 1e-6  # a constant value still gets a finite ratio at the lowest noise
+
+    def __init__(self, sample_shape: tuple[int, ...]):
+        super().__init__()
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("sums", torch.zeros((2,) + tuple(sample_shape), dtype=torch.float64))
+
+    def add(self, sums: torch.Tensor, count: torch.Tensor) -> None:
+        """Add sum(x), sum(x^2) over ``count`` more samples (``sums``: [2, *sample_shape])."""
+        self.sums += sums.to(self.sums)
+        self.count += count.to(self.count)
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if float(self.count) == 0:
+            return torch.zeros_like(self.sums[0]), torch.ones_like(self.sums[1])
+        mean = self.sums[0] / self.count
+        return mean, (self.sums[1] / self.count - mean**2).clamp_min(self.MIN_VAR)
+
+    def forward(self, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        mean, var = (m.to(z.dtype) for m in self.moments())
+        g = gamma.to(z.dtype).reshape((-1,) + (1,) * (z.dim() - 1))
+        alpha, sigma = torch.sigmoid(-g).sqrt(), torch.sigmoid(g).sqrt()
+        return sigma * (z - alpha * mean) / (alpha**2 * var + sigma**2)
 
 
 def _before_shared_label_embedding(module, state_dict, prefix, *args) -> None:

@@ -21,7 +21,7 @@ from pipeline.objectives.data_space import DataSpace
 from pipeline.objectives.draws import AnyDraws, Draws, GeneratorDraws, SampleDraws, as_draws
 from pipeline.objectives.vdm import samplers, terms
 from pipeline.objectives.vdm.config import SamplerConfig, VDMConfig
-from pipeline.objectives.vdm.denoiser import Denoiser, build_network
+from pipeline.objectives.vdm.denoiser import Denoiser, GaussianSkip, build_network
 from pipeline.objectives.vdm.schedules import LearnedSchedule, build_schedule
 from pipeline.objectives.vdm.timesteps import ImportanceSampler, build_timestep_sampler
 
@@ -39,6 +39,8 @@ class VDMOutput:
     diff_per_sample: torch.Tensor  # [B] unweighted diffusion-term estimate, bits/dim (detached)
     weight: torch.Tensor  # [B] importance weights (1 unless timestep_sampler=importance)
     extra: dict[str, float] = field(default_factory=dict)
+    # vdm.skip=gaussian: this micro batch's sum(x0), sum(x0^2) in model space [2, *sample_shape], float64
+    data_sums: torch.Tensor | None = None
 
     def metrics(self) -> dict[str, float]:
         m = {
@@ -66,7 +68,7 @@ class VDM(SampledObjective):
         self.num_dims = int(np.prod(self.sample_shape))
         self.T = cfg.num_timesteps
         self.continuous = self.T == 0
-        self.space = DataSpace(meta)
+        self.space = DataSpace(meta, cfg.data_transform, cfg.data_transform_floor)
         self._register_decoder_values(meta)
         self.schedule = build_schedule(cfg.schedule, cfg.gamma_min, cfg.gamma_max, cfg.learn_endpoints)
         # The diffusion term in continuous time may be integrated along a different, learned
@@ -80,7 +82,11 @@ class VDM(SampledObjective):
             cfg.timestep_sampler, num_bins, cfg.importance_history, cfg.importance_uniform_mix
         )
         if denoiser is None:
-            denoiser = Denoiser(build_network(cfg, meta), cfg.emb_dim, meta)
+            # vdm.skip=gaussian: data moments that after_micro_step keeps up to date (_skip()).
+            skip = GaussianSkip(self.sample_shape) if cfg.skip == "gaussian" else None
+            denoiser = Denoiser(build_network(cfg, meta), cfg.emb_dim, meta, skip=skip)
+        elif cfg.skip != "none":
+            raise ValueError("vdm.skip=gaussian belongs to the VDM's own Denoiser; a given denoiser brings its own")
         self.denoiser = denoiser
         self._reset_watch()
 
@@ -101,9 +107,10 @@ class VDM(SampledObjective):
         self._elbo_moments = RunningMoments()
 
     # ----------------------------------------------------------------- data <-> model space
-    def to_model_space(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw batch values -> [-1, 1] (discrete data, checked) or unchanged (continuous)."""
-        return self.space.to_model(x)
+    def to_model_space(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw batch values -> [-1, 1] (discrete data, checked), unchanged (continuous) or through
+        ``vdm.data_transform`` (which may scale each sample by its label)."""
+        return self.space.to_model(x, labels)
 
     def check_labels(self, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
         """``labels`` as one label per sample [batch_size] (None for an unconditional VDM); ValueError
@@ -137,10 +144,16 @@ class VDM(SampledObjective):
         return (t_index.float() - 1) / (self.T - 1)
 
     # ----------------------------------------------------------------- ELBO terms (nats)
-    def recon_nats(self, x0: torch.Tensor, x_raw: torch.Tensor, gamma_0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """-log p(x_0 | z_1) at z_1 = alpha_1 x_0 + sigma_1 eps (one-sample estimate), per sample."""
-        value_index = self.space.value_index(x_raw) if self.values is not None else None
-        return terms.reconstruction_nats(x0, gamma_0, eps, self.values, value_index)
+    def recon_nats(self, x0: torch.Tensor, x_raw: torch.Tensor, gamma_0: torch.Tensor, eps: torch.Tensor,
+                   labels: torch.Tensor | None = None) -> torch.Tensor:
+        """-log p(x_0 | z_1) at z_1 = alpha_1 x_0 + sigma_1 eps (one-sample estimate), per sample.
+
+        Of the stored values: with a ``vdm.data_transform`` the decoder's Gaussian density of the
+        model-space value is carried back by the change of variables, -log |dy/dx| (the decoder is
+        the one term that is a density of x; the others are KL divergences, invariant)."""
+        if self.values is not None:
+            return terms.reconstruction_nats(x0, gamma_0, eps, self.values, self.space.value_index(x_raw))
+        return terms.reconstruction_nats(x0, gamma_0, eps, None, None) - self.space.log_abs_det(x_raw, labels)
 
     def prior_nats(self, x0: torch.Tensor, gamma_1: torch.Tensor) -> torch.Tensor:
         """KL(q(x_T | x_0) || N(0, I)) in closed form, per sample (Luo eq. 58's prior matching)."""
@@ -215,12 +228,12 @@ class VDM(SampledObjective):
         x_raw = batch["x"]
         if tuple(x_raw.shape[1:]) != self.sample_shape:
             raise ValueError(f"batch['x'] has sample shape {tuple(x_raw.shape[1:])}, expected {self.sample_shape}")
-        x0 = self.to_model_space(x_raw.float())
+        labels = self.check_labels(batch.get("label"), x_raw.shape[0])
+        x0 = self.to_model_space(x_raw.float(), labels)
         B = x0.shape[0]
-        labels = self.check_labels(batch.get("label"), B)
         g0, g1 = self.endpoints(x0.device)
         noise, times = self._draws(batch, ctx, noise_generator, time_generator)
-        recon = self.recon_nats(x0, x_raw, g0, noise.normal(x0.shape, x0.device))
+        recon = self.recon_nats(x0, x_raw.float(), g0, noise.normal(x0.shape, x0.device), labels)
         prior = self._prior_nats_of_form(x0, g1)
         u, w = self.sampler(B, ctx, x0.device, times)
         diff, tau, gam, holder = self.diffusion_nats(x0, u, labels, noise)
@@ -232,6 +245,10 @@ class VDM(SampledObjective):
             # Interior of the learned time map: gradient of E[L^2] instead of E[L] (App. I.2).
             holder["scale"] = 2 * (diff_w * to_bpd).detach()
         extra = self.sampler.metrics(w)
+        data_sums = None
+        if self.cfg.skip == "gaussian":
+            x64 = x0.detach().double()
+            data_sums = torch.stack([x64.sum(0), (x64 * x64).sum(0)])
         return VDMOutput(
             loss=loss,
             loss_recon=(recon.mean() * to_bpd).detach(),
@@ -244,12 +261,19 @@ class VDM(SampledObjective):
             diff_per_sample=(diff * to_bpd).detach(),
             weight=w.detach(),
             extra=extra,
+            data_sums=data_sums,
         )
 
     def after_micro_step(self, output: VDMOutput, all_gather: AllGather) -> None:
         """Gather the micro batch's (u, loss) pairs for the time-step sampler's history (applied
         after the optimizer step), and update this rank's watch (per-t profile, ELBO moments)."""
         self.sampler.collect(output.u, output.diff_per_sample, all_gather)
+        if self.cfg.skip == "gaussian":
+            # Every rank adds every rank's sums (and counts), so the moments stay identical.
+            sums = all_gather(output.data_sums.unsqueeze(0)).sum(0)
+            count = all_gather(torch.tensor([float(output.u.shape[0])], dtype=torch.float64,
+                                            device=output.data_sums.device)).sum()
+            self.denoiser.skip.add(sums, count)
         self._profile.update(output.t.detach().cpu().numpy(), output.diff_per_sample.detach().cpu().numpy())
         self._elbo_moments.update(float(output.bits_per_dim))
 
@@ -346,14 +370,17 @@ class VDM(SampledObjective):
             return torch.randn(shape, device=device, generator=generator)
 
         z = samplers.run_sampler(sampler.name, eps_model, z, gammas, noise, sampler.eta or 0.0)
-        return self._decode(z, gammas[0], generator)
+        return self._decode(z, gammas[0], generator, labels)
 
-    def _decode(self, z: torch.Tensor, g0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """x_0 ~ p(x_0 | z_0): the discrete decoder over the allowed values, or the Gaussian one."""
+    def _decode(self, z: torch.Tensor, g0: torch.Tensor, generator: torch.Generator | None,
+                labels: torch.Tensor | None) -> torch.Tensor:
+        """x_0 ~ p(x_0 | z_0) in data space: the discrete decoder over the allowed values, or the
+        Gaussian one (mapped back through ``vdm.data_transform``)."""
         shape = z.shape
         a, s2 = terms.alpha_sq(g0).sqrt(), terms.sigma_sq(g0)
         if self.values is None:
-            return z / a + (s2.sqrt() / a) * torch.randn(shape, device=z.device, generator=generator)
+            y = z / a + (s2.sqrt() / a) * torch.randn(shape, device=z.device, generator=generator)
+            return self.space.to_data(y, labels)
         logits = -0.5 * (z.unsqueeze(-1) - a * self.values) ** 2 / s2
         idx = torch.multinomial(torch.softmax(logits.reshape(-1, len(self.values)), -1), 1, generator=generator)
         idx = idx.reshape(shape)

@@ -28,7 +28,7 @@ class LogLabelFraction:
     train on the fractions x / E, log- or logit-transformed (e.g. CaloDiffusion, Amram & Pedro
     2023), because raw deposits span six decades and scale with E. The fraction 0 maps to
     -1 and the fraction 1 - floor to +1; ``floor`` (a fraction of E) sets the resolution
-    near 0. The inverse clamps at 0 (deposits are non-negative)."""
+    near 0. The inverse clamps to [0, E) (a deposit is non-negative and below the incident energy)."""
 
     def __init__(self, floor: float):
         assert 0.0 < floor < 1.0, floor
@@ -53,7 +53,8 @@ class LogLabelFraction:
 
     def inverse(self, y: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         e = self._per_sample(labels, y)
-        return (torch.expm1((y + 1.0) * self.half_log_range) * (e * self.floor)).clamp_min(0.0)
+        # y > 1 would be a value above its label (a voxel holding more than the incident energy).
+        return (torch.expm1((y.clamp(max=1.0) + 1.0) * self.half_log_range) * (e * self.floor)).clamp_min(0.0)
 
     def log_abs_det(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Per sample, sum over values of log |dy/dx| = -log((x + E floor) half_log_range)."""

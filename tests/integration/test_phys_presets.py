@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from tests.conftest import run_pipeline
@@ -82,3 +83,9 @@ def test_vdm_calo_preset_trains(tmp_path):
     meta = json.loads((data / "manifest.json").read_text())["meta"]
     assert meta["label_values"] is None and meta["label_range"][0] < meta["label_range"][1]
     assert list((run / "samples").glob("mid_slices-*.png"))  # the end-of-run grid, labels over the range
+    # Samples come back from the log fraction of the incident energy as deposits in MeV:
+    # non-negative and, summed over a shower, below the incident energy.
+    run_pipeline("sample", "--run", str(run), "--num-samples", "4", "--num-steps", "4", "--label", "5000",
+                 "--out", str(tmp_path / "showers.npy"))
+    x = np.load(tmp_path / "showers.npy")
+    assert x.shape == (4, 1, 45, 16, 9) and bool((x >= 0).all()) and bool((x.sum((1, 2, 3, 4)) < 5000).all())

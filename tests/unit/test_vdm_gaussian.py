@@ -350,6 +350,8 @@ def test_gaussian_skip_is_the_regression_of_eps_on_z_and_its_moments_are_gathere
             m.after_micro_step(outs[0], gather)  # one module stands for every rank's: each adds all sums once
         return m
 
+    mu0, var0 = VDM(cfg, meta).denoiser.skip.moments()  # before any data: unit Gaussian
+    assert mu0.abs().max() == 0 and bool((var0 == 1).all())
     one = train_on([[b] for b in batches])
     two = train_on([[b[:32], b[32:]] for b in batches])
     data = torch.cat(batches).double()

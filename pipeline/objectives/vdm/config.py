@@ -51,7 +51,8 @@ class VDMConfig:
     mlp_layers: int = 3
     # "gaussian": eps_hat = the exact denoiser of independent Gaussian values with the data's
     # running per-value mean and variance + the network's correction (denoiser.GaussianSkip).
-    # Needed by an MLP narrower than the sample (mlp_hidden < its number of values).
+    # Needed by an MLP narrower than the sample (mlp_hidden < its number of values); helps data
+    # far from unit scale (phi^4 in the broken phase, docs/model_zoo.md).
     skip: Literal["none", "gaussian"] = "none"
     periodic: bool = True  # circular padding (periodic lattices)
     sample_steps: int | None = None  # default ancestral steps for continuous time (discrete: T - 1)

@@ -72,10 +72,12 @@ class GaussianSkip(nn.Module):
         self.count += count.to(self.count)
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if float(self.count) == 0:
-            return torch.zeros_like(self.sums[0]), torch.ones_like(self.sums[1])
-        mean = self.sums[0] / self.count
-        return mean, (self.sums[1] / self.count - mean**2).clamp_min(self.MIN_VAR)
+        """(mean, variance) per value; (0, 1) before any data (no host sync: a where, not an if)."""
+        seen = self.count > 0
+        n = self.count.clamp_min(1.0)
+        mean = self.sums[0] / n
+        var = (self.sums[1] / n - mean**2).clamp_min(self.MIN_VAR)
+        return torch.where(seen, mean, torch.zeros_like(mean)), torch.where(seen, var, torch.ones_like(var))
 
     def forward(self, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         mean, var = (m.to(z.dtype) for m in self.moments())

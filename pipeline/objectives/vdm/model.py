@@ -82,7 +82,7 @@ class VDM(SampledObjective):
             cfg.timestep_sampler, num_bins, cfg.importance_history, cfg.importance_uniform_mix
         )
         if denoiser is None:
-            # vdm.skip=gaussian: data moments that after_micro_step keeps up to date (_skip()).
+            # vdm.skip=gaussian: the data's moments, which after_micro_step keeps up to date.
             skip = GaussianSkip(self.sample_shape) if cfg.skip == "gaussian" else None
             denoiser = Denoiser(build_network(cfg, meta), cfg.emb_dim, meta, skip=skip)
         elif cfg.skip != "none":

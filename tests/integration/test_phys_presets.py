@@ -1,6 +1,6 @@
 """The phi^4 and calorimeter presets train through the CLI on data the sources write (a few
 steps each, shrunk data): `pipeline shards phi4` -> configs/vdm_phi4.yaml -> `pipeline
-evaluate` (observables vs the exact free field), the same with configs/gan_phi4.yaml at an
+evaluate` (observables vs the exact free field), configs/vdm_phi4_broken.yaml, the same with configs/gan_phi4.yaml at an
 interacting point (vs the HMC ensemble), and `pipeline
 shards calo` -> `pipeline shards hdf5` -> configs/vdm_calo.yaml (its full 45 x 16 x 9 geometry)."""
 
@@ -44,6 +44,24 @@ def test_vdm_phi4_preset_trains(tmp_path):
         assert isinstance(result[key], float) and math.isfinite(result[key]), key
     # A 3-step model is far from the field: its negative ELBO is above the exact NLL of the same configurations.
     assert result["nats_per_dim"] > result["nll_exact_nats_per_dim"]
+
+
+def test_vdm_phi4_broken_preset_trains_with_the_gaussian_skip(tmp_path):
+    """configs/vdm_phi4_broken.yaml (shrunk lattice, its broken-phase point): the Gaussian skip's
+    data moments are gathered while training and exported with the weights."""
+    from safetensors.torch import load_file
+
+    data, run = tmp_path / "phi4", tmp_path / "run"
+    run_pipeline("shards", "phi4", "--size", "8", "--kappa", "0.35", "--lam", "0.02", "--num-samples", "64",
+                 "--burn-in", "20", "--pilot", "40", "--num-chains", "16", "--out", str(data))
+    run_pipeline("train", "--config", "configs/vdm_phi4_broken.yaml", f"run.dir={run}", f"data.train_urls={data}",
+                 "vdm.channels=8", "vdm.emb_dim=16", *FEW_STEPS)
+    steps = _steps(run)
+    assert [r["step"] for r in steps] == [1, 2, 3] and all(math.isfinite(r["vdm/bits_per_dim"]) for r in steps)
+    weights = load_file(str(run / "export" / "weights.safetensors"))
+    assert float(weights["denoiser.skip.count"]) == 3 * 16  # 3 steps x 16 configurations
+    mean_sq = weights["denoiser.skip.sums"][1] / weights["denoiser.skip.count"]
+    assert float(mean_sq.mean()) > 2.0  # broken phase: sites far from unit scale (near +-3 at kappa 0.35)
 
 
 def test_gan_phi4_preset_trains(tmp_path):

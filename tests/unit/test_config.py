@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -143,10 +144,9 @@ def test_only_keys_the_user_set_are_refused_not_defaults(tmp_path):
         load_config(yml)
 
 
-@pytest.mark.parametrize("preset", ["quickstart", "vdm_ising", "vdm_digits", "vdm_grf2d", "gan_ising", "gan_digits",
-                                    "gan_gmm"])
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (Path(__file__).parents[2] / "configs").glob("*.yaml")))
 def test_every_preset_sets_only_keys_its_objective_reads(preset):
-    load_config(f"configs/{preset}.yaml")
+    load_config(Path(__file__).parents[2] / "configs" / f"{preset}.yaml")
 
 
 # ---------------------------------------------------------------- issue 15 item 8: credentials in config values

@@ -16,9 +16,6 @@ from pipeline.errors import ConfigError
 if TYPE_CHECKING:
     from pipeline.data.meta import DataMeta
 
-# The transforms objectives/data_space.py implements (its TRANSFORMS; this module stays torch-free).
-DATA_TRANSFORMS = ("none", "log-label-fraction")
-
 
 @dataclass
 class VDMConfig:
@@ -87,11 +84,6 @@ class VDMConfig:
                               "blocks to checkpoint (use architecture unet or auto with 2D/3D fields)")
         if self.sample_steps is not None and self.sample_steps < 1:
             raise ConfigError(f"vdm.sample_steps must be >= 1 or null, got {self.sample_steps}")
-        if self.skip not in ("none", "gaussian"):
-            raise ConfigError(f"vdm.skip={self.skip!r} is not allowed; use one of 'none', 'gaussian'")
-        if self.data_transform not in DATA_TRANSFORMS:
-            raise ConfigError(f"vdm.data_transform={self.data_transform!r} is not allowed; "
-                              f"use one of {', '.join(DATA_TRANSFORMS)}")
         if not 0.0 < self.data_transform_floor < 0.1:
             raise ConfigError(f"vdm.data_transform_floor must be in (0, 0.1) (a fraction of the label), "
                               f"got {self.data_transform_floor}")

@@ -26,14 +26,24 @@ def _steps(run) -> list[dict]:
     return [r for r in rows if "vdm/bits_per_dim" in r]
 
 
-def test_vdm_phi4_preset_trains(tmp_path):
-    data, run = tmp_path / "phi4", tmp_path / "run"
-    run_pipeline("shards", "phi4", "--size", "8", "--kappa", "0.2", "--lam", "0", "--num-samples", "128",
-                 "--burn-in", "20", "--pilot", "40", "--num-chains", "32", "--out", str(data))
-    run_pipeline("train", "--config", "configs/vdm_phi4.yaml", f"run.dir={run}", f"data.train_urls={data}",
+def _phi4_shards(data, kappa: str, lam: str, num_samples: int, num_chains: int) -> None:
+    """A shrunk (8x8, short HMC) phi^4 shard set at (kappa, lambda)."""
+    run_pipeline("shards", "phi4", "--size", "8", "--kappa", kappa, "--lam", lam, "--num-samples", str(num_samples),
+                 "--burn-in", "20", "--pilot", "40", "--num-chains", str(num_chains), "--out", str(data))
+
+
+def _train_vdm_three_steps(config: str, run, data) -> None:
+    """``config`` with a small UNet for FEW_STEPS; each of the 3 steps logs a finite ELBO estimate."""
+    run_pipeline("train", "--config", config, f"run.dir={run}", f"data.train_urls={data}",
                  "vdm.channels=8", "vdm.emb_dim=16", *FEW_STEPS)
     steps = _steps(run)
     assert [r["step"] for r in steps] == [1, 2, 3] and all(math.isfinite(r["vdm/bits_per_dim"]) for r in steps)
+
+
+def test_vdm_phi4_preset_trains(tmp_path):
+    data, run = tmp_path / "phi4", tmp_path / "run"
+    _phi4_shards(data, "0.2", "0", num_samples=128, num_chains=32)
+    _train_vdm_three_steps("configs/vdm_phi4.yaml", run, data)
     r = run_pipeline("evaluate", "--run", str(run), "--data", str(data), "--num-samples", "32", "--num-steps", "4",
                      "--elbo-num-samples", "8", "--elbo-noise-samples", "2")
     result = json.loads(r.stdout.strip().splitlines()[-1])
@@ -52,12 +62,8 @@ def test_vdm_phi4_broken_preset_trains_with_the_gaussian_skip(tmp_path):
     from safetensors.torch import load_file
 
     data, run = tmp_path / "phi4", tmp_path / "run"
-    run_pipeline("shards", "phi4", "--size", "8", "--kappa", "0.35", "--lam", "0.02", "--num-samples", "64",
-                 "--burn-in", "20", "--pilot", "40", "--num-chains", "16", "--out", str(data))
-    run_pipeline("train", "--config", "configs/vdm_phi4_broken.yaml", f"run.dir={run}", f"data.train_urls={data}",
-                 "vdm.channels=8", "vdm.emb_dim=16", *FEW_STEPS)
-    steps = _steps(run)
-    assert [r["step"] for r in steps] == [1, 2, 3] and all(math.isfinite(r["vdm/bits_per_dim"]) for r in steps)
+    _phi4_shards(data, "0.35", "0.02", num_samples=64, num_chains=16)
+    _train_vdm_three_steps("configs/vdm_phi4_broken.yaml", run, data)
     weights = load_file(str(run / "export" / "weights.safetensors"))
     assert float(weights["denoiser.skip.count"]) == 3 * 16  # 3 steps x 16 configurations
     mean_sq = weights["denoiser.skip.sums"][1] / weights["denoiser.skip.count"]
@@ -69,8 +75,7 @@ def test_gan_phi4_preset_trains(tmp_path):
     circular padding read from the manifest's boundary, 3 steps, then `pipeline evaluate`
     against the HMC ensemble (lambda > 0: no exact reference)."""
     data, run = tmp_path / "phi4", tmp_path / "run"
-    run_pipeline("shards", "phi4", "--size", "8", "--kappa", "0.22", "--lam", "0.02", "--num-samples", "128",
-                 "--burn-in", "20", "--pilot", "40", "--num-chains", "32", "--out", str(data))
+    _phi4_shards(data, "0.22", "0.02", num_samples=128, num_chains=32)
     run_pipeline("train", "--config", "configs/gan_phi4.yaml", f"run.dir={run}", f"data.train_urls={data}",
                  "gan.channels=[8,16]", "gan.latent_dim=8", *FEW_STEPS)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

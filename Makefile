@@ -11,8 +11,9 @@ RUN    ?= runs/quickstart
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist): most integration tests launch processes that spend seconds in
 # imports, rendezvous and SLURM polling with a core idle, so 2 workers keep both cores busy;
-# tests that share a resource are grouped (xdist_group) onto one worker. TEST_WORKERS=0 runs
-# everything in this process.
+# tests that share a resource, or a module-scoped fixture that launches training, are grouped
+# (xdist_group) onto one worker, so that fixture runs once and not once per worker.
+# TEST_WORKERS=0 runs everything in this process.
 TEST_WORKERS ?= 2
 
 .PHONY: venv quickstart test test-unit data clean device-wheels

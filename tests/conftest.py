@@ -15,14 +15,23 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# DeepSpeed JIT-compiles a CPU comm op into TORCH_EXTENSIONS_DIR behind a lock file that torch
-# waits on forever (polling) while it exists. A build killed half-way (a timed-out or
-# interrupted test) leaves the lock behind, and every later DeepSpeed process, this session's
-# or the next CI run's, sleeps until its test times out. A directory of this session's own
-# cannot hold another session's stale lock; the one build costs ~30 s.
+# DeepSpeed JIT-compiles a CPU comm op (shared-memory all-reduce) into TORCH_EXTENSIONS_DIR,
+# ~25 s of g++ on an idle core, more under the suite's load. Newer torch guards the build with
+# an OS advisory lock (filelock), which the kernel drops when its holder dies: one directory
+# beside the venv is then safe to share between make test's workers and between runs, and the
+# op is built once, not once per worker per run. Older torch guarded it with a lock *file*
+# whose mere existence blocks every later build forever (pytorch/pytorch#189245) once a build
+# is killed half-way (a timed-out test): there, a directory of this session's own.
 if "TORCH_EXTENSIONS_DIR" not in os.environ:
-    os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="pipeline-torch-ext-")
-    atexit.register(shutil.rmtree, os.environ["TORCH_EXTENSIONS_DIR"], ignore_errors=True)
+    import inspect
+
+    from torch.utils import cpp_extension
+
+    if "FileLock(" in inspect.getsource(cpp_extension._jit_compile):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch-extensions")
+    else:
+        os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="pipeline-torch-ext-")
+        atexit.register(shutil.rmtree, os.environ["TORCH_EXTENSIONS_DIR"], ignore_errors=True)
 
 
 def free_port() -> int:

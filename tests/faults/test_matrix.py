@@ -24,7 +24,9 @@ from tests.faults.runs import (
     subprocess_run, tree,
 )
 
-pytestmark = pytest.mark.integration
+# One xdist worker runs the whole module, so its module-scoped fixture runs once, not once per
+# worker (Makefile, TEST_WORKERS).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("fault_matrix")]
 
 Paths = Callable[[Fixtures, Path], list[str]]
 

@@ -13,7 +13,7 @@ import pytest
 from tests import conftest
 from tests.integration.test_exact_resume import (
     EVERY, NUM_STEPS, Launch, assert_bitwise_equal, final_state, latest, logged_steps, metric_rows, _start_reference,
-    reference_run, runs_root, train_args,
+    TRAIN_RUNS, reference_run, runs_root, train_args,
 )
 
 pytestmark = pytest.mark.integration
@@ -38,6 +38,7 @@ def _committed(run) -> list[int]:
     return [e["step"] for e in events if e.get("event") == "checkpoint"]
 
 
+@TRAIN_RUNS
 def test_sigkill_of_one_rank_during_an_async_save_loses_nothing(runs_root, ising_shards):
     from pipeline.train.checkpoint import CheckpointError, validate
 

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import run_pipeline
 from tests.integration.test_exact_resume import (
-    EVERY, NUM_STEPS, Launch, killed_run, latest, logged_steps, metric_rows, runs_root, train_args,
+    EVERY, NUM_STEPS, TRAIN_RUNS, Launch, killed_run, latest, logged_steps, metric_rows, runs_root, train_args,
 )
 
 pytestmark = pytest.mark.integration
@@ -40,6 +40,7 @@ def _assert_metrics_finite(run, objective):
         assert row["train/samples_seen"] == step * 2 * 8
 
 
+@TRAIN_RUNS
 @pytest.mark.parametrize("objective", ["vdm", "gan"])
 def test_ddp_resume_continues(objective, runs_root, ising_shards):
     killed = killed_run(objective, runs_root, ising_shards)

@@ -12,7 +12,9 @@ import pytest
 
 from tests.conftest import run_pipeline
 
-pytestmark = pytest.mark.integration
+# One xdist worker runs the whole module, so its module-scoped fixture runs once, not once per
+# worker (Makefile, TEST_WORKERS).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("bench_scale")]
 MB = 2**20
 # DeepSpeed's documented default stage3_param_persistence_threshold: ZeRO-3 keeps parameters of at
 # most this many elements whole on every rank (beside their partition) instead of releasing them.

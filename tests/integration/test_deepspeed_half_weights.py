@@ -13,7 +13,9 @@ import pytest
 
 from tests.conftest import run_pipeline
 
-pytestmark = pytest.mark.integration
+# One xdist worker runs the whole module, so its module-scoped fixture runs once, not once per
+# worker (Makefile, TEST_WORKERS).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("deepspeed_half_weights")]
 
 COMMON = ["train.num_steps=2", "train.warmup_steps=0", "train.log_every_steps=1", "data.batch_per_rank=8",
           "data.num_workers=0", "track.wandb=off", "track.progress_bar=false", "train.num_sample_images=4",

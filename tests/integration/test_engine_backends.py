@@ -9,8 +9,8 @@ share one checkpoint directory:
 3. 2 processes: resume the 1-process checkpoint (1 -> 2).
 
 Every restored parameter, Adam moment, EMA weight and LR is compared bitwise with what was
-saved. The first DeepSpeed launch JIT-compiles a comm op (~30 s, cached afterwards in
-~/.cache/torch_extensions).
+saved. The first DeepSpeed launch JIT-compiles a comm op (~25 s, kept beside the venv afterwards:
+tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from tests.conftest import free_port
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_toy import TRAIN  # noqa: E402
 
-pytestmark = pytest.mark.integration
+# One xdist worker runs the whole module, so its module-scoped fixture runs once, not once per
+# worker (Makefile, TEST_WORKERS).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("engine_backends")]
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY = Path(__file__).with_name("engine_toy.py")

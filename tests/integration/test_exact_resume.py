@@ -272,6 +272,11 @@ def killed_run(objective: str, root: Path, shards: Path) -> KilledRun:
     return _CACHE[key]["info"]
 
 
+# The killed and reference runs are cached per process (_CACHE, under the session's runs_root):
+# every test that uses them runs on one xdist worker, so each is trained once, not once per worker.
+TRAIN_RUNS = pytest.mark.xdist_group("train_runs")
+
+
 @pytest.fixture(scope="session")
 def runs_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("train-runs")
@@ -280,6 +285,7 @@ def runs_root(tmp_path_factory) -> Path:
 # --------------------------------------------------------------------------- tests
 
 
+@TRAIN_RUNS
 @pytest.mark.parametrize("objective", ["vdm", "gan"])
 def test_sigkill_one_rank_then_resume_is_bitwise_equal_to_uninterrupted(objective, runs_root, ising_shards):
     killed = killed_run(objective, runs_root, ising_shards)  # starts the reference beside it

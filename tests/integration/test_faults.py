@@ -15,7 +15,7 @@ import torch
 from tests.conftest import REPO, run_pipeline
 from tests.integration.test_exact_resume import (
     NUM_STEPS, Launch, assert_bitwise_equal, final_state, killed_run, latest, logged_steps, metric_rows,
-    phase_state, reference_run, runs_root, train_args, wait_for_step,
+    TRAIN_RUNS, phase_state, reference_run, runs_root, train_args, wait_for_step,
 )
 from tests.integration.test_multinode import HANG_TIMEOUT_S, two_node_run
 
@@ -25,6 +25,7 @@ __all__ = ["runs_root"]  # the shared fixture, re-exported for this module
 TIMEOUT_S = 20  # engine.timeout_s of the shared runs (test_exact_resume.COMMON)
 
 
+@TRAIN_RUNS
 def test_dead_rank_stops_survivor_and_launcher_quickly(runs_root, ising_shards):
     killed = killed_run("vdm", runs_root, ising_shards)
     # Measured: about 1 s (gloo sees the peer's socket close; the elastic agent tears down).
@@ -131,6 +132,7 @@ def _exit_codes(log: str) -> list[int]:
     return [int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", log)]
 
 
+@TRAIN_RUNS
 def test_signals_checkpoint_exit_75_and_resume_exactly(runs_root, ising_shards, tmp_path):
     """SIGUSR1 to the workers (as `srun`/`scancel --signal` delivers it), then SIGTERM to the
     launcher (forwarded to the workers): each time a checkpoint at the current step and exit

@@ -28,7 +28,9 @@ import torch
 from tests.conftest import REPO, subprocess_env
 from tests.integration.test_exact_resume import Launch, _flatten, latest, metric_rows, train_args
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# One xdist worker runs the whole module, so its module-scoped fixture runs once, not once per
+# worker (Makefile, TEST_WORKERS).
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("gan_sharded_resume")]
 
 N = 3  # steps before the stop; the runs end at 2N
 GLOBAL_BATCH = 16  # 2 ranks x data.batch_per_rank=8 (train_args), or 1 x 16

@@ -28,7 +28,9 @@ from safetensors.torch import load_file
 from tests.conftest import accelerate_launch, run_pipeline
 from tests.integration.test_exact_resume import phase_state
 
-pytestmark = pytest.mark.integration
+# One xdist worker runs the whole module, so its module-scoped fixture runs once, not once per
+# worker (Makefile, TEST_WORKERS).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("gan_training")]
 
 TINY = ["gan.channels=[8,16]", "gan.latent_dim=8", "train.log_every_steps=1", "data.num_workers=0",
         "track.progress_bar=false", "train.num_sample_images=16"]

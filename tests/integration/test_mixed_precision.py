@@ -14,7 +14,9 @@ import torch
 
 from tests.conftest import free_port
 
-pytestmark = pytest.mark.integration
+# One xdist worker runs the whole module, so its module-scoped fixture runs once, not once per
+# worker (Makefile, TEST_WORKERS).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("mixed_precision")]
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY = Path(__file__).with_name("precision_toy.py")

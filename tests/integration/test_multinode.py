@@ -19,7 +19,9 @@ import pytest
 from tests.conftest import free_port
 from tests.integration.test_exact_resume import Launch, latest, logged_steps, train_args, wait_for_step
 
-pytestmark = pytest.mark.integration
+# One xdist worker runs the whole module, so its module-scoped fixture runs once, not once per
+# worker (Makefile, TEST_WORKERS).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("multinode")]
 
 HANG_TIMEOUT_S = 15  # engine.timeout_s of this run
 

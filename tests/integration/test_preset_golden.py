@@ -10,7 +10,9 @@ import pytest
 
 from tests.golden.presets import CASES, GOLDEN, run_case, write_datasets
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# One xdist worker runs the whole module, so its module-scoped fixture runs once, not once per
+# worker (Makefile, TEST_WORKERS).
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("preset_golden")]
 
 
 @pytest.fixture(scope="module")

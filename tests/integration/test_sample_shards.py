@@ -17,7 +17,9 @@ import pytest
 
 from tests.conftest import REPO, accelerate_launch, run_pipeline, subprocess_env
 
-pytestmark = pytest.mark.integration
+# One xdist worker runs the whole module, so its module-scoped fixture runs once, not once per
+# worker (Makefile, TEST_WORKERS).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("sample_shards")]
 
 TRAIN_TINY = ["train.num_steps=3", "train.checkpoint_every_steps=3", "train.warmup_steps=0", "vdm.channels=8",
               "data.batch_per_rank=16", "data.num_workers=0", "track.wandb=off", "track.progress_bar=false"]

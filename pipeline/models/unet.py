@@ -10,8 +10,14 @@ The same network serves samples [C, L], [C, H, W] and [C, D, H, W] (``ndim`` = 1
 the convolutions are looked up once by ``ndim`` and everything else (GroupNorm, FiLM) does
 not depend on the number of spatial dimensions. With circular padding the stride-2
 down-sampling and the kernel-2 stride-2 up-sampling make the whole network equivariant to
-circular shifts by an even number of sites along each axis (an odd shift moves the
-down-sampling grid by half a coarse site).
+circular shifts by a multiple of 2^levels sites along each axis (another shift moves a
+down-sampling grid by part of a coarse site).
+
+``levels`` > 1 adds down-sampling levels below the first (2 * channels wide each). Why: one
+level sees about 10 sites around each output, so the modes of the box's largest wavelengths
+(k = 0 and the first shells of a 16^3 or 32^2 periodic field) are out of its reach, and the
+samples' power there is wrong however long it trains (docs/model_zoo.md, grf2d and grf3d);
+with L levels the receptive field grows as ~2^L sites per block.
 """
 
 from __future__ import annotations
@@ -58,19 +64,34 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+class _Level(nn.Module):
+    """One down-sampling level below the UNet's first, ``channels`` wide throughout."""
+
+    def __init__(self, channels: int, emb_dim: int, padding_mode: str, ndim: int):
+        super().__init__()
+        conv, conv_transpose = _convs(ndim)
+        self.down = conv(channels, channels, 3, stride=2, padding=1, padding_mode=padding_mode)
+        self.enc = ResBlock(channels, channels, emb_dim, padding_mode, ndim)
+        self.up = conv_transpose(channels, channels, 2, stride=2)
+        self.dec = ResBlock(2 * channels, channels, emb_dim, padding_mode, ndim)
+
+
 class UNet(nn.Module):
     """eps_hat = UNet(z, emb): [B, C, *S] -> [B, C, *S], conditioned on emb [B, emb_dim],
     where S is (L,), (H, W) or (D, H, W) for ``ndim`` = 1, 2 or 3.
 
-    Levels: ``channels`` at S, ``2 * channels`` at S/2 (every spatial size must be even).
+    Levels: ``channels`` at S, ``2 * channels`` at S/2 ... S/2^levels (every spatial size a
+    multiple of 2^levels).
     The output convolution starts at zero so the initial prediction is eps_hat = 0.
     """
 
     def __init__(self, in_channels: int, channels: int = 16, emb_dim: int = 64, periodic: bool = True,
-                 ndim: int = 2, activation_checkpointing: bool = False):
+                 ndim: int = 2, activation_checkpointing: bool = False, levels: int = 1):
         super().__init__()
-        if in_channels < 1 or channels < 1:
-            raise ValueError(f"UNet needs in_channels >= 1 and channels >= 1, got {in_channels}, {channels}")
+        if in_channels < 1 or channels < 1 or levels < 1:
+            raise ValueError(f"UNet needs in_channels >= 1, channels >= 1 and levels >= 1, "
+                             f"got {in_channels}, {channels}, {levels}")
+        self.levels = levels
         conv, conv_transpose = _convs(ndim)
         self.ndim = ndim
         self.activation_checkpointing = activation_checkpointing
@@ -88,15 +109,26 @@ class UNet(nn.Module):
         self.out = conv(c, in_channels, 3, padding=1, padding_mode=pm)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        # Levels below the first, created last so that levels=1 draws the same initial weights
+        # from a seed as before they existed. Each: down-sample, block; up-sample, block on the
+        # concatenation with its input (the U's skip).
+        self.deeper = nn.ModuleList(_Level(c2, emb_dim, pm, ndim) for _ in range(levels - 1))
 
     def forward(self, z: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         spatial = tuple(z.shape[2:])
-        if z.dim() != self.ndim + 2 or any(s % 2 for s in spatial):
+        if z.dim() != self.ndim + 2 or any(s % 2**self.levels for s in spatial):
             names = {1: "[B, C, L]", 2: "[B, C, H, W]", 3: "[B, C, D, H, W]"}[self.ndim]
-            raise ValueError(f"UNet(ndim={self.ndim}) needs input {names} with every spatial size even "
-                             f"(one stride-2 down-sampling level), got {tuple(z.shape)}")
+            raise ValueError(f"UNet(ndim={self.ndim}, levels={self.levels}) needs input {names} with every spatial "
+                             f"size a multiple of {2**self.levels} (one stride-2 down-sampling per level), "
+                             f"got {tuple(z.shape)}")
         h0 = self._block(self.enc, self.inp(z), emb)
         h = self._block(self.mid, self.down(h0), emb)
+        skips = []
+        for level in self.deeper:
+            skips.append(h)
+            h = self._block(level.enc, level.down(h), emb)
+        for level in reversed(self.deeper):
+            h = self._block(level.dec, torch.cat([level.up(h), skips.pop()], dim=1), emb)
         h = self._block(self.dec, torch.cat([self.up(h), h0], dim=1), emb)
         return self.out(F.silu(self.out_norm(h)))
 

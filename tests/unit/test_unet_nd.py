@@ -194,7 +194,7 @@ def test_film_conditions_each_sample(ndim):
 ])
 def test_odd_size_or_wrong_rank_names_the_shape(ndim, shape):
     net = _net(ndim)
-    with pytest.raises(ValueError, match=rf"ndim={ndim}.*even.*{tuple(shape)}".replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=rf"ndim={ndim}, levels=1.*multiple of 2 .*{tuple(shape)}".replace("(", r"\(").replace(")", r"\)")):
         net(torch.zeros(shape), torch.zeros(shape[0], 16))
 
 

@@ -40,6 +40,9 @@ class VDMConfig:
     data_transform_floor: float = 1e-8
     architecture: Literal["auto", "unet", "mlp"] = "auto"  # auto: unet for [C, H, W], mlp otherwise
     channels: int = 16  # UNet width at full resolution
+    # UNet down-sampling levels (2 * channels below the first): more reach the box's largest
+    # wavelengths (models/unet.py); every spatial size must be a multiple of 2^unet_levels.
+    unet_levels: int = 1
     # Recompute each UNet residual block's activations in backward instead of keeping them
     # (memory for compute; gradients unchanged). UNet only.
     activation_checkpointing: bool = False
@@ -76,7 +79,7 @@ class VDMConfig:
             raise ConfigError("vdm.importance_history and vdm.importance_num_bins must be >= 1")
         if not 0.0 < self.importance_uniform_mix <= 1.0:
             raise ConfigError(f"vdm.importance_uniform_mix must be in (0, 1], got {self.importance_uniform_mix}")
-        for name in ("channels", "emb_dim", "mlp_hidden", "mlp_layers"):
+        for name in ("channels", "unet_levels", "emb_dim", "mlp_hidden", "mlp_layers"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"vdm.{name} must be positive, got {getattr(self, name)}")
         if self.activation_checkpointing and self.architecture == "mlp":
@@ -94,14 +97,25 @@ class VDMConfig:
         features, so a 1D UNet is asked for by name. ConfigError when a UNet is asked for
         samples it cannot take."""
         fields = 2 <= len(sample_shape) <= 4 and all(s % 2 == 0 for s in sample_shape[1:])
-        if self.architecture == "auto":
-            return "unet" if fields and len(sample_shape) >= 3 else "mlp"
         if self.architecture == "unet" and not fields:
             raise ConfigError(
                 f"vdm.architecture=unet needs samples [C, L], [C, H, W] or [C, D, H, W] with even spatial sizes; "
                 f"got {tuple(sample_shape)} (the data's sample shape); use vdm.architecture=mlp (or auto)"
             )
-        return self.architecture
+        if self.architecture == "auto":
+            chosen = "unet" if fields and len(sample_shape) >= 3 else "mlp"
+        else:
+            chosen = self.architecture
+        step = 2**self.unet_levels
+        if chosen == "unet" and any(s % step for s in sample_shape[1:]):
+            fit = max(k for k in range(1, 16) if all(s % 2**k == 0 for s in sample_shape[1:]))
+            raise ConfigError(
+                f"vdm.unet_levels={self.unet_levels} needs every spatial size a multiple of {step}; the data's "
+                f"samples are {tuple(sample_shape)}: use vdm.unet_levels <= {fit}")
+        if chosen == "mlp" and self.unet_levels != 1:
+            raise ConfigError(f"vdm.unet_levels={self.unet_levels} applies to the UNet; samples {tuple(sample_shape)} "
+                              f"get the MLP (vdm.architecture={self.architecture}): leave vdm.unet_levels at 1")
+        return chosen
 
     def reads_labels(self, meta: "DataMeta") -> bool:
         """Whether training reads each sample's label: a VDM conditions on the data's labels

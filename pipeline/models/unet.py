@@ -13,11 +13,11 @@ down-sampling and the kernel-2 stride-2 up-sampling make the whole network equiv
 circular shifts by a multiple of 2^levels sites along each axis (another shift moves a
 down-sampling grid by part of a coarse site).
 
-``levels`` > 1 adds down-sampling levels below the first (2 * channels wide each). Why: one
-level sees about 10 sites around each output, so the modes of the box's largest wavelengths
-(k = 0 and the first shells of a 16^3 or 32^2 periodic field) are out of its reach, and the
-samples' power there is wrong however long it trains (docs/model_zoo.md, grf2d and grf3d);
-with L levels the receptive field grows as ~2^L sites per block.
+``levels`` > 1 adds down-sampling levels below the first (2 * channels wide each). Why: the
+convolutions of one level reach 12 sites from each output (tests/unit/test_unet_levels.py),
+so the modes of the box's largest wavelengths (k = 0 and the first shells of a 32^2 periodic
+field) are out of their reach and the samples' power there stays off (docs/model_zoo.md,
+grf2d); each added level doubles the reach of the blocks below it.
 """
 
 from __future__ import annotations

@@ -190,6 +190,8 @@ CASES = [
          ("gan.conditional=true but the data has no labels (its manifest says label_kind='none')",)),
     Case("unet-on-vectors", "10", _train(VDM, GMM, "vdm.architecture=unet"), 2,
          ("vdm.architecture=unet needs samples [C, L], [C, H, W] or [C, D, H, W]", "got (2,)")),
+    Case("unet-levels-on-vectors", "10", _train(VDM, GMM, "vdm.unet_levels=2"), 2,
+         ("vdm.unet_levels=2 applies to the UNet; samples (2,) get the MLP", "leave vdm.unet_levels at 1")),
     Case("label-fraction-transform-on-unlabelled-data", "10", _train(VDM, GMM, "vdm.data_transform=log-label-fraction"),
          2, ("vdm.data_transform=log-label-fraction divides each sample by its continuous label",
              "label_kind 'none'; use vdm.data_transform=none")),

@@ -174,6 +174,7 @@ RESUME_SILENT_KEYS = frozenset({
     "run.dir", "run.name", "train.num_steps", "train.log_every_steps", "train.checkpoint_every_steps",
     "train.keep_last_checkpoints", "train.keep_every_steps", "train.async_checkpoint",
     "train.sample_every_steps", "train.num_sample_images", "train.max_bad_steps", "data.verify", "engine.timeout_s",
+    "vdm.sample_grid",  # where a trained model is sampled, not what it learns
 })
 RESUME_SILENT_SECTIONS = ("track",)
 

@@ -88,7 +88,7 @@ def register(bench_subparsers) -> None:
     p.add_argument("--num-samples", type=int, default=2000, help="samples per cell (default 2000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (default 0)")
-    p.add_argument("--grid", default="time", help="time (default) or logsnr")
+    p.add_argument("--grid", default="time", help="time (default), logsnr or spin-variance")
     p.set_defaults(func=_main)
 
 

@@ -39,7 +39,8 @@ def register(subparsers) -> None:
     p.add_argument("--num-steps", type=int, default=None, help="sampling steps (diffusion models)")
     p.add_argument("--sampler", default=None, help="VDMs: ancestral (default), ddim or dpm-solver")
     p.add_argument("--eta", type=float, default=None, help="--sampler ddim: noise scale in [0, 1] (default 0)")
-    p.add_argument("--grid", default=None, help="VDMs: noise levels uniform in time (default) or logsnr")
+    p.add_argument("--grid", default=None, help="VDMs: noise levels uniform in time, in logsnr, or "
+                   "spin-variance (+-1 spins); default: the model's vdm.sample_grid")
     p.add_argument("--temperature", type=float, action="append", default=None,
                    help="Ising: evaluate at this temperature (repeat for several); default: those in the data")
     p.add_argument("--elbo-num-samples", type=int, default=256,

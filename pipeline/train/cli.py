@@ -37,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--sampler", default=None, help="VDMs: ancestral (default), ddim or dpm-solver")
     s.add_argument("--eta", type=float, default=None, help="--sampler ddim: noise scale in [0, 1] (default 0: "
                    "deterministic)")
-    s.add_argument("--grid", default=None, help="VDMs: noise levels uniform in time (default) or in logsnr "
-                   "(continuous time)")
+    s.add_argument("--grid", default=None, help="VDMs: noise levels uniform in time, in logsnr, or "
+                   "spin-variance (+-1 spins); the last two in continuous time (default: the model's vdm.sample_grid)")
     s.add_argument("--label", type=float, action="append", default=None,
                    help="condition on this label (class index or temperature); repeat to cycle over several")
     s.add_argument("--png", default=None, help="also write a PNG grid of the samples here (.npy output; "

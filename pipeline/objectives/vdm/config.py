@@ -56,6 +56,8 @@ class VDMConfig:
     skip: Literal["none", "gaussian"] = "none"
     periodic: bool = True  # circular padding (periodic lattices)
     sample_steps: int | None = None  # default ancestral steps for continuous time (discrete: T - 1)
+    # Default grid of noise levels for sampling (``--grid`` overrides it): see SamplerConfig.
+    sample_grid: str = "time"
 
     def validate(self) -> None:
         T = self.num_timesteps
@@ -87,6 +89,11 @@ class VDMConfig:
                               "blocks to checkpoint (use architecture unet or auto with 2D/3D fields)")
         if self.sample_steps is not None and self.sample_steps < 1:
             raise ConfigError(f"vdm.sample_steps must be >= 1 or null, got {self.sample_steps}")
+        if self.sample_grid not in GRID_SPACINGS:
+            raise ConfigError(f"unknown vdm.sample_grid {self.sample_grid!r}; allowed: {', '.join(GRID_SPACINGS)}")
+        if self.sample_grid != "time" and T != 0:
+            raise ConfigError(f"vdm.sample_grid={self.sample_grid} needs continuous time (vdm.num_timesteps=0): a "
+                              f"discrete-time model knows only the noise levels of its T latents; use time")
         if not 0.0 < self.data_transform_floor < 0.1:
             raise ConfigError(f"vdm.data_transform_floor must be in (0, 0.1) (a fraction of the label), "
                               f"got {self.data_transform_floor}")
@@ -132,6 +139,9 @@ class VDMConfig:
         if meta.label_kind == "class" and (not meta.num_classes or meta.num_classes < 1):
             raise ConfigError(f"label_kind 'class' needs num_classes >= 1 in the data's manifest, got {meta.num_classes}")
         self.resolve_architecture(tuple(meta.sample_shape))
+        if self.sample_grid == "spin-variance" and meta.data_kind != "spins":
+            raise ConfigError(f"vdm.sample_grid=spin-variance places the noise levels by the posterior variance of "
+                              f"a +-1 spin; the data's manifest says data_kind {meta.data_kind!r}: use time or logsnr")
         if self.data_transform == "log-label-fraction":
             if meta.data_kind != "continuous" or meta.label_kind != "continuous":
                 raise ConfigError(
@@ -146,7 +156,7 @@ class VDMConfig:
                                   f"manifest has labels down to {lowest}")
 
 SAMPLER_NAMES = ("ancestral", "ddim", "dpm-solver")
-GRID_SPACINGS = ("time", "logsnr")
+GRID_SPACINGS = ("time", "logsnr", "spin-variance")
 
 
 @dataclass(frozen=True)
@@ -156,10 +166,12 @@ class SamplerConfig:
 
     name: str = "ancestral"
     eta: float | None = None  # DDIM only: 0 = deterministic (probability-flow), 1 = ancestral; default 0
-    # Grid of noise levels: "time" is uniform in t (every sampler's default; for a linear schedule it is
-    # also uniform in log-SNR), "logsnr" uniform in lambda = -gamma/2 (DPM-Solver++'s choice, Lu et al.
-    # 2022 sec. 3.4), continuous time only.
-    spacing: str = "time"
+    # Grid of noise levels: "time" is uniform in t (for a linear schedule it is also uniform in log-SNR),
+    # "logsnr" uniform in lambda = -gamma/2 (DPM-Solver++'s choice, Lu et al. 2022 sec. 3.4),
+    # "spin-variance" (+-1 spins) a density of levels following the posterior variance of one spin
+    # (samplers.spin_variance_grid); the last two in continuous time only. None: the model's
+    # vdm.sample_grid ("time" unless the preset says otherwise).
+    spacing: str | None = None
 
     def validate(self) -> None:
         if self.name not in SAMPLER_NAMES:
@@ -168,11 +180,11 @@ class SamplerConfig:
             raise ConfigError(f"--eta applies to --sampler ddim only, not to {self.name!r}")
         if self.eta is not None and not 0.0 <= self.eta <= 1.0:
             raise ConfigError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: ancestral), got {self.eta}")
-        if self.spacing not in GRID_SPACINGS:
+        if self.spacing is not None and self.spacing not in GRID_SPACINGS:
             raise ConfigError(f"unknown grid spacing {self.spacing!r}; allowed: {', '.join(GRID_SPACINGS)}")
 
     def as_dict(self) -> dict:
-        return {"sampler": self.name, "eta": self.eta, "grid": self.spacing}
+        return {"sampler": self.name, "eta": self.eta, "grid": self.spacing or "model default (vdm.sample_grid)"}
 
 
 def sampler_from_options(name: str | None, eta: float | None, grid: str | None) -> SamplerConfig | None:
@@ -180,4 +192,4 @@ def sampler_from_options(name: str | None, eta: float | None, grid: str | None) 
     default, and the only value a model that samples in one pass accepts)."""
     if name is None and eta is None and grid is None:
         return None
-    return SamplerConfig(name=name or "ancestral", eta=eta, spacing=grid or "time")
+    return SamplerConfig(name=name or "ancestral", eta=eta, spacing=grid)

@@ -318,26 +318,33 @@ class VDM(SampledObjective):
         idx = torch.from_numpy(np.round(np.linspace(0, K, n + 1)).astype(np.int64))
         return (idx.float() / K).to(device)
 
-    def sample_gammas(self, num_steps: int | None, device, spacing: str = "time") -> torch.Tensor:
+    def sample_gammas(self, num_steps: int | None, device, spacing: str | None = None) -> torch.Tensor:
         """gamma at the grid's n + 1 points, increasing: uniform in t (``time``) or, in continuous
-        time, uniform in log-SNR (``logsnr``; the network takes gamma, so no time needs inverting)."""
+        time, uniform in log-SNR (``logsnr``; the network takes gamma, so no time needs inverting)
+        or following a spin's posterior variance (``spin-variance``, spin data only). None: the
+        model's ``vdm.sample_grid``."""
+        spacing = spacing or self.cfg.sample_grid
         taus = self.sample_grid(num_steps, device)
         if spacing == "time":
             return self.schedule(taus)[0]
-        if spacing != "logsnr":
-            raise ValueError(f"unknown grid spacing {spacing!r}; allowed: time, logsnr")
+        if spacing not in ("logsnr", "spin-variance"):
+            raise ValueError(f"unknown grid spacing {spacing!r}; allowed: time, logsnr, spin-variance")
         if not self.continuous:
-            raise ValueError("--grid logsnr needs a continuous-time VDM (vdm.num_timesteps=0): a discrete-time "
+            raise ValueError(f"--grid {spacing} needs a continuous-time VDM (vdm.num_timesteps=0): a discrete-time "
                              "model knows only the noise levels of its T latents; use --grid time")
         g0, g1 = self.endpoints(device)
-        return torch.linspace(float(g0), float(g1), len(taus), device=device)
+        if spacing == "logsnr":
+            return torch.linspace(float(g0), float(g1), len(taus), device=device)
+        if self.meta.data_kind != "spins":
+            raise ValueError(f"--grid spin-variance follows the posterior variance of a +-1 spin; this model's data "
+                             f"are {self.meta.data_kind!r}: use --grid time or logsnr")
+        return samplers.spin_variance_grid(float(g0), float(g1), len(taus) - 1).to(device=device, dtype=g0.dtype)
 
     def check_sample_options(self, num_steps: int | None, sampler: SamplerConfig | None) -> None:
         if sampler is not None:
             sampler.validate()
-            if sampler.spacing == "logsnr" and not self.continuous:
-                self.sample_gammas(1, "cpu", "logsnr")  # raises the error that names the fix
-        self.sample_grid(num_steps, "cpu")
+        with torch.no_grad():  # raises the error that names the fix
+            self.sample_gammas(num_steps, "cpu", sampler.spacing if sampler is not None else None)
 
     @torch.no_grad()
     def sample(

@@ -44,7 +44,9 @@ class Case:
 
 CASES = [
     Case("quickstart", "quickstart", "ising-T3.0-L16"),
-    Case("vdm_ising", "vdm_ising", "ising-T3.0-L16"),
+    # The preset trains in bf16 since 2026-12-06; the record is fp32's, so the case pins that (the
+    # rest of the preset's computation is unchanged; bf16 training: tests/integration/test_mixed_precision.py).
+    Case("vdm_ising", "vdm_ising", "ising-T3.0-L16", overrides=("engine.mixed_precision=no",)),
     Case("vdm_digits", "vdm_digits", "digits"),
     Case("gan_ising", "gan_ising", "ising-multiT-L16"),
     Case("gan_digits", "gan_digits", "digits"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -129,6 +130,8 @@ def _sample(args) -> int:
         raise ConfigError(f"--out must be a .npy file or a directory (for WebDataset shards), got {str(out)!r}")
     module, meta, info = load_export(Path(args.run))
     sampler = sampler_config(args)
+    if sampler is not None and sampler.spacing is None:  # the run's own default grid, named in what is recorded
+        sampler = dataclasses.replace(sampler, spacing=info["config_obj"].vdm.sample_grid)
     if args.png and not is_image_shape(tuple(meta.sample_shape)):
         # Checked before the .npy is written: a failed command leaves nothing half-done.
         raise ConfigError(f"--png draws samples of shape [H, W], [1, H, W] or [1, D, H, W] (middle slices); this "

@@ -184,7 +184,7 @@ class SamplerConfig:
             raise ConfigError(f"unknown grid spacing {self.spacing!r}; allowed: {', '.join(GRID_SPACINGS)}")
 
     def as_dict(self) -> dict:
-        return {"sampler": self.name, "eta": self.eta, "grid": self.spacing or "model default (vdm.sample_grid)"}
+        return {"sampler": self.name, "eta": self.eta, "grid": self.spacing}
 
 
 def sampler_from_options(name: str | None, eta: float | None, grid: str | None) -> SamplerConfig | None:

@@ -34,6 +34,8 @@ def test_shards_train_evaluate(tmp_path):
     assert result["recon_bpd"] + result["prior_bpd"] + result["diffusion_bpd"] == pytest.approx(result["bits_per_dim"])
     assert isinstance(result["flags"], list)
     assert result["step"] == 4 and result["temperatures"] == [3.0] and result["num_generated"] == 128
+    # the sampler as resolved: discrete time T = 10 takes T - 1 ancestral steps on its own latents
+    assert result["sampling"] == {"sampler": "ancestral", "eta": None, "grid": "time", "num_steps": 9}
     assert result["energy_exact"] == pytest.approx(-0.8173096, abs=1e-6)  # Onsager, T = 3
     # A 4-step model cannot beat the exact entropy (the bound holds for any model).
     assert result["bits_per_spin"] > result["entropy_bits_per_spin_finite"]

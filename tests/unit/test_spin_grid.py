@@ -91,6 +91,11 @@ def test_model_default_grid_and_override():
     assert set(x.unique().tolist()) <= {-1.0, 1.0}
     # the default model grid is uniform in time, as before the option existed
     assert torch.allclose(_spin_vdm().sample_gammas(16, "cpu"), uniform)
+    # what `pipeline evaluate` records: the model's grid unless --grid says otherwise, 128 steps by default
+    assert vdm.sampling_settings(None, None) == {"sampler": "ancestral", "eta": None, "grid": "spin-variance",
+                                                 "num_steps": 128}
+    assert vdm.sampling_settings(16, SamplerConfig("ddim", eta=0.5, spacing="time")) == {
+        "sampler": "ddim", "eta": 0.5, "grid": "time", "num_steps": 16}
 
 
 def test_grid_refused_where_it_does_not_apply():

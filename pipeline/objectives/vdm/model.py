@@ -346,6 +346,12 @@ class VDM(SampledObjective):
         with torch.no_grad():  # raises the error that names the fix
             self.sample_gammas(num_steps, "cpu", sampler.spacing if sampler is not None else None)
 
+    def sampling_settings(self, num_steps: int | None, sampler: SamplerConfig | None) -> dict:
+        """What :meth:`sample` will use for these options, defaults resolved (for the record)."""
+        sampler = sampler or SamplerConfig()
+        return {"sampler": sampler.name, "eta": sampler.eta, "grid": sampler.spacing or self.cfg.sample_grid,
+                "num_steps": len(self.sample_grid(num_steps, "cpu")) - 1}
+
     @torch.no_grad()
     def sample(
         self,

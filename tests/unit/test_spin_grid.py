@@ -19,6 +19,7 @@ from pipeline.errors import ConfigError
 from pipeline.objectives.vdm import VDM, VDMConfig
 from pipeline.objectives.vdm import samplers
 from pipeline.objectives.vdm.config import SamplerConfig
+from tests.unit.test_vdm_samplers import ancestral_chain_law
 
 
 def bayes_posterior_variance(gamma: float, num_draws: int = 400_000, seed: int = 0) -> float:
@@ -112,24 +113,6 @@ def test_grid_refused_where_it_does_not_apply():
         gmm.check_sample_options(8, SamplerConfig(spacing="spin-variance"))
 
 
-def _gaussian_chain_variance(gammas: np.ndarray, p: float) -> float:
-    """Var of x after ancestral steps down ``gammas`` (decreasing) for x ~ N(0, p) with the exact
-    denoiser and the Gaussian decoder (the linear chain of test_vdm_samplers.ancestral_law)."""
-    def a2s2(g):
-        return 1 / (1 + math.exp(g)), 1 / (1 + math.exp(-g))
-    v = 1.0
-    for gt, gs in zip(gammas[:-1], gammas[1:]):
-        (at2, st2), (as2, ss2) = a2s2(gt), a2s2(gs)
-        a_ts2 = at2 / as2
-        s_ts2 = st2 - a_ts2 * ss2
-        k = math.sqrt(at2) * p / (at2 * p + st2)
-        c_x = math.sqrt(as2) * s_ts2 / st2
-        a = math.sqrt(a_ts2) * ss2 / st2 + c_x * k
-        v = a * a * v + s_ts2 * ss2 / st2
-    a02, s02 = a2s2(gammas[-1])
-    return v / a02 + s02 / a02
-
-
 def test_on_gaussian_data_the_uniform_grid_is_closer():
     # The docstring's reason to offer the grid for spins only: per Gaussian mode (variances 0.3-4,
     # gamma in [-4, 6], 128 steps) the chain's variance, relative to its many-step limit, is further
@@ -141,7 +124,7 @@ def test_on_gaussian_data_the_uniform_grid_is_closer():
     for name, gammas in grids.items():
         errs = []
         for p in (0.3, 1.0, 4.0):
-            limit = _gaussian_chain_variance(np.linspace(g1, g0, 8193), p)
-            errs.append(abs(_gaussian_chain_variance(gammas, p) / limit - 1))
+            limit = ancestral_chain_law(np.linspace(g1, g0, 8193), 0.0, p)[1]
+            errs.append(abs(ancestral_chain_law(gammas, 0.0, p)[1] / limit - 1))
         worst[name] = max(errs)
     assert worst["uniform"] < 0.05 and worst["spin"] > 2 * worst["uniform"], worst

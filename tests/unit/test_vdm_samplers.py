@@ -100,7 +100,14 @@ def test_ddim_eta_one_is_the_ancestral_sampler():
 
 def ancestral_law(num_steps: int, g0: float, g1: float) -> tuple[float, float]:
     """Mean and variance of x after ``num_steps`` ancestral steps (uniform in gamma from g1 to g0)
-    from z_1 ~ N(0, 1) and the Gaussian decoder, for x ~ N(MU, S2) and the exact denoiser.
+    from z_1 ~ N(0, 1) and the Gaussian decoder, for x ~ N(MU, S2) and the exact denoiser:
+    :func:`ancestral_chain_law` on the uniform grid."""
+    return ancestral_chain_law([g1 + (g0 - g1) * i / num_steps for i in range(num_steps + 1)], MU, S2)
+
+
+def ancestral_chain_law(gammas, mu: float, s2: float) -> tuple[float, float]:
+    """Mean and variance of x after ancestral steps down ``gammas`` (decreasing, noisiest first)
+    from z ~ N(0, 1) and the Gaussian decoder, for x ~ N(mu, s2) and the exact denoiser.
 
     Each step draws z_s ~ q(z_s | z_t, x = x_hat(z_t)) (Kingma et al. 2021 eq. 32-33):
     mean a_ts s_s^2 / s_t^2 z_t + a_s s_ts^2 / s_t^2 x_hat, variance s_ts^2 s_s^2 / s_t^2, with
@@ -111,17 +118,16 @@ def ancestral_law(num_steps: int, g0: float, g1: float) -> tuple[float, float]:
     def a2s2(g):
         return 1 / (1 + math.exp(g)), 1 / (1 + math.exp(-g))
     m, v = 0.0, 1.0
-    gs = [g1 + (g0 - g1) * i / num_steps for i in range(num_steps + 1)]
-    for gt, gs_ in zip(gs[:-1], gs[1:]):
+    for gt, gs_ in zip(gammas[:-1], gammas[1:]):
         (at2, st2), (as2, ss2) = a2s2(gt), a2s2(gs_)
         a_ts2 = at2 / as2
         s_ts2 = st2 - a_ts2 * ss2
-        k = math.sqrt(at2) * S2 / (at2 * S2 + st2)  # x_hat = MU + k (z - a_t MU)
+        k = math.sqrt(at2) * s2 / (at2 * s2 + st2)  # x_hat = mu + k (z - a_t mu)
         c_x = math.sqrt(as2) * s_ts2 / st2
         A = math.sqrt(a_ts2) * ss2 / st2 + c_x * k
-        C = c_x * (MU - k * math.sqrt(at2) * MU)
+        C = c_x * (mu - k * math.sqrt(at2) * mu)
         m, v = A * m + C, A * A * v + s_ts2 * ss2 / st2
-    a02, s02 = a2s2(g0)
+    a02, s02 = a2s2(gammas[-1])
     return m / math.sqrt(a02), v / a02 + s02 / a02
 
 

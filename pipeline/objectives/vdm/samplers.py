@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 from pipeline.objectives.vdm.config import SAMPLER_NAMES as SAMPLERS
@@ -112,8 +113,6 @@ def spin_posterior_variance(gammas: torch.Tensor, num_nodes: int = 64) -> torch.
     (the other sign is symmetric) alpha z / sigma^2 = SNR + sqrt(SNR) eps, SNR = exp(-gamma). The
     average over eps ~ N(0, 1) is a Gauss-Hermite sum (probabilists' weights, ``num_nodes`` nodes).
     """
-    import numpy as np
-
     nodes, weights = np.polynomial.hermite_e.hermegauss(num_nodes)
     nodes = torch.as_tensor(nodes, dtype=torch.float64)
     weights = torch.as_tensor(weights / weights.sum(), dtype=torch.float64)

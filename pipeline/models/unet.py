@@ -13,6 +13,12 @@ down-sampling and the kernel-2 stride-2 up-sampling make the whole network equiv
 circular shifts by a multiple of 2^levels sites along each axis (another shift moves a
 down-sampling grid by part of a coarse site).
 
+Any spatial size with zero padding (``periodic=False``, e.g. a calorimeter's 45 x 16 x 9
+voxels): the input is extended by zeros at the far end of each axis to the next multiple of
+2^levels and the output cropped back, which is what the convolutions' own zero padding sees
+beyond the edge anyway. A periodic lattice cannot be extended that way (a torus of another size
+is another lattice), so circular padding needs every size a multiple of 2^levels.
+
 ``levels`` > 1 adds down-sampling levels below the first (2 * channels wide each). Why: the
 convolutions of one level reach 12 sites from each output (tests/unit/test_unet_levels.py),
 so the modes of the box's largest wavelengths (k = 0 and the first shells of a 32^2 periodic
@@ -80,8 +86,8 @@ class UNet(nn.Module):
     """eps_hat = UNet(z, emb): [B, C, *S] -> [B, C, *S], conditioned on emb [B, emb_dim],
     where S is (L,), (H, W) or (D, H, W) for ``ndim`` = 1, 2 or 3.
 
-    Levels: ``channels`` at S, ``2 * channels`` at S/2 ... S/2^levels (every spatial size a
-    multiple of 2^levels).
+    Levels: ``channels`` at S, ``2 * channels`` at S/2 ... S/2^levels (periodic: every spatial
+    size a multiple of 2^levels; zero padding: any size, padded up to one inside forward).
     The output convolution starts at zero so the initial prediction is eps_hat = 0.
     """
 
@@ -92,6 +98,7 @@ class UNet(nn.Module):
             raise ValueError(f"UNet needs in_channels >= 1, channels >= 1 and levels >= 1, "
                              f"got {in_channels}, {channels}, {levels}")
         self.levels = levels
+        self.periodic = periodic
         conv, conv_transpose = _convs(ndim)
         self.ndim = ndim
         self.activation_checkpointing = activation_checkpointing
@@ -116,11 +123,24 @@ class UNet(nn.Module):
 
     def forward(self, z: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         spatial = tuple(z.shape[2:])
-        if z.dim() != self.ndim + 2 or any(s % 2**self.levels for s in spatial):
-            names = {1: "[B, C, L]", 2: "[B, C, H, W]", 3: "[B, C, D, H, W]"}[self.ndim]
-            raise ValueError(f"UNet(ndim={self.ndim}, levels={self.levels}) needs input {names} with every spatial "
-                             f"size a multiple of {2**self.levels} (one stride-2 down-sampling per level), "
-                             f"got {tuple(z.shape)}")
+        step = 2**self.levels
+        names = {1: "[B, C, L]", 2: "[B, C, H, W]", 3: "[B, C, D, H, W]"}[self.ndim]
+        if z.dim() != self.ndim + 2:
+            raise ValueError(f"UNet(ndim={self.ndim}, levels={self.levels}) needs input {names}, got {tuple(z.shape)}")
+        if self.periodic and any(s % step for s in spatial):
+            raise ValueError(f"UNet(ndim={self.ndim}, levels={self.levels}) with circular padding needs input {names} "
+                             f"with every spatial size a multiple of {step} (one stride-2 down-sampling per level), "
+                             f"got {tuple(z.shape)}; zero padding (periodic=False) takes any size")
+        extra = [-s % step for s in spatial]
+        if any(extra):
+            # F.pad lists (before, after) pairs from the last axis to the first.
+            z = F.pad(z, [p for e in reversed(extra) for p in (0, e)])
+        out = self._unet(z, emb)
+        if any(extra):
+            out = out[(..., *(slice(0, s) for s in spatial))]
+        return out
+
+    def _unet(self, z: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h0 = self._block(self.enc, self.inp(z), emb)
         h = self._block(self.mid, self.down(h0), emb)
         skips = []

@@ -103,7 +103,7 @@ def test_the_vdm_builds_trains_and_samples_with_levels():
 
 
 @pytest.mark.parametrize("shape,cfg,says", [
-    ((1, 12, 16), {"unet_levels": 3}, r"unet_levels=3 needs every spatial size a multiple of 8.*\(1, 12, 16\).*<= 2"),
+    ((1, 12, 16), {"unet_levels": 3}, r"unet_levels=3 with vdm.periodic=true needs every spatial size a multiple of 8.*\(1, 12, 16\).*<= 2.*periodic=false"),
     ((1, 16), {"unet_levels": 2}, r"unet_levels=2 applies to the UNet.*MLP.*leave vdm.unet_levels at 1"),
     ((1, 16, 16), {"unet_levels": 0}, r"vdm.unet_levels must be positive, got 0"),
 ])

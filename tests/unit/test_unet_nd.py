@@ -190,12 +190,46 @@ def test_film_conditions_each_sample(ndim):
 
 @pytest.mark.parametrize("ndim,shape", [
     (1, (2, 2, 7)), (2, (2, 2, 8, 7)), (2, (2, 2, 7, 8)), (3, (2, 2, 4, 6, 5)), (3, (2, 2, 5, 6, 4)),
-    (1, (2, 2, 8, 8)), (2, (2, 2, 8)), (3, (2, 2, 8, 8)),
 ])
-def test_odd_size_or_wrong_rank_names_the_shape(ndim, shape):
+def test_periodic_odd_size_names_the_shape_and_the_way_out(ndim, shape):
     net = _net(ndim)
-    with pytest.raises(ValueError, match=rf"ndim={ndim}, levels=1.*multiple of 2 .*{tuple(shape)}".replace("(", r"\(").replace(")", r"\)")):
+    pattern = rf"ndim={ndim}, levels=1.*circular.*multiple of 2 .*{tuple(shape)}".replace("(", r"\(").replace(")", r"\)")
+    with pytest.raises(ValueError, match=pattern + r".*periodic=False"):
         net(torch.zeros(shape), torch.zeros(shape[0], 16))
+
+
+@pytest.mark.parametrize("ndim,shape", [(1, (2, 2, 8, 8)), (2, (2, 2, 8)), (3, (2, 2, 8, 8))])
+def test_wrong_rank_names_the_shape(ndim, shape):
+    with pytest.raises(ValueError, match=rf"ndim={ndim}, levels=1\) needs input \[B, C.*got {tuple(shape)}"
+                       .replace("(2", r"\(2").replace(", 8)", r", 8\)")):
+        _net(ndim, periodic=False)(torch.zeros(shape), torch.zeros(shape[0], 16))
+
+
+@pytest.mark.parametrize("ndim,spatial,levels", [
+    (1, (7,), 1), (2, (7, 8), 1), (2, (8, 5), 2), (3, (5, 6, 4), 1), (3, (45, 16, 9), 2), (3, (3, 3, 3), 3),
+])
+def test_zero_padding_takes_any_size(ndim, spatial, levels):
+    """With zero padding the UNet pads odd sizes up to a multiple of 2^levels at the far end of
+    each axis and crops back: the output has the input's shape, equals the network on the input
+    extended by zeros (cropped), and every output site feeds back to the weights."""
+    torch.manual_seed(0)
+    net = UNet(2, 4, 16, periodic=False, ndim=ndim, levels=levels)
+    nn.init.normal_(net.out.weight, std=0.1)  # the zero-initialised output would hide a wrong crop
+    z, emb = torch.randn(3, 2, *spatial, dtype=torch.float64), torch.randn(3, 16, dtype=torch.float64)
+    net = net.double()
+    out = net(z, emb)
+    assert out.shape == z.shape
+    step = 2**levels
+    big = torch.zeros(3, 2, *(-(-s // step) * step for s in spatial), dtype=torch.float64)
+    big[(..., *(slice(0, s) for s in spatial))] = z
+    torch.testing.assert_close(out, net(big, emb)[(..., *(slice(0, s) for s in spatial))])
+    # The far corner of the box depends on its own input (the crop kept the right sites).
+    z2 = z.clone()
+    z2[(..., *(s - 1 for s in spatial))] += 1.0
+    corner = (..., *(s - 1 for s in spatial))
+    assert (net(z2, emb)[corner] - out[corner]).abs().max() > 1e-6
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
 
 
 @pytest.mark.parametrize("ndim", [0, 4, "2"])
@@ -263,9 +297,18 @@ def test_vdm_trains_and_samples_fields_in_1d_2d_3d(shape, auto_arch):
     assert m.sample(3, num_steps=4).shape == (3, *shape)
 
 
-def test_vdm_unet_refuses_odd_fields_naming_the_shape():
+def test_vdm_unet_refuses_odd_periodic_fields_naming_the_shape_and_takes_them_with_zero_padding():
     from pipeline.data.meta import DataMeta
     from pipeline.objectives.vdm import VDM, VDMConfig
 
-    with pytest.raises(ValueError, match=r"even spatial sizes; got \(1, 7, 8\)"):
-        VDM(VDMConfig(architecture="unet"), DataMeta(sample_shape=(1, 7, 8), data_kind="continuous"))
+    meta = DataMeta(sample_shape=(1, 7, 8), data_kind="continuous")
+    with pytest.raises(ValueError, match=r"periodic=true \(circular padding\) needs even spatial sizes; got "
+                                         r"\(1, 7, 8\).*vdm.periodic=false"):
+        VDM(VDMConfig(architecture="unet"), meta)
+    with pytest.raises(ValueError, match=r"needs samples \[C, L\].*got \(1, 2, 2, 2, 2\)"):
+        VDM(VDMConfig(architecture="unet", periodic=False), DataMeta(sample_shape=(1, 2, 2, 2, 2), data_kind="continuous"))
+    m = VDM(VDMConfig(num_timesteps=0, architecture="unet", periodic=False, unet_levels=2, channels=4), meta)
+    assert type(m.denoiser.net).__name__ == "UNet"
+    assert m.sample(2, num_steps=3).shape == (2, 1, 7, 8)
+    # auto never pads: odd sizes still get the MLP
+    assert type(VDM(VDMConfig(periodic=False), meta).denoiser.net).__name__ == "MLP"

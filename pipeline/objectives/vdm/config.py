@@ -41,7 +41,8 @@ class VDMConfig:
     architecture: Literal["auto", "unet", "mlp"] = "auto"  # auto: unet for [C, H, W], mlp otherwise
     channels: int = 16  # UNet width at full resolution
     # UNet down-sampling levels (2 * channels below the first): more reach the box's largest
-    # wavelengths (models/unet.py); every spatial size must be a multiple of 2^unet_levels.
+    # wavelengths (models/unet.py); with periodic=true every spatial size must be a multiple of
+    # 2^unet_levels (zero padding pads the samples up to one inside the network).
     unet_levels: int = 1
     # Recompute each UNet residual block's activations in backward instead of keeping them
     # (memory for compute; gradients unchanged). UNet only.
@@ -101,24 +102,32 @@ class VDMConfig:
     def resolve_architecture(self, sample_shape: tuple[int, ...]) -> str:
         """``unet`` or ``mlp`` for samples of this shape. ``auto`` takes the UNet for 2D and 3D
         fields with even sizes and the MLP otherwise: a [C, L] array may be a vector of
-        features, so a 1D UNet is asked for by name. ConfigError when a UNet is asked for
-        samples it cannot take."""
-        fields = 2 <= len(sample_shape) <= 4 and all(s % 2 == 0 for s in sample_shape[1:])
-        if self.architecture == "unet" and not fields:
+        features, so a 1D UNet is asked for by name, and so is a UNet over odd sizes (zero
+        padding only: it pads them up inside, models/unet.py). ConfigError when a UNet is asked
+        for samples it cannot take."""
+        rank_ok = 2 <= len(sample_shape) <= 4
+        fields = rank_ok and all(s % 2 == 0 for s in sample_shape[1:])
+        if self.architecture == "unet" and not rank_ok:
             raise ConfigError(
-                f"vdm.architecture=unet needs samples [C, L], [C, H, W] or [C, D, H, W] with even spatial sizes; "
-                f"got {tuple(sample_shape)} (the data's sample shape); use vdm.architecture=mlp (or auto)"
+                f"vdm.architecture=unet needs samples [C, L], [C, H, W] or [C, D, H, W]; got {tuple(sample_shape)} "
+                f"(the data's sample shape); use vdm.architecture=mlp (or auto)")
+        if self.architecture == "unet" and self.periodic and not fields:
+            raise ConfigError(
+                f"vdm.architecture=unet with vdm.periodic=true (circular padding) needs even spatial sizes; "
+                f"got {tuple(sample_shape)} (the data's sample shape); set vdm.periodic=false (zero padding takes "
+                f"any size) or use vdm.architecture=mlp (or auto)"
             )
         if self.architecture == "auto":
             chosen = "unet" if fields and len(sample_shape) >= 3 else "mlp"
         else:
             chosen = self.architecture
         step = 2**self.unet_levels
-        if chosen == "unet" and any(s % step for s in sample_shape[1:]):
+        if chosen == "unet" and self.periodic and any(s % step for s in sample_shape[1:]):
             fit = max(k for k in range(1, 16) if all(s % 2**k == 0 for s in sample_shape[1:]))
             raise ConfigError(
-                f"vdm.unet_levels={self.unet_levels} needs every spatial size a multiple of {step}; the data's "
-                f"samples are {tuple(sample_shape)}: use vdm.unet_levels <= {fit}")
+                f"vdm.unet_levels={self.unet_levels} with vdm.periodic=true needs every spatial size a multiple of "
+                f"{step}; the data's samples are {tuple(sample_shape)}: use vdm.unet_levels <= {fit} "
+                f"(or vdm.periodic=false: zero padding takes any size)")
         if chosen == "mlp" and self.unet_levels != 1:
             raise ConfigError(f"vdm.unet_levels={self.unet_levels} applies to the UNet; samples {tuple(sample_shape)} "
                               f"get the MLP (vdm.architecture={self.architecture}): leave vdm.unet_levels at 1")

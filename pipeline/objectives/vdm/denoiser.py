@@ -96,7 +96,7 @@ def _before_shared_label_embedding(module, state_dict, prefix, *args) -> None:
 
 def build_network(cfg: VDMConfig, meta: DataMeta) -> nn.Module:
     """The network inside the :class:`Denoiser`: a UNet whose convolutions match the samples'
-    dimensionality ([C, L], [C, H, W], [C, D, H, W] with even spatial sizes), or an MLP.
+    dimensionality ([C, L], [C, H, W], [C, D, H, W]; periodic ones with even spatial sizes), or an MLP.
     Which one: :meth:`VDMConfig.resolve_architecture` (also run before training starts)."""
     shape = tuple(meta.sample_shape)
     if cfg.resolve_architecture(shape) == "unet":

@@ -2,7 +2,8 @@
 steps each, shrunk data): `pipeline shards phi4` -> configs/vdm_phi4.yaml -> `pipeline
 evaluate` (observables vs the exact free field), configs/vdm_phi4_broken.yaml, the same with configs/gan_phi4.yaml at an
 interacting point (vs the HMC ensemble), and `pipeline
-shards calo` -> `pipeline shards hdf5` -> configs/vdm_calo.yaml (its full 45 x 16 x 9 geometry)."""
+shards calo` -> `pipeline shards hdf5` -> configs/vdm_calo.yaml (its full 45 x 16 x 9 geometry,
+which the 3D UNet pads to 48 x 16 x 12 inside)."""
 
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def test_vdm_calo_preset_trains(tmp_path):
     run_pipeline("shards", "hdf5", "--path", str(h5), "--x-key", "showers", "--label-key", "incident_energies",
                  "--x-shape", "45,16,9", "--add-channel-dim", "--out", str(data))
     run_pipeline("train", "--config", "configs/vdm_calo.yaml", f"run.dir={run}", f"data.train_urls={data}",
-                 "vdm.mlp_hidden=64", "vdm.emb_dim=16", *FEW_STEPS)
+                 "vdm.channels=8", "vdm.emb_dim=16", "vdm.sample_steps=8", *FEW_STEPS)
     steps = _steps(run)
     assert [r["step"] for r in steps] == [1, 2, 3] and all(math.isfinite(r["vdm/bits_per_dim"]) for r in steps)
     meta = json.loads((data / "manifest.json").read_text())["meta"]

@@ -15,9 +15,11 @@ down-sampling grid by part of a coarse site).
 
 Any spatial size with zero padding (``periodic=False``, e.g. a calorimeter's 45 x 16 x 9
 voxels): the input is extended by zeros at the far end of each axis to the next multiple of
-2^levels and the output cropped back, which is what the convolutions' own zero padding sees
-beyond the edge anyway. A periodic lattice cannot be extended that way (a torus of another size
-is another lattice), so circular padding needs every size a multiple of 2^levels.
+2^levels and the output cropped back. The first convolution sees there the zeros its own
+padding would give; deeper ones see the padded sites' activations, so the network acts on a
+slightly larger box (sizes that need no padding are unchanged). A periodic lattice cannot be
+extended that way (a torus of another size is another lattice), so circular padding needs
+every size a multiple of 2^levels.
 
 ``levels`` > 1 adds down-sampling levels below the first (2 * channels wide each). Why: the
 convolutions of one level reach 12 sites from each output (tests/unit/test_unet_levels.py),

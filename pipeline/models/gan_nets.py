@@ -17,8 +17,8 @@ Conditioning: G concatenates a label embedding (:mod:`pipeline.models.embedding`
 the VDM) to h; D is a projection discriminator
 (Miyato & Koyama 2018, eq. 3): D(x, y) = psi(phi(x)) + <embed(y), phi(x)>.
 
-Lattice observables (``lattice_observables=True``, spin data): phi(x) also carries each
-lattice's bond and magnetisation densities (:func:`lattice_observables`). Through the
+Lattice observables (``lattice_observables=True``, spins or a periodic field such as phi^4):
+phi(x) also carries each lattice's bond and magnetisation densities (:func:`lattice_observables`). Through the
 projection, D's logit then contains a temperature-dependent quadratic function of the
 nearest-neighbour correlation, i.e. of the energy per spin, so D can tell a wrong mean
 energy *or* a wrong energy spread (specific heat) at each temperature directly, which a

@@ -49,3 +49,23 @@ def check_data(cfg: "Config", meta: "DataMeta") -> None:
 def reads_labels(cfg: "Config", meta: "DataMeta") -> bool:
     """Whether the configured objective trains on each sample's label of data described by ``meta``."""
     return getattr(cfg, cfg.objective).reads_labels(meta)
+
+
+def inert_settings(cfg: "Config", meta: "DataMeta") -> dict[str, str]:
+    """The keys of the objective's section that do not act on the model built for data
+    described by ``meta`` (e.g. the MLP's widths under the UNet), each with why. Torch-free."""
+    return getattr(cfg, cfg.objective).inert_keys(meta)
+
+
+def set_inert_settings(cfg: "Config", meta: "DataMeta") -> list[str]:
+    """A named warning for each key of :func:`inert_settings` set to other than its default
+    (a preset or an override that sets it expects it to act; non-negotiable: a key that does
+    not apply is never silent)."""
+    section = getattr(cfg, cfg.objective)
+    defaults = type(section)()
+    out = []
+    for key, why in inert_settings(cfg, meta).items():
+        name = key.split(".", 1)[1]
+        if getattr(section, name) != getattr(defaults, name):
+            out.append(f"{key}={getattr(section, name)!r} does not apply and is not used: {why}")
+    return out

@@ -14,8 +14,9 @@ resume is accepted), the new config is compared key by key with the run's saved
   lower learning rate), but the steps after the resume no longer continue the same
   trajectory, so each such key is named.
 * silent: :data:`pipeline.config.RESUME_SILENT_KEYS` (run length, logging, sampling and
-  checkpoint cadence, tracking, where the run lives), and the section of the objective the
-  run does not use.
+  checkpoint cadence, tracking, where the run lives), the section of the objective the
+  run does not use, and the keys of its own section that do not act on the model for this
+  data (the MLP's widths under the UNet: ``inert_keys``; `pipeline train` names them when set).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 from pipeline.config import Config, flat_config, is_resume_silent, read_saved_config
 from pipeline.data.meta import DataMeta
 from pipeline.errors import ConfigError
+from pipeline.objectives.registry import inert_settings
 from pipeline.run_dir import RunDir
 from pipeline.train.export import EXPORT_INFO
 
@@ -87,14 +89,18 @@ def _check_not_past_the_end(run_dir: RunDir, num_steps: int) -> None:
         )
 
 
-def classify(old: dict[str, Any], new: dict[str, Any], objective: str) -> tuple[list[Change], list[Change]]:
-    """(errors, warnings) between two flat (dotted) config dicts of a run of ``objective``."""
+def classify(old: dict[str, Any], new: dict[str, Any], objective: str,
+             inert: frozenset[str] = frozenset()) -> tuple[list[Change], list[Change]]:
+    """(errors, warnings) between two flat (dotted) config dicts of a run of ``objective``.
+    ``inert``: keys of the objective's section that do not act on the model for this data
+    (the MLP's widths under the UNet): not compared. Both configs build the same network
+    whenever they matter (otherwise ``vdm.architecture`` or the data's shape differs, an error)."""
     errors, warnings = [], []
     unused = "gan." if objective == "vdm" else "vdm."
     missing = object()
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, missing), new.get(key, missing)
-        if a == b or key.startswith(unused):
+        if a == b or key.startswith(unused) or key in inert:
             continue
         # A cosine decay (train.min_lr_ratio < 1) runs over train.num_steps: extending the run
         # stretches the schedule of the steps already taken, so that change is not silent.
@@ -159,7 +165,7 @@ def check_resume(cfg: Config, meta: DataMeta) -> list[str]:
     warnings: list[Change] = []
     if run_dir.config.is_file():
         old, new = read_saved_config(run_dir.config), flat_config(cfg)
-        e, w = classify(old, new, cfg.objective)
+        e, w = classify(old, new, cfg.objective, frozenset(inert_settings(cfg, meta)))
         if _same_global_batch(run_dir, old, new):
             w = [c for c in w if c.key not in _BATCH_SPLIT_KEYS]
         errors += e

@@ -118,3 +118,28 @@ def test_elastic_resume_keeping_the_global_batch_is_no_data_order_change(tmp_pat
     (rd.checkpoints / "latest").unlink()  # no readable newest checkpoint: the change is named
     (w,) = check_resume(load_config(None, BASE + [f"run.dir={rd.root}", "data.batch_per_rank=16"]), META)
     assert "data.batch_per_rank: 8 -> 16" in w
+
+
+def test_keys_the_network_does_not_read_are_not_compared_but_named(tmp_path):
+    """A UNet run whose config set the MLP's width (vdm.mlp_hidden, unread) resumes under a
+    config that leaves it at the default; the UNet's own width still refuses. `pipeline
+    train` names an inert key set to other than its default."""
+    from pipeline.objectives.registry import inert_settings, set_inert_settings
+
+    rd = RunDir(tmp_path / "run")
+    unet = BASE + [f"run.dir={rd.root}", "vdm.architecture=unet"]
+    (rd.checkpoints / "step-00000005").mkdir(parents=True)
+    (rd.checkpoints / "step-00000005" / "manifest.json").write_text("{}")
+    save_config(load_config(None, unet + ["vdm.mlp_hidden=512"]), rd.config)
+    assert check_resume(load_config(None, unet), META) == []
+    with pytest.raises(ConfigError, match=r"vdm\.channels: 16 -> 8"):
+        check_resume(load_config(None, unet + ["vdm.channels=8"]), META)
+    # the MLP (vectors) does not read the UNet's keys, and the UNet not the MLP's
+    vectors = DataMeta(sample_shape=(5,), data_kind="continuous")
+    assert set(inert_settings(load_config(None, BASE), vectors)) == {
+        "vdm.channels", "vdm.unet_levels", "vdm.periodic", "vdm.activation_checkpointing"}
+    assert set(inert_settings(load_config(None, BASE), META)) == {"vdm.mlp_hidden", "vdm.mlp_layers"}
+    (w,) = set_inert_settings(load_config(None, unet + ["vdm.mlp_hidden=512"]), META)
+    assert w.startswith("vdm.mlp_hidden=512 does not apply") and "get the unet" in w
+    assert set_inert_settings(load_config(None, unet), META) == []
+    assert set_inert_settings(load_config(None, BASE + ["objective=gan"]), META) == []

@@ -43,9 +43,13 @@ class GANConfig:
     # (a torus: GRFs, phi^4), zeros otherwise.
     padding: Literal["auto", "zeros", "circular"] = "auto"
     spectral_norm: bool = False  # on D's layers (Miyato et al. 2018)
-    # Spin lattices only: D's features also carry each lattice's nearest-neighbour, diagonal
-    # and distance-2 correlations and |m| (pipeline.models.gan_nets.lattice_observables),
-    # so D measures the energy per spin and its spread at every temperature directly.
+    # Spin lattices and periodic single-channel 2D fields (phi^4): D's features also carry each
+    # lattice's nearest-neighbour, diagonal and distance-2 correlations, |m| and m^2
+    # (pipeline.models.gan_nets.lattice_observables), so D measures the energy per spin and its
+    # spread at every temperature directly, and the magnetisation's distribution (the k = 0
+    # mode): D's pooled conv features are a mean of functions of one receptive field, so the
+    # critic's expectation depends only on single patches' distribution and the spread of a
+    # sum over the whole lattice is a quadratic it approximates only coarsely.
     d_lattice_observables: bool = False
     # Spin lattices only: how G's tanh output y in (-1, 1) becomes spins. sign: D sees y
     # itself and samples are sign(y); real lattices are exactly +-1, so D can tell fakes by
@@ -136,6 +140,11 @@ class GANConfig:
         """Whether training reads each sample's label: a conditional or semi-supervised GAN."""
         return self.conditional or self.semi_supervised != "off"
 
+    def inert_keys(self, meta: "DataMeta") -> dict[str, str]:
+        """Keys of this section that do not act on the model for this data: none (an option a
+        GAN cannot use on the data is an error in check_data)."""
+        return {}
+
     def check_data(self, meta: "DataMeta") -> tuple[str, str, int]:
         """(arch, padding, number of D outputs) for data described by ``meta``, with the
         ``auto`` choices resolved; ConfigError when the config does not fit the data."""
@@ -181,8 +190,10 @@ class GANConfig:
         if self.g_observable_matching > 0 and (meta.data_kind != "spins" or len(shape) != 3 or shape[0] != 1):
             raise ConfigError(f"gan.g_observable_matching > 0 needs spin lattices of shape (1, H, W); this data "
                               f"is {meta.data_kind!r} of shape {shape}")
-        if self.d_lattice_observables and (meta.data_kind != "spins" or arch != "conv"):
+        lattice = len(shape) == 3 and shape[0] == 1 and (meta.data_kind == "spins" or meta.boundary == "periodic")
+        if self.d_lattice_observables and (not lattice or arch != "conv"):
             raise ConfigError(
-                f"gan.d_lattice_observables=true needs spin lattices (data kind 'spins', shape (1, H, W)) and "
-                f"the conv networks; this data is {meta.data_kind!r} of shape {shape} with gan.arch={arch!r}"
+                f"gan.d_lattice_observables=true needs spin lattices or periodic single-channel fields (shape (1, H, "
+                f"W), data kind 'spins' or a manifest with boundary=periodic, e.g. phi^4) and the conv networks; "
+                f"this data is {meta.data_kind!r} of shape {shape}, boundary {meta.boundary}, with gan.arch={arch!r}"
             )

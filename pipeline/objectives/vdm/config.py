@@ -133,6 +133,15 @@ class VDMConfig:
                               f"get the MLP (vdm.architecture={self.architecture}): leave vdm.unet_levels at 1")
         return chosen
 
+    def inert_keys(self, meta: "DataMeta") -> dict[str, str]:
+        """The keys of this section that do not act on the model built for data described by
+        ``meta`` (the other architecture's settings), each with why: a resume does not compare
+        them, and `pipeline train` names those set to other than their defaults."""
+        arch = self.resolve_architecture(tuple(meta.sample_shape))
+        keys = _UNET_ONLY_KEYS if arch == "mlp" else _MLP_ONLY_KEYS
+        why = f"samples of shape {tuple(meta.sample_shape)} get the {arch} (vdm.architecture={self.architecture})"
+        return {f"vdm.{k}": why for k in keys}
+
     def reads_labels(self, meta: "DataMeta") -> bool:
         """Whether training reads each sample's label: a VDM conditions on the data's labels
         whenever its manifest has them (``meta.label_kind``)."""
@@ -163,6 +172,10 @@ class VDMConfig:
             if lowest is not None and lowest <= 0:
                 raise ConfigError(f"vdm.data_transform=log-label-fraction needs positive labels; the data's "
                                   f"manifest has labels down to {lowest}")
+
+# The keys only one of the two denoiser networks reads (pipeline.objectives.vdm.denoiser).
+_UNET_ONLY_KEYS = ("channels", "unet_levels", "periodic", "activation_checkpointing")
+_MLP_ONLY_KEYS = ("mlp_hidden", "mlp_layers")
 
 SAMPLER_NAMES = ("ancestral", "ddim", "dpm-solver")
 GRID_SPACINGS = ("time", "logsnr", "spin-variance")

@@ -17,8 +17,8 @@ Conditioning: G concatenates a label embedding (:mod:`pipeline.models.embedding`
 the VDM) to h; D is a projection discriminator
 (Miyato & Koyama 2018, eq. 3): D(x, y) = psi(phi(x)) + <embed(y), phi(x)>.
 
-Lattice observables (``lattice_observables=True``, spins or a periodic field such as phi^4):
-phi(x) also carries each lattice's bond and magnetisation densities (:func:`lattice_observables`). Through the
+Lattice observables (``lattice_observables=True``, spin data): phi(x) also carries each
+lattice's bond and magnetisation densities (:func:`lattice_observables`). Through the
 projection, D's logit then contains a temperature-dependent quadratic function of the
 nearest-neighbour correlation, i.e. of the energy per spin, so D can tell a wrong mean
 energy *or* a wrong energy spread (specific heat) at each temperature directly, which a
@@ -122,7 +122,7 @@ class ConvDiscriminator(_Discriminator):
 
     def __init__(self, sample_shape: tuple[int, ...], channels: list[int], num_outputs: int = 1,
                  label_embedding: LabelEmbedding | None = None, spectral_norm: bool = False,
-                 padding_mode: PaddingMode = "zeros", lattice_observables: bool = False):
+                 padding_mode: PaddingMode = "zeros", lattice_observables: bool = False, head_hidden: int = 0):
         super().__init__()
         conv = convs(len(sample_shape) - 1, f"ConvDiscriminator (samples of shape {tuple(sample_shape)})")[0]
         if lattice_observables and (len(sample_shape) != 3 or sample_shape[0] != 1 or padding_mode != "circular"):
@@ -147,6 +147,15 @@ class ConvDiscriminator(_Discriminator):
         self.pool = padding_mode == "circular"
         self.observables = lattice_observables
         feat_dim = (c if self.pool else c * math.prod(spatial)) + (NUM_LATTICE_OBSERVABLES if lattice_observables else 0)
+        # head_hidden > 0: a hidden layer between the pooled features and the output. Without
+        # it, D(x) = mean over positions of a function of one receptive field, so the critic's
+        # expectation depends only on the distribution of single patches: it cannot see how a
+        # sum over the whole lattice (the magnetisation, the k = 0 mode) is spread. A
+        # nonlinearity after the pooling can, and D stays invariant under the translations.
+        self.post = None
+        if head_hidden > 0:
+            self.post = nn.Sequential(_maybe_sn(nn.Linear(feat_dim, head_hidden), spectral_norm), nn.LeakyReLU(0.2))
+            feat_dim = head_hidden
         self._init_head(feat_dim, num_outputs, label_embedding, spectral_norm)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,7 +163,7 @@ class ConvDiscriminator(_Discriminator):
         f = f.mean(dim=tuple(range(2, f.dim()))) if self.pool else f.flatten(1)
         if self.observables:
             f = torch.cat([f, lattice_observables(x).to(f.dtype)], dim=1)
-        return f
+        return f if self.post is None else self.post(f)
 
 
 class _Generator(nn.Module):
@@ -310,6 +319,7 @@ def build_gan_nets(
     g_film: bool = False,
     g_noise_inputs: bool = False,
     g_convs_per_stage: int = 1,
+    d_head_hidden: int = 0,
 ) -> tuple[nn.Module, nn.Module]:
     """(G, D). ``label_kind != "none"`` builds the conditional variants."""
 
@@ -326,12 +336,13 @@ def build_gan_nets(
         if padding_mode != "circular":
             d_feat = widths[-1] * math.prod(s // 2 ** len(widths) for s in sample_shape[1:])
         d_feat += NUM_LATTICE_OBSERVABLES if lattice_observables else 0
+        d_feat = d_head_hidden if d_head_hidden > 0 else d_feat
         d = ConvDiscriminator(sample_shape, widths, d_outputs, embedding(d_feat), spectral_norm, padding_mode,
-                              lattice_observables)
+                              lattice_observables, d_head_hidden)
     elif arch == "mlp":
-        if lattice_observables or g_film or g_noise_inputs or g_convs_per_stage != 1:
-            raise ValueError("lattice observables, FiLM, noise inputs and g_convs_per_stage > 1 need the conv "
-                             "networks (arch='conv')")
+        if lattice_observables or g_film or g_noise_inputs or g_convs_per_stage != 1 or d_head_hidden:
+            raise ValueError("lattice observables, FiLM, noise inputs, g_convs_per_stage > 1 and d_head_hidden "
+                             "need the conv networks (arch='conv')")
         g = MLPGenerator(latent_dim, sample_shape, widths, bounded, embedding(label_dim), label_dim)
         d = MLPDiscriminator(sample_shape, list(reversed(widths)), d_outputs, embedding(widths[0]), spectral_norm)
     else:

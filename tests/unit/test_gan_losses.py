@@ -28,7 +28,6 @@ from pipeline.objectives.gan import (
     sample_latent,
     ssl_unsupervised_logit,
 )
-from pipeline.models.gan_nets import NUM_LATTICE_OBSERVABLES, lattice_observables
 from pipeline.train.engines.half_weights import cast_inputs_to_weights
 
 VEC = DataMeta(sample_shape=(1,), data_kind="continuous")
@@ -444,7 +443,7 @@ def test_spin_options_refuse_other_data():
     meta = DataMeta(sample_shape=(1, 8, 8), data_kind="levels", num_levels=4)
     with pytest.raises(ValueError, match="spin_output='bernoulli' needs spin data"):
         _phases(meta=meta, spin_output="bernoulli")
-    with pytest.raises(ValueError, match="d_lattice_observables=true needs spin lattices or periodic"):
+    with pytest.raises(ValueError, match="d_lattice_observables=true needs spin lattices"):
         _phases(meta=meta, d_lattice_observables=True)
 
 
@@ -525,23 +524,3 @@ def test_observable_matching_is_an_unbiased_label_weighted_squared_gap_of_mean_o
     assert o.loss.item() == pytest.approx(o.loss_g.item() + 2.0 * o.observable_matching.item(), rel=1e-6)
     with pytest.raises(ValueError, match="g_observable_matching"):
         _phases(meta=DataMeta(sample_shape=(1, 8, 8), data_kind="levels", num_levels=4), g_observable_matching=1.0)
-
-
-def test_lattice_observables_on_a_periodic_field():
-    """phi^4-like data (continuous, boundary periodic, one channel): D's features end with the
-    lattice observables of the field it is given, m^2 among them against a direct mean."""
-    meta = DataMeta(sample_shape=(1, 8, 8), data_kind="continuous", boundary="periodic")
-    (d, _), _ = _phases(meta=meta, d_lattice_observables=True, loss="wgan-gp")
-    D = d.module.D
-    assert D.head.in_features == 16 + NUM_LATTICE_OBSERVABLES
-    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        obs = D.features(x)[:, -NUM_LATTICE_OBSERVABLES:]
-        assert torch.allclose(obs, lattice_observables(x))
-        # m^2 of each field against a direct sum
-        assert torch.allclose(obs[:, 5], x.mean(dim=(1, 2, 3)) ** 2)
-    # open boundaries (or several channels) are refused, naming what is allowed
-    for bad in (DataMeta(sample_shape=(1, 8, 8), data_kind="continuous", boundary="open"),
-                DataMeta(sample_shape=(2, 8, 8), data_kind="continuous", boundary="periodic")):
-        with pytest.raises(ValueError, match="periodic single-channel fields"):
-            _phases(meta=bad, d_lattice_observables=True)

@@ -276,3 +276,43 @@ def test_nd_shape_errors():
         ConvGenerator(2, (1, 4, 4, 4, 4), [4], bounded=False)
     with pytest.raises(ValueError, match="lattice observables"):
         ConvDiscriminator((1, 8, 8, 8), [4], padding_mode="circular", lattice_observables=True)
+
+
+def test_without_a_hidden_head_d_only_compares_single_receptive_fields():
+    """D with a linear head is a mean over positions of a function of one receptive field
+    (<= 10 sites for two stride-2 stages of kernel 4). Swapping the second halves of two
+    periodic 1D fields that agree wherever a receptive field crosses a junction leaves the
+    multiset of receptive fields of the pair as it was, so the pair's summed score is
+    unchanged, although each field's sum (its k = 0 mode) changes. With gan.d_head_hidden
+    (a nonlinearity after the pooling) the sum changes: D can tell lattice-wide spreads."""
+    torch.manual_seed(0)
+    L = 64
+    x1, x2 = torch.randn(1, 1, L), torch.randn(1, 1, L)
+    agree = [*range(23, 42), *range(55, 64), *range(0, 10)]  # within 9 sites of the junctions 0 and 32
+    x2[..., agree] = x1[..., agree]
+    y1 = torch.cat([x1[..., :32], x2[..., 32:]], dim=-1)
+    y2 = torch.cat([x2[..., :32], x1[..., 32:]], dim=-1)
+    assert not torch.allclose(y1.sum(), x1.sum())
+    pair_x, pair_y = torch.cat([x1, x2]), torch.cat([y1, y2])
+    linear = ConvDiscriminator((1, L), [8, 16], padding_mode="circular")
+    torch.testing.assert_close(linear(pair_y).sum(), linear(pair_x).sum(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(linear(pair_y), linear(pair_x), atol=1e-4)  # each field's score does change
+    hidden = ConvDiscriminator((1, L), [8, 16], padding_mode="circular", head_hidden=16)
+    assert (hidden(pair_y).sum() - hidden(pair_x).sum()).abs() > 1e-4
+    # still invariant under the translations (multiples of 4 sites)
+    torch.testing.assert_close(hidden(torch.roll(pair_x, 8, dims=-1)), hidden(pair_x), rtol=1e-5, atol=1e-6)
+
+
+def test_d_head_hidden_builds_through_the_config_and_needs_the_conv_nets():
+    from pipeline.config import ConfigError
+    from pipeline.data.meta import DataMeta
+    from pipeline.objectives.gan.config import GANConfig
+    from pipeline.objectives.gan.nets import build_nets
+
+    meta = DataMeta(sample_shape=(1, 16, 16), data_kind="continuous", boundary="periodic")
+    _, d = build_nets(GANConfig(channels=[8, 16], d_head_hidden=12), meta)
+    assert d.post[0].in_features == 16 and d.head.in_features == 12
+    with pytest.raises(ConfigError, match="d_head_hidden > 0 needs the conv networks"):
+        build_nets(GANConfig(channels=[8, 16], d_head_hidden=12, arch="mlp"), meta)
+    with pytest.raises(ConfigError, match="d_head_hidden must be >= 0"):
+        GANConfig(d_head_hidden=-1).validate()

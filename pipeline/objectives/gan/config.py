@@ -43,14 +43,15 @@ class GANConfig:
     # (a torus: GRFs, phi^4), zeros otherwise.
     padding: Literal["auto", "zeros", "circular"] = "auto"
     spectral_norm: bool = False  # on D's layers (Miyato et al. 2018)
-    # Spin lattices and periodic single-channel 2D fields (phi^4): D's features also carry each
-    # lattice's nearest-neighbour, diagonal and distance-2 correlations, |m| and m^2
-    # (pipeline.models.gan_nets.lattice_observables), so D measures the energy per spin and its
-    # spread at every temperature directly, and the magnetisation's distribution (the k = 0
-    # mode): D's pooled conv features are a mean of functions of one receptive field, so the
-    # critic's expectation depends only on single patches' distribution and the spread of a
-    # sum over the whole lattice is a quadratic it approximates only coarsely.
+    # Spin lattices only: D's features also carry each lattice's nearest-neighbour, diagonal
+    # and distance-2 correlations and |m| (pipeline.models.gan_nets.lattice_observables),
+    # so D measures the energy per spin and its spread at every temperature directly.
     d_lattice_observables: bool = False
+    # Conv D: width of a hidden layer (LeakyReLU) between D's pooled features and its output;
+    # 0 = none (D's output is then linear in the features averaged over positions, so it
+    # compares only the distribution of single receptive fields between real and fake, not
+    # that of lattice-wide sums such as the magnetisation: pipeline.models.gan_nets).
+    d_head_hidden: int = 0
     # Spin lattices only: how G's tanh output y in (-1, 1) becomes spins. sign: D sees y
     # itself and samples are sign(y); real lattices are exactly +-1, so D can tell fakes by
     # their non-saturated sites and G is pushed to saturate (hard, too ordered lattices).
@@ -106,6 +107,8 @@ class GANConfig:
             raise ConfigError(f"gan.gp_weight must be >= 0, got {self.gp_weight}")
         if self.g_convs_per_stage < 1:
             raise ConfigError(f"gan.g_convs_per_stage must be >= 1, got {self.g_convs_per_stage}")
+        if self.d_head_hidden < 0:
+            raise ConfigError(f"gan.d_head_hidden must be >= 0 (0: no hidden layer), got {self.d_head_hidden}")
         if self.g_observable_matching < 0:
             raise ConfigError(f"gan.g_observable_matching must be >= 0, got {self.g_observable_matching}")
         if self.r1_weight < 0:
@@ -183,6 +186,9 @@ class GANConfig:
                               f"{meta.data_kind!r} (use gan.spin_output=sign)")
         if self.g_noise_inputs and arch != "conv":
             raise ConfigError(f"gan.g_noise_inputs=true needs the conv networks (gan.arch={arch!r})")
+        if self.d_head_hidden and arch != "conv":
+            raise ConfigError(f"gan.d_head_hidden > 0 needs the conv networks (gan.arch={arch!r}); the MLP "
+                              f"discriminator's hidden widths are gan.channels")
         if self.g_convs_per_stage != 1 and arch != "conv":
             raise ConfigError(f"gan.g_convs_per_stage > 1 needs the conv networks (gan.arch={arch!r})")
         if self.g_film and (not self.conditional or arch != "conv"):
@@ -190,10 +196,8 @@ class GANConfig:
         if self.g_observable_matching > 0 and (meta.data_kind != "spins" or len(shape) != 3 or shape[0] != 1):
             raise ConfigError(f"gan.g_observable_matching > 0 needs spin lattices of shape (1, H, W); this data "
                               f"is {meta.data_kind!r} of shape {shape}")
-        lattice = len(shape) == 3 and shape[0] == 1 and (meta.data_kind == "spins" or meta.boundary == "periodic")
-        if self.d_lattice_observables and (not lattice or arch != "conv"):
+        if self.d_lattice_observables and (meta.data_kind != "spins" or arch != "conv"):
             raise ConfigError(
-                f"gan.d_lattice_observables=true needs spin lattices or periodic single-channel fields (shape (1, H, "
-                f"W), data kind 'spins' or a manifest with boundary=periodic, e.g. phi^4) and the conv networks; "
-                f"this data is {meta.data_kind!r} of shape {shape}, boundary {meta.boundary}, with gan.arch={arch!r}"
+                f"gan.d_lattice_observables=true needs spin lattices (data kind 'spins', shape (1, H, W)) and "
+                f"the conv networks; this data is {meta.data_kind!r} of shape {shape} with gan.arch={arch!r}"
             )

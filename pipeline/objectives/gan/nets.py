@@ -35,4 +35,5 @@ def build_nets(cfg: GANConfig, meta: DataMeta) -> tuple[nn.Module, nn.Module]:
         g_film=cfg.g_film,
         g_noise_inputs=cfg.g_noise_inputs,
         g_convs_per_stage=cfg.g_convs_per_stage,
+        d_head_hidden=cfg.d_head_hidden,
     )

@@ -62,6 +62,28 @@ def lattice_observables(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([c1, c1 * c1, c_diag, c2, m.abs(), m * m], dim=1)
 
 
+def shell_matrix(spatial: tuple[int, ...]) -> torch.Tensor:
+    """[prod(spatial), S]: averages a flattened map over the full FFT grid within each
+    wavevector shell round(|m|) = 0 .. S - 1 (m_j integer, in ``fftfreq`` order per axis)."""
+    axes = [torch.fft.fftfreq(n, 1.0 / n) for n in spatial]
+    m = torch.stack(torch.meshgrid(*axes, indexing="ij")).double()
+    shell = m.pow(2).sum(0).sqrt().round().long().flatten()
+    one_hot = torch.nn.functional.one_hot(shell).double()
+    return (one_hot / one_hot.sum(0)).float()
+
+
+def spectral_amplitudes(x: torch.Tensor, shells: torch.Tensor) -> torch.Tensor:
+    """[B, C, *spatial] periodic fields -> [B, C * S]: the mean Fourier amplitude |x_hat(k)| /
+    sqrt(V) over each shell of |k|. Amplitudes, not powers: each is 1-Lipschitz in x (|x_hat(k)|
+    <= sum |x| <= sqrt(V) ||x||), so a critic reading them stays Lipschitz, which WGAN-GP's
+    critic must be (quadratic features of unbounded fields let it diverge); invariant under
+    every lattice translation. k = 0 is |M| sqrt(V)."""
+    spatial = tuple(range(2, x.dim()))
+    volume = math.prod(x.shape[2:])
+    amp = torch.fft.fftn(x.float(), dim=spatial).abs() / math.sqrt(volume)
+    return (amp.flatten(2) @ shells).flatten(1)
+
+
 def _maybe_sn(m: nn.Module, use: bool) -> nn.Module:
     # Spectral normalisation (Miyato et al. 2018) bounds each layer's Lipschitz constant.
     return _sn(m) if use else m
@@ -122,7 +144,8 @@ class ConvDiscriminator(_Discriminator):
 
     def __init__(self, sample_shape: tuple[int, ...], channels: list[int], num_outputs: int = 1,
                  label_embedding: LabelEmbedding | None = None, spectral_norm: bool = False,
-                 padding_mode: PaddingMode = "zeros", lattice_observables: bool = False, head_hidden: int = 0):
+                 padding_mode: PaddingMode = "zeros", lattice_observables: bool = False, head_hidden: int = 0,
+                 spectral_features: bool = False):
         super().__init__()
         conv = convs(len(sample_shape) - 1, f"ConvDiscriminator (samples of shape {tuple(sample_shape)})")[0]
         if lattice_observables and (len(sample_shape) != 3 or sample_shape[0] != 1 or padding_mode != "circular"):
@@ -147,6 +170,16 @@ class ConvDiscriminator(_Discriminator):
         self.pool = padding_mode == "circular"
         self.observables = lattice_observables
         feat_dim = (c if self.pool else c * math.prod(spatial)) + (NUM_LATTICE_OBSERVABLES if lattice_observables else 0)
+        # spectral_features: the mean Fourier amplitude per |k| shell of each channel
+        # (spectral_amplitudes): a strided conv net sees the modes at its own sampling
+        # frequencies (k = 0, the Nyquist modes) only through its aliasing.
+        self.spectral = spectral_features
+        if spectral_features:
+            if padding_mode != "circular":
+                raise ValueError("spectral features need periodic fields (circular padding)")
+            shells = shell_matrix(tuple(sample_shape[1:]))
+            self.register_buffer("shells", shells, persistent=False)  # a function of the shape, not state
+            feat_dim += sample_shape[0] * shells.shape[1]
         # head_hidden > 0: a hidden layer between the pooled features and the output. Without
         # it, D(x) = mean over positions of a function of one receptive field, so the critic's
         # expectation depends only on the distribution of single patches: it cannot see how a
@@ -163,6 +196,8 @@ class ConvDiscriminator(_Discriminator):
         f = f.mean(dim=tuple(range(2, f.dim()))) if self.pool else f.flatten(1)
         if self.observables:
             f = torch.cat([f, lattice_observables(x).to(f.dtype)], dim=1)
+        if self.spectral:
+            f = torch.cat([f, spectral_amplitudes(x, self.shells).to(f.dtype)], dim=1)
         return f if self.post is None else self.post(f)
 
 
@@ -320,6 +355,7 @@ def build_gan_nets(
     g_noise_inputs: bool = False,
     g_convs_per_stage: int = 1,
     d_head_hidden: int = 0,
+    d_spectral_features: bool = False,
 ) -> tuple[nn.Module, nn.Module]:
     """(G, D). ``label_kind != "none"`` builds the conditional variants."""
 
@@ -336,13 +372,15 @@ def build_gan_nets(
         if padding_mode != "circular":
             d_feat = widths[-1] * math.prod(s // 2 ** len(widths) for s in sample_shape[1:])
         d_feat += NUM_LATTICE_OBSERVABLES if lattice_observables else 0
+        d_feat += sample_shape[0] * shell_matrix(tuple(sample_shape[1:])).shape[1] if d_spectral_features else 0
         d_feat = d_head_hidden if d_head_hidden > 0 else d_feat
         d = ConvDiscriminator(sample_shape, widths, d_outputs, embedding(d_feat), spectral_norm, padding_mode,
-                              lattice_observables, d_head_hidden)
+                              lattice_observables, d_head_hidden, d_spectral_features)
     elif arch == "mlp":
-        if lattice_observables or g_film or g_noise_inputs or g_convs_per_stage != 1 or d_head_hidden:
-            raise ValueError("lattice observables, FiLM, noise inputs, g_convs_per_stage > 1 and d_head_hidden "
-                             "need the conv networks (arch='conv')")
+        if lattice_observables or g_film or g_noise_inputs or g_convs_per_stage != 1 or d_head_hidden or \
+                d_spectral_features:
+            raise ValueError("lattice observables, FiLM, noise inputs, g_convs_per_stage > 1, d_head_hidden and "
+                             "spectral features need the conv networks (arch='conv')")
         g = MLPGenerator(latent_dim, sample_shape, widths, bounded, embedding(label_dim), label_dim)
         d = MLPDiscriminator(sample_shape, list(reversed(widths)), d_outputs, embedding(widths[0]), spectral_norm)
     else:

@@ -316,3 +316,48 @@ def test_d_head_hidden_builds_through_the_config_and_needs_the_conv_nets():
         build_nets(GANConfig(channels=[8, 16], d_head_hidden=12, arch="mlp"), meta)
     with pytest.raises(ConfigError, match="d_head_hidden must be >= 0"):
         GANConfig(d_head_hidden=-1).validate()
+
+
+def test_spectral_amplitudes_against_plane_waves_and_the_magnetisation():
+    """Each channel's mean Fourier amplitude per shell round(|m|): a plane wave of
+    wavevector m = (3, 4) (|m| = 5) on a 16 x 12 torus puts amplitude A sqrt(V) / 2 on its two
+    modes +-m, so shell 5 holds A sqrt(V) / 2 * 2 / (modes in shell 5) and every other shell
+    ~0; shell 0 is |mean| sqrt(V); any translation leaves every feature unchanged, and each
+    is 1-Lipschitz in the field (the bound a WGAN-GP critic's inputs must keep)."""
+    from pipeline.models.gan_nets import shell_matrix, spectral_amplitudes
+
+    H, W = 16, 12
+    shells = shell_matrix((H, W))
+    iy, ix = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    m_y, m_x = torch.fft.fftfreq(H, 1 / H)[:, None], torch.fft.fftfreq(W, 1 / W)[None, :]
+    in_shell_5 = int(((m_y**2 + m_x**2).sqrt().round() == 5).sum())
+    wave = 0.7 * torch.cos(2 * math.pi * (3 * iy / H + 4 * ix / W)) + 0.25  # plus a uniform 0.25
+    a = spectral_amplitudes(wave[None, None], shells)[0]
+    V = H * W
+    torch.testing.assert_close(a[5], torch.tensor(0.7 * math.sqrt(V) / 2 * 2 / in_shell_5), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a[0], torch.tensor(0.25 * math.sqrt(V)), rtol=1e-5, atol=1e-5)
+    others = [s for s in range(a.numel()) if s not in (0, 5)]
+    assert a[others].abs().max() < 1e-4
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 64, 2, H, W)
+    ax, ay = spectral_amplitudes(x, shells), spectral_amplitudes(y, shells)
+    assert ax.shape == (64, 2 * shells.shape[1])
+    torch.testing.assert_close(spectral_amplitudes(torch.roll(x, (5, 7), (2, 3)), shells), ax, rtol=1e-4, atol=1e-5)
+    assert ((ax - ay).abs().max(dim=1).values <= (x - y).flatten(1).norm(dim=1) + 1e-5).all()
+
+
+def test_d_spectral_features_need_periodic_conv_nets():
+    from pipeline.config import ConfigError
+    from pipeline.data.meta import DataMeta
+    from pipeline.objectives.gan.config import GANConfig
+    from pipeline.objectives.gan.nets import build_nets
+
+    periodic = DataMeta(sample_shape=(1, 16, 16), data_kind="continuous", boundary="periodic")
+    _, d = build_nets(GANConfig(channels=[8, 16], d_spectral_features=True), periodic)
+    assert d.head.in_features == 16 + 12  # pooled conv features + shells 0..11 of a 16 x 16 torus
+    assert "shells" not in d.state_dict()  # a function of the shape: checkpoints stay as they were
+    x = torch.randn(3, 1, 16, 16)
+    torch.testing.assert_close(d(torch.roll(x, (4, 8), (2, 3))), d(x), rtol=1e-5, atol=1e-5)
+    open_ = DataMeta(sample_shape=(1, 16, 16), data_kind="continuous", boundary="open")
+    with pytest.raises(ConfigError, match="d_spectral_features=true needs the conv networks on periodic data"):
+        build_nets(GANConfig(channels=[8, 16], d_spectral_features=True), open_)

@@ -52,6 +52,10 @@ class GANConfig:
     # compares only the distribution of single receptive fields between real and fake, not
     # that of lattice-wide sums such as the magnetisation: pipeline.models.gan_nets).
     d_head_hidden: int = 0
+    # Conv D on periodic data: D's features also carry each channel's mean Fourier amplitude
+    # per |k| shell (pipeline.models.gan_nets.spectral_amplitudes; 1-Lipschitz, so safe for
+    # WGAN-GP), so D compares the power spectrum directly, k = 0 (|M|) included.
+    d_spectral_features: bool = False
     # Spin lattices only: how G's tanh output y in (-1, 1) becomes spins. sign: D sees y
     # itself and samples are sign(y); real lattices are exactly +-1, so D can tell fakes by
     # their non-saturated sites and G is pushed to saturate (hard, too ordered lattices).
@@ -160,7 +164,7 @@ class GANConfig:
         periodic = meta.data_kind == "spins" or meta.boundary == "periodic"
         padding = self.padding if self.padding != "auto" else ("circular" if periodic else "zeros")
         self._check_labels(meta)
-        self._check_parts(meta, arch)
+        self._check_parts(meta, arch, padding)
         return arch, padding, (meta.num_classes if self.semi_supervised != "off" else 1)
 
     def _check_labels(self, meta: "DataMeta") -> None:
@@ -178,7 +182,7 @@ class GANConfig:
                 f"this data has label_kind={meta.label_kind!r}, num_classes={meta.num_classes}"
             )
 
-    def _check_parts(self, meta: "DataMeta", arch: str) -> None:
+    def _check_parts(self, meta: "DataMeta", arch: str, padding: str) -> None:
         """The opt-in parts that need spin lattices or the conv networks."""
         shape = tuple(meta.sample_shape)
         if self.spin_output != "sign" and meta.data_kind != "spins":
@@ -189,6 +193,10 @@ class GANConfig:
         if self.d_head_hidden and arch != "conv":
             raise ConfigError(f"gan.d_head_hidden > 0 needs the conv networks (gan.arch={arch!r}); the MLP "
                               f"discriminator's hidden widths are gan.channels")
+        if self.d_spectral_features and (arch != "conv" or padding != "circular"):
+            raise ConfigError(f"gan.d_spectral_features=true needs the conv networks on periodic data (circular "
+                              f"padding: spins, or a manifest with boundary=periodic); got gan.arch={arch!r}, "
+                              f"padding {padding!r}")
         if self.g_convs_per_stage != 1 and arch != "conv":
             raise ConfigError(f"gan.g_convs_per_stage > 1 needs the conv networks (gan.arch={arch!r})")
         if self.g_film and (not self.conditional or arch != "conv"):

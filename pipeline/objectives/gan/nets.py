@@ -36,4 +36,5 @@ def build_nets(cfg: GANConfig, meta: DataMeta) -> tuple[nn.Module, nn.Module]:
         g_noise_inputs=cfg.g_noise_inputs,
         g_convs_per_stage=cfg.g_convs_per_stage,
         d_head_hidden=cfg.d_head_hidden,
+        d_spectral_features=cfg.d_spectral_features,
     )

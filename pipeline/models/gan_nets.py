@@ -263,7 +263,7 @@ class ConvGenerator(_Generator):
     def __init__(self, latent_dim: int, sample_shape: tuple[int, ...], channels: list[int], bounded: bool,
                  label_embedding: LabelEmbedding | None = None, label_dim: int = 0,
                  padding_mode: PaddingMode = "zeros", film: bool = False, noise_inputs: bool = False,
-                 convs_per_stage: int = 1):
+                 convs_per_stage: int = 1, zero_mode: bool = False):
         super().__init__()
         if film and label_embedding is None:
             raise ValueError("FiLM conditioning needs a conditional generator (a label embedding)")
@@ -313,9 +313,22 @@ class ConvGenerator(_Generator):
             self.noise_shapes = unit_shapes
             self.noise_strength = nn.ParameterList(nn.Parameter(torch.zeros(1, width, *ones)) for width in unit_widths)
             self.latent_dim = latent_dim + sum(math.prod(s) for s in self.noise_shapes)
+        # zero_mode: a per-channel constant, linear in the vector latent (and label), added to
+        # the output: the field's k = 0 mode drawn on its own path. In a Gaussian field every
+        # Fourier mode is independent of the others, so the mean can be drawn apart from the
+        # fluctuations; through upsampling convolutions a lattice-wide shift that varies from
+        # sample to sample is hard to express (the phi^4 GAN's magnetisation, docs/model_zoo.md).
+        # Starts at 0: an untrained G computes what the plain one does. Created last, so the
+        # other layers' initial weights are those of the plain G.
+        self.zero_mode = None
+        if zero_mode:
+            self.zero_mode = nn.Linear(d, c_out)
+            nn.init.zeros_(self.zero_mode.weight)
+            nn.init.zeros_(self.zero_mode.bias)
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        x = F.relu(self.fc(self._input(h[:, :self.vector_latent_dim], labels))).reshape(-1, *self.start_shape)
+        g_in = self._input(h[:, :self.vector_latent_dim], labels)
+        x = F.relu(self.fc(g_in)).reshape(-1, *self.start_shape)
         e = self.label_embedding(labels).to(x.dtype) if self.film is not None else None
         offset = self.vector_latent_dim
         for i in range(len(self.net) // 3):  # units of (upsample or identity, conv, ReLU) in self.net
@@ -332,7 +345,10 @@ class ConvGenerator(_Generator):
                 x = x + self.noise_strength[i] * noise
                 offset += size
             x = act(x)
-        return self._output(self.net[-1](x))
+        y = self.net[-1](x)
+        if self.zero_mode is not None:
+            y = y + self.zero_mode(g_in).to(y.dtype).reshape(*y.shape[:2], *(1,) * (y.dim() - 2))
+        return self._output(y)
 
 
 def build_gan_nets(
@@ -356,6 +372,7 @@ def build_gan_nets(
     g_convs_per_stage: int = 1,
     d_head_hidden: int = 0,
     d_spectral_features: bool = False,
+    g_zero_mode: bool = False,
 ) -> tuple[nn.Module, nn.Module]:
     """(G, D). ``label_kind != "none"`` builds the conditional variants."""
 
@@ -367,7 +384,8 @@ def build_gan_nets(
 
     if arch == "conv":
         g = ConvGenerator(latent_dim, sample_shape, widths, bounded, embedding(label_dim), label_dim, padding_mode,
-                          film=g_film, noise_inputs=g_noise_inputs, convs_per_stage=g_convs_per_stage)
+                          film=g_film, noise_inputs=g_noise_inputs, convs_per_stage=g_convs_per_stage,
+                          zero_mode=g_zero_mode)
         d_feat = widths[-1]
         if padding_mode != "circular":
             d_feat = widths[-1] * math.prod(s // 2 ** len(widths) for s in sample_shape[1:])
@@ -378,9 +396,9 @@ def build_gan_nets(
                               lattice_observables, d_head_hidden, d_spectral_features)
     elif arch == "mlp":
         if lattice_observables or g_film or g_noise_inputs or g_convs_per_stage != 1 or d_head_hidden or \
-                d_spectral_features:
-            raise ValueError("lattice observables, FiLM, noise inputs, g_convs_per_stage > 1, d_head_hidden and "
-                             "spectral features need the conv networks (arch='conv')")
+                d_spectral_features or g_zero_mode:
+            raise ValueError("lattice observables, FiLM, noise inputs, g_convs_per_stage > 1, d_head_hidden, "
+                             "spectral features and G's zero-mode path need the conv networks (arch='conv')")
         g = MLPGenerator(latent_dim, sample_shape, widths, bounded, embedding(label_dim), label_dim)
         d = MLPDiscriminator(sample_shape, list(reversed(widths)), d_outputs, embedding(widths[0]), spectral_norm)
     else:

@@ -361,3 +361,26 @@ def test_d_spectral_features_need_periodic_conv_nets():
     open_ = DataMeta(sample_shape=(1, 16, 16), data_kind="continuous", boundary="open")
     with pytest.raises(ConfigError, match="d_spectral_features=true needs the conv networks on periodic data"):
         build_nets(GANConfig(channels=[8, 16], d_spectral_features=True), open_)
+
+
+def test_zero_mode_path_shifts_each_field_by_a_latent_constant():
+    """gan.g_zero_mode: G's output = the plain G's + a per-channel constant linear in the
+    vector latent. At initialisation it is the plain G exactly (same weights, same output);
+    with the path's weights set, each sample's field moves by W h + b at every site, so
+    only the k = 0 mode changes, and the per-site noise maps do not reach it."""
+    torch.manual_seed(0)
+    plain = ConvGenerator(6, (2, 8, 8), [8, 16], bounded=False, padding_mode="circular", noise_inputs=True)
+    torch.manual_seed(0)
+    zm = ConvGenerator(6, (2, 8, 8), [8, 16], bounded=False, padding_mode="circular", noise_inputs=True,
+                       zero_mode=True)
+    assert zm.latent_dim == plain.latent_dim
+    h = torch.randn(5, zm.latent_dim)
+    torch.testing.assert_close(zm(h), plain(h))
+    with torch.no_grad():
+        zm.zero_mode.weight.normal_()
+        zm.zero_mode.bias.fill_(0.3)
+    shift = zm(h) - plain(h)
+    expected = h[:, :6] @ zm.zero_mode.weight.T.detach() + 0.3
+    torch.testing.assert_close(shift, expected[:, :, None, None].expand_as(shift), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="zero-mode path need the conv networks"):
+        build_gan_nets(sample_shape=(4,), latent_dim=3, widths=[8], arch="mlp", bounded=False, g_zero_mode=True)

@@ -56,6 +56,9 @@ class GANConfig:
     # per |k| shell (pipeline.models.gan_nets.spectral_amplitudes; 1-Lipschitz, so safe for
     # WGAN-GP), so D compares the power spectrum directly, k = 0 (|M|) included.
     d_spectral_features: bool = False
+    # Conv G: a per-channel constant, linear in the vector latent (and label), added to G's
+    # output: the k = 0 mode (a field's mean) on its own path (pipeline.models.gan_nets).
+    g_zero_mode: bool = False
     # Spin lattices only: how G's tanh output y in (-1, 1) becomes spins. sign: D sees y
     # itself and samples are sign(y); real lattices are exactly +-1, so D can tell fakes by
     # their non-saturated sites and G is pushed to saturate (hard, too ordered lattices).
@@ -197,6 +200,8 @@ class GANConfig:
             raise ConfigError(f"gan.d_spectral_features=true needs the conv networks on periodic data (circular "
                               f"padding: spins, or a manifest with boundary=periodic); got gan.arch={arch!r}, "
                               f"padding {padding!r}")
+        if self.g_zero_mode and arch != "conv":
+            raise ConfigError(f"gan.g_zero_mode=true needs the conv networks (gan.arch={arch!r})")
         if self.g_convs_per_stage != 1 and arch != "conv":
             raise ConfigError(f"gan.g_convs_per_stage > 1 needs the conv networks (gan.arch={arch!r})")
         if self.g_film and (not self.conditional or arch != "conv"):

@@ -37,4 +37,5 @@ def build_nets(cfg: GANConfig, meta: DataMeta) -> tuple[nn.Module, nn.Module]:
         g_convs_per_stage=cfg.g_convs_per_stage,
         d_head_hidden=cfg.d_head_hidden,
         d_spectral_features=cfg.d_spectral_features,
+        g_zero_mode=cfg.g_zero_mode,
     )

@@ -118,6 +118,16 @@ def _sample(run: Callable[[Fixtures], Path], *extra: str) -> Paths:
 
 
 GMM = lambda f, tmp: f.gmm  # noqa: E731
+
+
+def _odd_fields(f: Fixtures, tmp: Path) -> Path:
+    """16 single-channel 5 x 6 fields (an odd size) as a shard set in this row's tmp dir."""
+    import numpy as np
+
+    np.save(tmp / "odd-x.npy", np.random.default_rng(0).normal(size=(16, 1, 5, 6)).astype(np.float32))
+    r = in_process("shards", "npy", "--x", str(tmp / "odd-x.npy"), "--out", str(tmp / "odd"), "--val-fraction", "0")
+    assert r.returncode == 0, r.stderr
+    return tmp / "odd"
 VDM_RUN = lambda f: f.vdm_run  # noqa: E731
 GAN_RUN = lambda f: f.gan_run  # noqa: E731
 SAMPLE_OUT = lambda f, tmp: [tmp / "s.npy", tmp / "s.png", f.vdm_run, f.gan_run]  # noqa: E731
@@ -190,6 +200,9 @@ CASES = [
          ("gan.conditional=true but the data has no labels (its manifest says label_kind='none')",)),
     Case("unet-on-vectors", "10", _train(VDM, GMM, "vdm.architecture=unet"), 2,
          ("vdm.architecture=unet needs samples [C, L], [C, H, W] or [C, D, H, W]", "got (2,)")),
+    Case("periodic-unet-on-odd-sizes", "17", _train(VDM, _odd_fields, "vdm.architecture=unet"), 2,
+         ("vdm.architecture=unet with vdm.periodic=true (circular padding) needs even spatial sizes",
+          "got (1, 5, 6)", "set vdm.periodic=false (zero padding takes any size)")),
     Case("unet-levels-on-vectors", "10", _train(VDM, GMM, "vdm.unet_levels=2"), 2,
          ("vdm.unet_levels=2 applies to the UNet; samples (2,) get the MLP", "leave vdm.unet_levels at 1")),
     Case("spin-grid-on-continuous-data", "19", _train(VDM, GMM, "vdm.num_timesteps=0", "vdm.sample_grid=spin-variance"), 2,

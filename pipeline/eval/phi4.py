@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.physics import phi4
+from pipeline.physics import minkowski, phi4
 
 Z_FLAG = 3.0  # |z| beyond which an observable is flagged (issue 17: within 3 standard errors)
 
@@ -32,6 +32,12 @@ def _per_config(phi: np.ndarray) -> dict[str, np.ndarray]:
             "propagator_k": np.abs(np.fft.fft2(phi)) ** 2 / v}
 
 
+def _inflation(tau_int: float | None, thin: int | None) -> float:
+    """Standard errors of the reference ensemble grow by sqrt(2 tau_int / thin) where its
+    configurations, thinned by ``thin`` trajectories, are still correlated."""
+    return math.sqrt(max(1.0, 2 * tau_int / thin)) if tau_int and thin else 1.0
+
+
 def _mean_se(values: np.ndarray, inflation: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     return values.mean(0), values.std(0, ddof=1) / math.sqrt(len(values)) * inflation
 
@@ -41,7 +47,7 @@ def compare_phi4(samples: np.ndarray, reference: np.ndarray, theory: phi4.Phi4, 
     """Observables of ``samples`` vs the exact free field (lam = 0) or the ``reference``
     ensemble: value, standard error and z for |M| and chi, and for G(k) the worst momentum."""
     gen, ref = _per_config(samples), _per_config(reference)
-    inflation = math.sqrt(max(1.0, 2 * tau_int / thin)) if tau_int and thin else 1.0
+    inflation = _inflation(tau_int, thin)
     exact = None
     if theory.lam == 0:
         exact = {"abs_magnetisation": phi4.free_abs_magnetisation(theory.size, theory.kappa),
@@ -66,6 +72,31 @@ def compare_phi4(samples: np.ndarray, reference: np.ndarray, theory: phi4.Phi4, 
     return out
 
 
+def compare_minkowski_phi4(samples: np.ndarray, reference: np.ndarray, inflation: float = 1.0,
+                           nu: tuple[float, ...] = minkowski.DEFAULT_THRESHOLDS) -> dict[str, Any]:
+    """The three Minkowski functionals (area, boundary length, Euler characteristic per unit
+    area; :mod:`pipeline.physics.minkowski`) of the generated configurations' excursion sets
+    against the reference ensemble's (issue 17: for 2D maps, vs the reference data's), at
+    thresholds nu * sigma0 with sigma0 = sqrt(<phi^2>) of the reference. z per threshold and
+    functional with both sides' standard errors (the reference's inflated by its
+    autocorrelation as for |M|); the sum of z^2 is a distance (thresholds are correlated),
+    the largest |z| the headline."""
+    ref = np.asarray(reference, dtype=np.float64).reshape(len(reference), *np.shape(reference)[-2:])
+    gen = np.asarray(samples, dtype=np.float64).reshape(len(samples), *np.shape(samples)[-2:])
+    thresholds = np.asarray(nu, dtype=np.float64) * math.sqrt(float((ref**2).mean()))
+    g, g_se = _mean_se(minkowski.minkowski_maps(gen, thresholds))
+    r, r_se = _mean_se(minkowski.minkowski_maps(ref, thresholds), inflation)
+    se = np.sqrt(g_se**2 + r_se**2)
+    z = (g - r) / np.where(se > 0, se, np.inf)  # a threshold no map crosses on either side: z = 0
+    out: dict[str, Any] = {"minkowski_max_abs_z": float(np.abs(z).max()), "minkowski_chi2": float((z**2).sum())}
+    for i, name in enumerate(minkowski.NAMES):
+        out[f"minkowski_{name}_max_abs_z"] = float(np.abs(z[i]).max())
+        out[f"minkowski_{name}_chi2"] = float((z[i] ** 2).sum())
+    out["minkowski"] = {"nu": list(nu), "names": list(minkowski.NAMES), "mean": g.tolist(), "stderr": g_se.tolist(),
+                        "reference_mean": r.tolist(), "reference_stderr": r_se.tolist()}
+    return out
+
+
 def evaluate_phi4_run(module, meta, info, urls, reference, opts) -> dict[str, Any]:
     """``pipeline evaluate`` on a run trained on ``pipeline shards phi4`` data."""
     from pipeline.eval.common import _held_out, _vdm_likelihood, generate
@@ -79,8 +110,12 @@ def evaluate_phi4_run(module, meta, info, urls, reference, opts) -> dict[str, An
                  batch_size=opts.sample_batch_size)
     t_sample = time.perf_counter() - t0
     result: dict[str, Any] = {"evaluation": "phi4", "phi4": rec["phi4"]}
-    result.update(compare_phi4(x, reference.x, theory, tau_int=rec["hmc"]["tau_int_abs_m"], thin=rec["hmc"]["thin"]))
-    notes = ["susceptibility = V <M^2> (<M> = 0 by symmetry); propagator_k = <|phi_hat(k)|^2> / V per momentum"]
+    tau_int, thin = rec["hmc"]["tau_int_abs_m"], rec["hmc"]["thin"]
+    result.update(compare_phi4(x, reference.x, theory, tau_int=tau_int, thin=thin))
+    result.update(compare_minkowski_phi4(x, reference.x, _inflation(tau_int, thin)))
+    notes = ["susceptibility = V <M^2> (<M> = 0 by symmetry); propagator_k = <|phi_hat(k)|^2> / V per momentum",
+             "minkowski: functionals of the excursion sets {phi > nu sigma0} (sigma0^2 = the reference's <phi^2>) vs "
+             "the reference ensemble's; z with both standard errors"]
     flags = [f"{name} {result[name]:.4g} is {result[name + '_z']:+.1f} standard errors from the reference "
              f"{result[name + '_reference']:.4g}" for name in ("abs_magnetisation", "susceptibility")
              if abs(result[name + "_z"]) > Z_FLAG]

@@ -384,3 +384,18 @@ def test_zero_mode_path_shifts_each_field_by_a_latent_constant():
     torch.testing.assert_close(shift, expected[:, :, None, None].expand_as(shift), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="zero-mode path need the conv networks"):
         build_gan_nets(sample_shape=(4,), latent_dim=3, widths=[8], arch="mlp", bounded=False, g_zero_mode=True)
+
+
+def test_conv_sizes_are_checked_with_the_config_and_name_the_stages_that_fit():
+    """Before anything is built or written: 12 x 6 fields take one stride-2 stage (6 = 2 x 3),
+    so gan.channels=[8, 16, 32] (three) is refused, naming one entry as what fits."""
+    from pipeline.config import ConfigError
+    from pipeline.data.meta import DataMeta
+    from pipeline.objectives.gan.config import GANConfig
+
+    meta = DataMeta(sample_shape=(1, 12, 6), data_kind="continuous", boundary="periodic")
+    with pytest.raises(ConfigError, match=r"divisible by 8; the data's samples are \(1, 12, 6\): use at most 1 "
+                                          r"entries in gan.channels \(e.g. \[8\]\)"):
+        GANConfig(channels=[8, 16, 32]).check_data(meta)
+    assert GANConfig(channels=[8]).check_data(meta)[0] == "conv"
+    assert GANConfig(channels=[8, 16, 32], arch="mlp").check_data(meta)[0] == "mlp"

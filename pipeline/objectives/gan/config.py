@@ -166,9 +166,24 @@ class GANConfig:
                               f"this data has {shape}")
         periodic = meta.data_kind == "spins" or meta.boundary == "periodic"
         padding = self.padding if self.padding != "auto" else ("circular" if periodic else "zeros")
+        if arch == "conv":
+            self._check_conv_sizes(shape)
         self._check_labels(meta)
         self._check_parts(meta, arch, padding)
         return arch, padding, (meta.num_classes if self.semi_supervised != "off" else 1)
+
+    def _check_conv_sizes(self, shape: tuple[int, ...]) -> None:
+        """The conv G upsamples by 2 once per entry of gan.channels, and D downsamples as often:
+        every spatial size must be a multiple of 2^len(channels) (pipeline.models.gan_nets)."""
+        n, spatial = len(self.channels), shape[1:]
+        if all(s % 2**n == 0 for s in spatial):
+            return
+        fit = max(k for k in range(0, 16) if all(s % 2**k == 0 for s in spatial))
+        way_out = (f"use at most {fit} entries in gan.channels (e.g. {self.channels[:fit]})" if fit >= 1
+                   else "no number of stages fits: use gan.arch=mlp")
+        raise ConfigError(
+            f"gan.channels={self.channels} gives the conv networks {n} stride-2 stages, which need every spatial "
+            f"size divisible by {2**n}; the data's samples are {shape}: {way_out}")
 
     def _check_labels(self, meta: "DataMeta") -> None:
         if self.conditional and meta.label_kind == "none":

@@ -88,8 +88,9 @@ def test_gan_phi4_preset_trains(tmp_path):
     assert result["evaluation"] == "phi4" and result["reference_kind"] == "HMC ensemble"
     assert result["objective"] == "gan" and result["num_generated"] == 64
     for key in ("abs_magnetisation", "susceptibility", "susceptibility_z", "susceptibility_reference",
-                "propagator_max_abs_z"):
+                "propagator_max_abs_z", "minkowski_max_abs_z", "minkowski_v2_chi2"):
         assert isinstance(result[key], float) and math.isfinite(result[key]), key
+    assert len(result["minkowski"]["reference_mean"]) == 3  # v0, v1, v2 against the HMC ensemble's
     assert "bits_per_dim" not in result  # a GAN has no likelihood
 
 

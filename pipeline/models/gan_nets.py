@@ -313,18 +313,21 @@ class ConvGenerator(_Generator):
             self.noise_shapes = unit_shapes
             self.noise_strength = nn.ParameterList(nn.Parameter(torch.zeros(1, width, *ones)) for width in unit_widths)
             self.latent_dim = latent_dim + sum(math.prod(s) for s in self.noise_shapes)
-        # zero_mode: a per-channel constant, linear in the vector latent (and label), added to
-        # the output: the field's k = 0 mode drawn on its own path. In a Gaussian field every
-        # Fourier mode is independent of the others, so the mean can be drawn apart from the
-        # fluctuations; through upsampling convolutions a lattice-wide shift that varies from
-        # sample to sample is hard to express (the phi^4 GAN's magnetisation, docs/model_zoo.md).
-        # Starts at 0: an untrained G computes what the plain one does. Created last, so the
-        # other layers' initial weights are those of the plain G.
-        self.zero_mode = None
-        if zero_mode:
-            self.zero_mode = nn.Linear(d, c_out)
-            nn.init.zeros_(self.zero_mode.weight)
-            nn.init.zeros_(self.zero_mode.bias)
+        self.zero_mode = self._zero_mode_path(d, c_out) if zero_mode else None  # last: the rest as the plain G
+
+    @staticmethod
+    def _zero_mode_path(d: int, c_out: int) -> nn.Linear:
+        """A per-channel constant, linear in the vector latent (and label), added to the output:
+        the field's k = 0 mode drawn on its own path. In a Gaussian field every Fourier mode is
+        independent of the others, so the mean can be drawn apart from the fluctuations; through
+        upsampling convolutions a lattice-wide shift that varies from sample to sample is hard to
+        express (the phi^4 GAN's magnetisation, docs/model_zoo.md). Starts at 0: an untrained G
+        computes what the plain one does. Created after every other layer, so their initial
+        weights are those of the plain G."""
+        path = nn.Linear(d, c_out)
+        nn.init.zeros_(path.weight)
+        nn.init.zeros_(path.bias)
+        return path
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         g_in = self._input(h[:, :self.vector_latent_dim], labels)

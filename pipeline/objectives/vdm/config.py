@@ -56,8 +56,10 @@ class VDMConfig:
     # "gaussian": eps_hat = the exact denoiser of independent Gaussian values with the data's
     # running per-value mean and variance + the network's correction (denoiser.GaussianSkip).
     # Needed by an MLP narrower than the sample (mlp_hidden < its number of values); helps data
-    # far from unit scale (phi^4 in the broken phase, docs/model_zoo.md).
-    skip: Literal["none", "gaussian"] = "none"
+    # far from unit scale (phi^4 in the broken phase, docs/model_zoo.md). "spectral": the same
+    # for a stationary field on a periodic grid, with the data's mean and power spectrum per
+    # channel (the Wiener filter, denoiser.SpectralSkip; data with boundary periodic only).
+    skip: Literal["none", "gaussian", "spectral"] = "none"
     periodic: bool = True  # circular padding (periodic lattices)
     sample_steps: int | None = None  # default ancestral steps for continuous time (discrete: T - 1)
     # Default grid of noise levels for sampling (``--grid`` overrides it): see SamplerConfig.
@@ -164,6 +166,11 @@ class VDMConfig:
         if meta.label_kind == "class" and (not meta.num_classes or meta.num_classes < 1):
             raise ConfigError(f"label_kind 'class' needs num_classes >= 1 in the data's manifest, got {meta.num_classes}")
         self.resolve_architecture(tuple(meta.sample_shape))
+        if self.skip == "spectral" and (meta.boundary != "periodic" or len(meta.sample_shape) < 2):
+            raise ConfigError(
+                f"vdm.skip=spectral is the denoiser of a stationary field on a periodic grid: it needs samples "
+                f"[C, L], [C, H, W] or [C, D, H, W] with boundary periodic, but the data's manifest says sample "
+                f"shape {tuple(meta.sample_shape)}, boundary {meta.boundary}; use vdm.skip=gaussian (or none)")
         if self.sample_grid == "spin-variance" and meta.data_kind != "spins":
             raise ConfigError(f"vdm.sample_grid=spin-variance places the noise levels by the posterior variance of "
                               f"a +-1 spin; the data's manifest says data_kind {meta.data_kind!r}: use time or logsnr")

@@ -20,11 +20,11 @@ class Denoiser(nn.Module):
     shared :class:`~pipeline.models.embedding.LabelEmbedding` (continuous ones as Fourier
     features of the standardised value), added to the noise-level embedding.
 
-    ``skip``: a :class:`GaussianSkip`, eps_hat = skip(z, gamma) + net(...): the network learns the
-    correction to the Gaussian answer.
+    ``skip``: a :class:`GaussianSkip` or :class:`SpectralSkip`, eps_hat = skip(z, gamma) + net(...):
+    the network learns the correction to the Gaussian answer.
     """
 
-    def __init__(self, net: nn.Module, emb_dim: int, meta: DataMeta, skip: "GaussianSkip | None" = None):
+    def __init__(self, net: nn.Module, emb_dim: int, meta: DataMeta, skip: "GaussianSkip | SpectralSkip | None" = None):
         super().__init__()
         self.net, self.emb_dim, self.label_kind = net, emb_dim, meta.label_kind
         self.skip = skip
@@ -66,8 +66,13 @@ class GaussianSkip(nn.Module):
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("sums", torch.zeros((2,) + tuple(sample_shape), dtype=torch.float64))
 
+    def batch_sums(self, x0: torch.Tensor) -> torch.Tensor:
+        """sum(x), sum(x^2) over a batch [B, *sample_shape] in model space: [2, *sample_shape], float64."""
+        x64 = x0.detach().double()
+        return torch.stack([x64.sum(0), (x64 * x64).sum(0)])
+
     def add(self, sums: torch.Tensor, count: torch.Tensor) -> None:
-        """Add sum(x), sum(x^2) over ``count`` more samples (``sums``: [2, *sample_shape])."""
+        """Add :meth:`batch_sums` over ``count`` more samples (gathered over ranks)."""
         self.sums += sums.to(self.sums)
         self.count += count.to(self.count)
 
@@ -84,6 +89,78 @@ class GaussianSkip(nn.Module):
         g = gamma.to(z.dtype).reshape((-1,) + (1,) * (z.dim() - 1))
         alpha, sigma = torch.sigmoid(-g).sqrt(), torch.sigmoid(g).sqrt()
         return sigma * (z - alpha * mean) / (alpha**2 * var + sigma**2)
+
+
+class SpectralSkip(nn.Module):
+    """E[eps | z] for a stationary Gaussian field on a periodic grid with the data's mean and power
+    spectrum per channel: per Fourier mode k, eps_hat(k) = sigma (z - alpha mu)(k) / (alpha^2 P(k) +
+    sigma^2), the Wiener filter (the exact denoiser of ``pipeline.eval.grf.ExactGRFDenoiser`` with
+    P estimated from the data). :class:`GaussianSkip` takes the covariance diagonal over sites;
+    a stationary field's is diagonal over Fourier modes instead, with variances P(k) far from one
+    site's (P(0) = 47, P at the corner 0.09 for the grf2d preset's field, C(0) = 0.99). The
+    network then learns only the non-Gaussian part (zero for a Gaussian field). Why it is needed
+    there: the exact filter's gain 1 / (alpha^2 P(k) + sigma^2) with P ~ |k|^-2 has a cusp at the
+    Nyquist row (|k|^2 is not periodic on the Brillouin zone), which no convolution of finite
+    reach reproduces; the UNet under-denoises those modes by 6-9 % at low noise and the
+    samples' power there comes out 8-11 % high (docs/model_zoo.md, grf2d).
+
+    mu (one per channel) and P (per channel and half-grid mode of ``rfftn``, with the
+    unnormalised convention E|x_hat(k)|^2 / N = P(k) of ``pipeline/physics/grf.py``) are
+    estimated from every sample trained on (float64 sums, gathered over ranks as for
+    GaussianSkip); before any data mu = 0 and P = 1 (white noise of unit variance, the same
+    start as GaussianSkip's). Channels are treated as independent (cross-spectra ignored)."""
+
+    MIN_POWER = 1e-6
+
+    def __init__(self, sample_shape: tuple[int, ...]):
+        super().__init__()
+        assert len(sample_shape) >= 2, sample_shape  # [C, *spatial], checked by VDMConfig.check_data
+        self.channels, self.spatial = sample_shape[0], tuple(sample_shape[1:])
+        self.axes = tuple(range(-len(self.spatial), 0))
+        half = self.spatial[:-1] + (self.spatial[-1] // 2 + 1,)
+        self.num_sites = int(np.prod(self.spatial))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        # [C] sum of x over samples and sites; [C, *half] sum of |rfftn(x)|^2 / N over samples.
+        self.register_buffer("mean_sums", torch.zeros(self.channels, dtype=torch.float64))
+        self.register_buffer("power_sums", torch.zeros((self.channels,) + half, dtype=torch.float64))
+
+    def batch_sums(self, x0: torch.Tensor) -> torch.Tensor:
+        """The batch's sums, flattened into one float64 vector (gathered as one tensor)."""
+        x64 = x0.detach().double()
+        power = torch.fft.rfftn(x64, dim=self.axes).abs().square().sum(0) / self.num_sites
+        return torch.cat([x64.sum(0).flatten(1).sum(1), power.flatten()])
+
+    def add(self, sums: torch.Tensor, count: torch.Tensor) -> None:
+        c = self.channels
+        self.mean_sums += sums[:c].to(self.mean_sums)
+        self.power_sums += sums[c:].reshape(self.power_sums.shape).to(self.power_sums)
+        self.count += count.to(self.count)
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean [C], power [C, *half]); (0, 1) before any data. P(0) is that of x - mu:
+        E|x_hat(0)|^2 / N = P(0) + N mu^2."""
+        seen = self.count > 0
+        n = self.count.clamp_min(1.0)
+        mean = self.mean_sums / (n * self.num_sites)
+        power = self.power_sums / n
+        zero = (slice(None),) + (0,) * len(self.spatial)
+        power[zero] = power[zero] - self.num_sites * mean**2
+        power = power.clamp_min(self.MIN_POWER)
+        return (torch.where(seen, mean, torch.zeros_like(mean)),
+                torch.where(seen, power, torch.ones_like(power)))
+
+    def forward(self, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        mean, power = self.moments()
+        dtype = torch.float64 if z.dtype == torch.float64 else torch.float32  # no FFT in bf16
+        g = gamma.to(dtype).reshape((-1,) + (1,) * (z.dim() - 1))
+        a2, s2 = torch.sigmoid(-g), torch.sigmoid(g)
+        zc = z.to(dtype) - a2.sqrt() * mean.to(dtype).reshape((-1,) + (1,) * len(self.spatial))
+        z_hat = torch.fft.rfftn(zc, dim=self.axes)
+        eps = torch.fft.irfftn(z_hat * (s2.sqrt() / (a2 * power.to(dtype) + s2)), s=self.spatial, dim=self.axes)
+        return eps.to(z.dtype)
+
+
+SKIPS = {"gaussian": GaussianSkip, "spectral": SpectralSkip}
 
 
 def _before_shared_label_embedding(module, state_dict, prefix, *args) -> None:

@@ -21,7 +21,7 @@ from pipeline.objectives.data_space import DataSpace
 from pipeline.objectives.draws import AnyDraws, Draws, GeneratorDraws, SampleDraws, as_draws
 from pipeline.objectives.vdm import samplers, terms
 from pipeline.objectives.vdm.config import SamplerConfig, VDMConfig
-from pipeline.objectives.vdm.denoiser import Denoiser, GaussianSkip, build_network
+from pipeline.objectives.vdm.denoiser import SKIPS, Denoiser, build_network
 from pipeline.objectives.vdm.schedules import LearnedSchedule, build_schedule
 from pipeline.objectives.vdm.timesteps import ImportanceSampler, build_timestep_sampler
 
@@ -39,7 +39,7 @@ class VDMOutput:
     diff_per_sample: torch.Tensor  # [B] unweighted diffusion-term estimate, bits/dim (detached)
     weight: torch.Tensor  # [B] importance weights (1 unless timestep_sampler=importance)
     extra: dict[str, float] = field(default_factory=dict)
-    # vdm.skip=gaussian: this micro batch's sum(x0), sum(x0^2) in model space [2, *sample_shape], float64
+    # vdm.skip: this micro batch's sums for the skip's moments (its batch_sums), float64
     data_sums: torch.Tensor | None = None
 
     def metrics(self) -> dict[str, float]:
@@ -82,11 +82,11 @@ class VDM(SampledObjective):
             cfg.timestep_sampler, num_bins, cfg.importance_history, cfg.importance_uniform_mix
         )
         if denoiser is None:
-            # vdm.skip=gaussian: the data's moments, which after_micro_step keeps up to date.
-            skip = GaussianSkip(self.sample_shape) if cfg.skip == "gaussian" else None
+            # vdm.skip: the data's moments, which after_micro_step keeps up to date.
+            skip = SKIPS[cfg.skip](self.sample_shape) if cfg.skip != "none" else None
             denoiser = Denoiser(build_network(cfg, meta), cfg.emb_dim, meta, skip=skip)
         elif cfg.skip != "none":
-            raise ValueError("vdm.skip=gaussian belongs to the VDM's own Denoiser; a given denoiser brings its own")
+            raise ValueError(f"vdm.skip={cfg.skip} belongs to the VDM's own Denoiser; a given denoiser brings its own")
         self.denoiser = denoiser
         self._reset_watch()
 
@@ -246,9 +246,8 @@ class VDM(SampledObjective):
             holder["scale"] = 2 * (diff_w * to_bpd).detach()
         extra = self.sampler.metrics(w)
         data_sums = None
-        if self.cfg.skip == "gaussian":
-            x64 = x0.detach().double()
-            data_sums = torch.stack([x64.sum(0), (x64 * x64).sum(0)])
+        if self.cfg.skip != "none":
+            data_sums = self.denoiser.skip.batch_sums(x0)
         return VDMOutput(
             loss=loss,
             loss_recon=(recon.mean() * to_bpd).detach(),
@@ -268,7 +267,7 @@ class VDM(SampledObjective):
         """Gather the micro batch's (u, loss) pairs for the time-step sampler's history (applied
         after the optimizer step), and update this rank's watch (per-t profile, ELBO moments)."""
         self.sampler.collect(output.u, output.diff_per_sample, all_gather)
-        if self.cfg.skip == "gaussian":
+        if self.cfg.skip != "none":
             # Every rank adds every rank's sums (and counts), so the moments stay identical.
             sums = all_gather(output.data_sums.unsqueeze(0)).sum(0)
             count = all_gather(torch.tensor([float(output.u.shape[0])], dtype=torch.float64,

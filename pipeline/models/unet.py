@@ -26,16 +26,6 @@ convolutions of one level reach 12 sites from each output (tests/unit/test_unet_
 so the modes of the box's largest wavelengths (k = 0 and the first shells of a 32^2 periodic
 field) are out of their reach and the samples' power there stays off (docs/model_zoo.md,
 grf2d); each added level doubles the reach of the blocks below it.
-
-``zero_mode``: eps_hat's spatial mean per channel gets its own path, A(emb) zbar + b(emb) with
-zbar the input's spatial mean per channel (zero at initialisation, so the network starts as
-without it). Why: for a stationary field the k = 0 mode is one of N Fourier modes, so it
-carries 1/N of the loss, yet its variance can be far from a single site's (P(0) = 46.7 vs
-C(0) = 0.99 for the grf2d preset's field), and every GroupNorm subtracts the per-sample mean
-of its channels: the convolutional path reproduces the k = 0 component of the exact denoiser,
-sigma zbar / (alpha^2 P(0) / N + sigma^2) for a Gaussian field, only through its residual
-branches. The path has exactly that form: linear in zbar with a gain that depends on the
-noise level (docs/model_zoo.md, grf2d: the samples' k = 0 power 8 % low without it).
 """
 
 from __future__ import annotations
@@ -94,26 +84,6 @@ class _Level(nn.Module):
         self.dec = ResBlock(2 * channels, channels, emb_dim, padding_mode, ndim)
 
 
-class _ZeroModePath(nn.Module):
-    """A(emb) zbar + b(emb) per channel, broadcast over space: zbar [B, C] is the input's spatial
-    mean, A [B, C, C] and b [B, C] are one linear map of the embedding, zero at initialisation."""
-
-    def __init__(self, channels: int, emb_dim: int):
-        super().__init__()
-        self.channels = channels
-        self.lin = nn.Linear(emb_dim, channels * (channels + 1))
-        nn.init.zeros_(self.lin.weight)
-        nn.init.zeros_(self.lin.bias)
-
-    def forward(self, z: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        c = self.channels
-        zbar = z.flatten(2).mean(-1)  # [B, C]
-        w = self.lin(emb)
-        gain, offset = w[:, : c * c].reshape(-1, c, c), w[:, c * c:]
-        mean = (gain @ zbar.unsqueeze(-1)).squeeze(-1) + offset  # [B, C]
-        return mean.reshape(*mean.shape, *(1,) * (z.dim() - 2))
-
-
 class UNet(nn.Module):
     """eps_hat = UNet(z, emb): [B, C, *S] -> [B, C, *S], conditioned on emb [B, emb_dim],
     where S is (L,), (H, W) or (D, H, W) for ``ndim`` = 1, 2 or 3.
@@ -124,7 +94,7 @@ class UNet(nn.Module):
     """
 
     def __init__(self, in_channels: int, channels: int = 16, emb_dim: int = 64, periodic: bool = True,
-                 ndim: int = 2, activation_checkpointing: bool = False, levels: int = 1, zero_mode: bool = False):
+                 ndim: int = 2, activation_checkpointing: bool = False, levels: int = 1):
         super().__init__()
         if in_channels < 1 or channels < 1 or levels < 1:
             raise ValueError(f"UNet needs in_channels >= 1, channels >= 1 and levels >= 1, "
@@ -152,8 +122,6 @@ class UNet(nn.Module):
         # from a seed as before they existed. Each: down-sample, block; up-sample, block on the
         # concatenation with its input (the U's skip).
         self.deeper = nn.ModuleList(_Level(c2, emb_dim, pm, ndim) for _ in range(levels - 1))
-        # The k = 0 path (module docstring), created after everything else for the same reason.
-        self.zero_mode = _ZeroModePath(in_channels, emb_dim) if zero_mode else None
 
     def forward(self, z: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         spatial = tuple(z.shape[2:])
@@ -172,9 +140,6 @@ class UNet(nn.Module):
         out = self._unet(z, emb)
         if any(extra):
             out = out[(..., *(slice(0, s) for s in spatial))]
-            z = z[(..., *(slice(0, s) for s in spatial))]
-        if self.zero_mode is not None:
-            out = out + self.zero_mode(z, emb)
         return out
 
     def _unet(self, z: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:

@@ -137,7 +137,7 @@ def test_keys_the_network_does_not_read_are_not_compared_but_named(tmp_path):
     # the MLP (vectors) does not read the UNet's keys, and the UNet not the MLP's
     vectors = DataMeta(sample_shape=(5,), data_kind="continuous")
     assert set(inert_settings(load_config(None, BASE), vectors)) == {
-        "vdm.channels", "vdm.unet_levels", "vdm.periodic", "vdm.activation_checkpointing", "vdm.zero_mode"}
+        "vdm.channels", "vdm.unet_levels", "vdm.periodic", "vdm.activation_checkpointing"}
     assert set(inert_settings(load_config(None, BASE), META)) == {"vdm.mlp_hidden", "vdm.mlp_layers"}
     (w,) = set_inert_settings(load_config(None, unet + ["vdm.mlp_hidden=512"]), META)
     assert w.startswith("vdm.mlp_hidden=512 does not apply") and "get the unet" in w

@@ -44,9 +44,6 @@ class VDMConfig:
     # wavelengths (models/unet.py); with periodic=true every spatial size must be a multiple of
     # 2^unet_levels (zero padding pads the samples up to one inside the network).
     unet_levels: int = 1
-    # UNet only: eps_hat's spatial mean per channel on its own path, linear in the input's mean
-    # with a gain set by the noise level (models/unet.py: the k = 0 mode of a stationary field).
-    zero_mode: bool = False
     # Recompute each UNet residual block's activations in backward instead of keeping them
     # (memory for compute; gradients unchanged). UNet only.
     activation_checkpointing: bool = False
@@ -136,10 +133,6 @@ class VDMConfig:
         if chosen == "mlp" and self.unet_levels != 1:
             raise ConfigError(f"vdm.unet_levels={self.unet_levels} applies to the UNet; samples {tuple(sample_shape)} "
                               f"get the MLP (vdm.architecture={self.architecture}): leave vdm.unet_levels at 1")
-        if chosen == "mlp" and self.zero_mode:
-            raise ConfigError(f"vdm.zero_mode=true applies to the UNet; samples {tuple(sample_shape)} get the MLP "
-                              f"(vdm.architecture={self.architecture}), which sees the whole sample: set "
-                              f"vdm.zero_mode=false")
         return chosen
 
     def inert_keys(self, meta: "DataMeta") -> dict[str, str]:
@@ -188,7 +181,7 @@ class VDMConfig:
                                   f"manifest has labels down to {lowest}")
 
 # The keys only one of the two denoiser networks reads (pipeline.objectives.vdm.denoiser).
-_UNET_ONLY_KEYS = ("channels", "unet_levels", "periodic", "activation_checkpointing", "zero_mode")
+_UNET_ONLY_KEYS = ("channels", "unet_levels", "periodic", "activation_checkpointing")
 _MLP_ONLY_KEYS = ("mlp_hidden", "mlp_layers")
 
 SAMPLER_NAMES = ("ancestral", "ddim", "dpm-solver")

@@ -178,8 +178,7 @@ def build_network(cfg: VDMConfig, meta: DataMeta) -> nn.Module:
     shape = tuple(meta.sample_shape)
     if cfg.resolve_architecture(shape) == "unet":
         return UNet(shape[0], cfg.channels, cfg.emb_dim, periodic=cfg.periodic, ndim=len(shape) - 1,
-                    activation_checkpointing=cfg.activation_checkpointing, levels=cfg.unet_levels,
-                    zero_mode=cfg.zero_mode)
+                    activation_checkpointing=cfg.activation_checkpointing, levels=cfg.unet_levels)
     if cfg.activation_checkpointing:
         raise ValueError(f"vdm.activation_checkpointing=true needs the UNet; samples {shape} get the MLP "
                          "(vdm.architecture=auto), which has no blocks to checkpoint")

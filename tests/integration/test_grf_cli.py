@@ -58,9 +58,12 @@ def test_grf_shards_train_evaluate(tmp_path):
     assert result["nll_exact_nats_per_dim"] == pytest.approx(-stored.mean() / num_dims, rel=1e-9)
     floor = elbo_gap_nats(field_power(field), -10.0, 10.0)["gap"] / num_dims  # the preset's endpoints
     assert result["elbo_floor_gap_nats_per_dim"] == pytest.approx(floor, rel=1e-5)
-    # A 4-step model is far from the field: its ELBO is above the exact NLL (a bound for any
-    # model), and not flagged as below it.
-    assert result["nats_per_dim"] > result["nll_exact_nats_per_dim"]
+    # The preset's spectral skip (the Wiener filter with the spectrum of the 64 fields read so
+    # far) makes even a 4-step model close to the field: -ELBO 1.02x the exact NLL here, where
+    # the per-site Gaussian skip gives 1.42x (same command with vdm.skip=gaussian); 1.15 leaves
+    # 4 standard errors of this 16-field estimate. Not flagged as below the bound either.
+    assert result["gap_nats_per_dim"] < 0.15 * result["nll_exact_nats_per_dim"]
+    assert result["gap_nats_per_dim"] > -3 * result["gap_nats_per_dim_stderr"]
     assert not any("below the exact NLL" in f for f in result["flags"])
 
 

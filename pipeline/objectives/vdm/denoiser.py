@@ -101,7 +101,7 @@ class SpectralSkip(nn.Module):
     network then learns only the non-Gaussian part (zero for a Gaussian field). Why it is needed
     there: the exact filter's gain 1 / (alpha^2 P(k) + sigma^2) with P ~ |k|^-2 has a cusp at the
     Nyquist row (|k|^2 is not periodic on the Brillouin zone), which no convolution of finite
-    reach reproduces; the UNet under-denoises those modes by 6-9 % at low noise and the
+    reach reproduces; the UNet under-denoises those modes by 6-10 % at low noise and the
     samples' power there comes out 8-11 % high (docs/model_zoo.md, grf2d).
 
     mu (one per channel) and P (per channel and half-grid mode of ``rfftn``, with the

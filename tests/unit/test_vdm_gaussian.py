@@ -324,36 +324,37 @@ def test_ancestral_sampling_draws_from_the_model(num_steps, T_ref):
 
 
 
+def train_skip_over_ranks(m: VDM, parts_per_step) -> VDM:
+    """Feed ``m`` micro batches split over "ranks" (one list of batches per step) through forward
+    and after_micro_step, with a fake all_gather that concatenates the ranks' outputs: one module
+    stands for every rank's, and each adds all ranks' skip sums once (vdm.skip)."""
+    for step, parts in enumerate(parts_per_step):
+        outs = [m({"x": p}, StepContext(step, 0, 1, r, len(parts), 0)) for r, p in enumerate(parts)]
+
+        def gather(t):  # the stratified sampler gathers nothing: the calls are the skip's sums, then counts
+            if t.dim() > 1:
+                return torch.cat([o.data_sums.unsqueeze(0) for o in outs])
+            return torch.cat([torch.tensor([float(o.u.shape[0])], dtype=torch.float64) for o in outs])
+
+        m.after_micro_step(outs[0], gather)
+    return m
+
+
 def test_gaussian_skip_is_the_regression_of_eps_on_z_and_its_moments_are_gathered_over_ranks():
     """vdm.skip=gaussian: eps_hat = sigma (z - alpha mu) / (alpha^2 v + sigma^2) + net, mu and v the
     data's moments over everything trained on. The MLP's output layer starts at zero, so the
     untrained denoiser is the skip alone, which must be E[eps | z] for independent Gaussian values
     of those moments: checked against the least-squares fit eps ~ a z + b per value over draws."""
-    from pipeline.objectives.base import StepContext
-
     meta = DataMeta(sample_shape=(3,), data_kind="continuous")
     cfg = VDMConfig(num_timesteps=0, architecture="mlp", mlp_hidden=4, mlp_layers=1, emb_dim=8, skip="gaussian")
     mean, std = torch.tensor([0.5, -2.0, 0.0]), torch.tensor([0.1, 1.0, 3.0])
     g = torch.Generator().manual_seed(0)
     batches = [mean + std * torch.randn(64, 3, generator=g) for _ in range(4)]
 
-    def train_on(parts_per_step):  # micro batches split over "ranks" (a fake all_gather concatenates them)
-        m = VDM(cfg, meta)
-        for step, parts in enumerate(parts_per_step):
-            outs = [m({"x": p}, StepContext(step, 0, 1, r, len(parts), 0)) for r, p in enumerate(parts)]
-
-            def gather(t):  # the stratified sampler gathers nothing: the calls are the skip's sums, then counts
-                if t.dim() > 1:
-                    return torch.cat([o.data_sums.unsqueeze(0) for o in outs])
-                return torch.cat([torch.tensor([float(o.u.shape[0])], dtype=torch.float64) for o in outs])
-
-            m.after_micro_step(outs[0], gather)  # one module stands for every rank's: each adds all sums once
-        return m
-
     mu0, var0 = VDM(cfg, meta).denoiser.skip.moments()  # before any data: unit Gaussian
     assert mu0.abs().max() == 0 and bool((var0 == 1).all())
-    one = train_on([[b] for b in batches])
-    two = train_on([[b[:32], b[32:]] for b in batches])
+    one = train_skip_over_ranks(VDM(cfg, meta), [[b] for b in batches])
+    two = train_skip_over_ranks(VDM(cfg, meta), [[b[:32], b[32:]] for b in batches])
     data = torch.cat(batches).double()
     for m in (one, two):
         mu, var = m.denoiser.skip.moments()

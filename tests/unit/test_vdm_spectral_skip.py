@@ -14,10 +14,10 @@ import torch
 from pipeline.config import ConfigError
 from pipeline.data.meta import DataMeta
 from pipeline.eval.grf import ExactGRFDenoiser
-from pipeline.objectives.base import StepContext
 from pipeline.objectives.vdm import VDM, VDMConfig
 from pipeline.objectives.vdm.denoiser import SpectralSkip
 from pipeline.physics.grf import GRF, PowerLaw
+from tests.unit.test_vdm_gaussian import train_skip_over_ranks
 
 FIELD = GRF(ndim=2, size=8, channels=2, zero_mode_power=None, spectrum=PowerLaw(spectral_index=-2.0, amplitude=1.8))
 
@@ -25,20 +25,6 @@ FIELD = GRF(ndim=2, size=8, channels=2, zero_mode_power=None, spectrum=PowerLaw(
 def _vdm(meta: DataMeta) -> VDM:
     cfg = VDMConfig(num_timesteps=0, architecture="unet", channels=4, emb_dim=8, skip="spectral")
     return VDM(cfg, meta)
-
-
-def _train_on(m: VDM, parts_per_step) -> VDM:
-    """after_micro_step with a fake all_gather that concatenates the "ranks'" micro batches."""
-    for step, parts in enumerate(parts_per_step):
-        outs = [m({"x": p}, StepContext(step, 0, 1, r, len(parts), 0)) for r, p in enumerate(parts)]
-
-        def gather(t):  # the stratified sampler gathers nothing: the calls are the skip's sums, then counts
-            if t.dim() > 1:
-                return torch.cat([o.data_sums.unsqueeze(0) for o in outs])
-            return torch.cat([torch.tensor([float(o.u.shape[0])], dtype=torch.float64) for o in outs])
-
-        m.after_micro_step(outs[0], gather)
-    return m
 
 
 def test_with_the_exact_spectrum_it_is_the_exact_grf_denoiser():
@@ -61,8 +47,8 @@ def test_moments_estimate_the_field_mean_and_spectrum_and_gather_over_ranks():
     mu0, p0 = _vdm(meta).denoiser.skip.moments()  # before any data: unit white noise
     assert mu0.abs().max() == 0 and bool((p0 == 1).all())
     batches = [x[i:i + 512].float() for i in range(0, 4096, 512)]
-    one = _train_on(_vdm(meta), [[b] for b in batches])
-    two = _train_on(_vdm(meta), [[b[:200], b[200:]] for b in batches])
+    one = train_skip_over_ranks(_vdm(meta), [[b] for b in batches])
+    two = train_skip_over_ranks(_vdm(meta), [[b[:200], b[200:]] for b in batches])
     for m in (one, two):
         mu, power = m.denoiser.skip.moments()
         # The mean per channel, within 5 standard errors of a field mean (Var = P(0) / N per sample).
@@ -77,7 +63,7 @@ def test_moments_estimate_the_field_mean_and_spectrum_and_gather_over_ranks():
 
 def test_the_untrained_vdm_denoises_with_the_skip_alone():
     meta = DataMeta(sample_shape=FIELD.shape, data_kind="continuous", boundary="periodic")
-    m = _train_on(_vdm(meta), [[torch.from_numpy(FIELD.sample(64, np.random.default_rng(1))).float()]])
+    m = train_skip_over_ranks(_vdm(meta), [[torch.from_numpy(FIELD.sample(64, np.random.default_rng(1))).float()]])
     z = torch.randn(3, *FIELD.shape)
     with torch.no_grad():
         torch.testing.assert_close(m.denoiser(z, torch.tensor(1.0)), m.denoiser.skip(z, torch.tensor(1.0)))

@@ -111,7 +111,7 @@ def evaluate_calo_run(module, meta, info, urls, reference, opts) -> dict[str, An
     n = opts.num_samples
     e = np.resize(energies, n)  # the held-out energies, cycled
     x = generate(module, n, torch.from_numpy(e.astype(np.float32)), seed=opts.seed, num_steps=opts.num_steps,
-                 batch_size=opts.sample_batch_size)
+                 sampler=opts.sampler, batch_size=opts.sample_batch_size)
     result: dict[str, Any] = {"evaluation": "calo", "geometry": record["geometry"]}
     result.update(compare_calo(x, e, geometry, material))
     data = compare_calo(held.x[:n], energies[:n], geometry, material)

@@ -75,8 +75,10 @@ class EvalOptions:
 
 
 def generate(module, num_samples: int, labels: torch.Tensor | None, *, seed: int, num_steps: int | None,
-             batch_size: int, sampler: Any = None) -> np.ndarray:
-    """Samples in data space, drawn in batches; batch i uses the seed SeedSequence([seed, i])."""
+             batch_size: int, sampler: Any) -> np.ndarray:
+    """Samples in data space, drawn in batches; batch i uses the seed SeedSequence([seed, i]).
+    ``sampler`` has no default: an evaluation that dropped the user's ``--sampler`` would draw
+    with the model's default and report the figures under the option's name."""
     from pipeline.train.export import sample_from
 
     module.check_sample_options(num_steps, sampler)  # a bad option is named before the first batch

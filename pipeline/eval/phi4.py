@@ -107,7 +107,7 @@ def evaluate_phi4_run(module, meta, info, urls, reference, opts) -> dict[str, An
     theory = phi4.Phi4(**rec["phi4"])
     t0 = time.perf_counter()
     x = generate(module, opts.num_samples, None, seed=opts.seed, num_steps=opts.num_steps,
-                 batch_size=opts.sample_batch_size)
+                 sampler=opts.sampler, batch_size=opts.sample_batch_size)
     t_sample = time.perf_counter() - t0
     result: dict[str, Any] = {"evaluation": "phi4", "phi4": rec["phi4"]}
     tau_int, thin = rec["hmc"]["tau_int_abs_m"], rec["hmc"]["thin"]

@@ -70,3 +70,9 @@ def test_calo_file_to_shards_to_vdm_training(tmp_path):
     assert 10 <= half <= 16 and result["classifier_num_train"] + 2 * half <= 64
     assert result["classifier_auc_null_stderr"] == pytest.approx(math.sqrt((2 * half + 1) / (12 * half * half)))
     assert result["classifier_auc"] > 0.5 + 3 * result["classifier_auc_null_stderr"]
+    # --sampler reaches the showers: the same seed under DDIM draws other showers (the
+    # evaluation once dropped the option and drew ancestral ones under DDIM's name).
+    r = run_pipeline("evaluate", "--run", str(run), "--data", str(data), "--num-samples", "32", "--num-steps", "4",
+                     "--sampler", "ddim")
+    ddim = json.loads(r.stdout.strip().splitlines()[-1])
+    assert ddim["sampling"]["sampler"] == "ddim" and ddim["response"] != result["response"]

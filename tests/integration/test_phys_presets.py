@@ -55,6 +55,11 @@ def test_vdm_phi4_preset_trains(tmp_path):
         assert isinstance(result[key], float) and math.isfinite(result[key]), key
     # A 3-step model is far from the field: its negative ELBO is above the exact NLL of the same configurations.
     assert result["nats_per_dim"] > result["nll_exact_nats_per_dim"]
+    # --sampler reaches the phi^4 evaluation: the same seed under DDIM draws other configurations.
+    r = run_pipeline("evaluate", "--run", str(run), "--data", str(data), "--num-samples", "32", "--num-steps", "4",
+                     "--sampler", "ddim", "--elbo-num-samples", "0")
+    ddim = json.loads(r.stdout.strip().splitlines()[-1])
+    assert ddim["sampling"]["sampler"] == "ddim" and ddim["abs_magnetisation"] != result["abs_magnetisation"]
 
 
 def test_vdm_phi4_broken_preset_trains_with_the_gaussian_skip(tmp_path):

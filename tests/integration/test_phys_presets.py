@@ -77,9 +77,9 @@ def test_vdm_phi4_broken_preset_trains_with_the_gaussian_skip(tmp_path):
 
 
 def test_gan_phi4_preset_trains(tmp_path):
-    """configs/gan_phi4.yaml at its symmetric-phase point (shrunk lattice): conv G and D with
-    circular padding read from the manifest's boundary, 3 steps, then `pipeline evaluate`
-    against the HMC ensemble (lambda > 0: no exact reference)."""
+    """configs/gan_phi4.yaml at its symmetric-phase point (shrunk lattice): MLP G and D
+    (narrowed), 3 steps, then `pipeline evaluate` against the HMC ensemble (lambda > 0: no
+    exact reference)."""
     data, run = tmp_path / "phi4", tmp_path / "run"
     _phi4_shards(data, "0.22", "0.02", num_samples=128, num_chains=32)
     run_pipeline("train", "--config", "configs/gan_phi4.yaml", f"run.dir={run}", f"data.train_urls={data}",

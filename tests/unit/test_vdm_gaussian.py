@@ -323,7 +323,6 @@ def test_ancestral_sampling_draws_from_the_model(num_steps, T_ref):
     assert abs(Chain(9, 0.0).marginal_var() - Chain(5, 0.0).marginal_var()) > 8 * V * math.sqrt(2 / n)
 
 
-
 def train_skip_over_ranks(m: VDM, parts_per_step) -> VDM:
     """Feed ``m`` micro batches split over "ranks" (one list of batches per step) through forward
     and after_micro_step, with a fake all_gather that concatenates the ranks' outputs: one module

@@ -20,6 +20,7 @@ from pipeline.data.meta import DataMeta
 from pipeline.objectives.base import StepContext
 from pipeline.eval.elbo import exact_elbo
 from pipeline.objectives.vdm import VDM, VDMConfig
+from tests.unit.skips import train_skip_over_ranks
 
 S2 = 0.5  # data variance
 G_MIN, G_MAX = -4.0, 3.0
@@ -321,22 +322,6 @@ def test_ancestral_sampling_draws_from_the_model(num_steps, T_ref):
     assert abs(float(x.mean())) < 4 * math.sqrt(V / n)
     assert abs(float(x.var()) - V) < 4 * V * math.sqrt(2 / n), (float(x.var()), V)
     assert abs(Chain(9, 0.0).marginal_var() - Chain(5, 0.0).marginal_var()) > 8 * V * math.sqrt(2 / n)
-
-
-def train_skip_over_ranks(m: VDM, parts_per_step) -> VDM:
-    """Feed ``m`` micro batches split over "ranks" (one list of batches per step) through forward
-    and after_micro_step, with a fake all_gather that concatenates the ranks' outputs: one module
-    stands for every rank's, and each adds all ranks' skip sums once (vdm.skip)."""
-    for step, parts in enumerate(parts_per_step):
-        outs = [m({"x": p}, StepContext(step, 0, 1, r, len(parts), 0)) for r, p in enumerate(parts)]
-
-        def gather(t):  # the stratified sampler gathers nothing: the calls are the skip's sums, then counts
-            if t.dim() > 1:
-                return torch.cat([o.data_sums.unsqueeze(0) for o in outs])
-            return torch.cat([torch.tensor([float(o.u.shape[0])], dtype=torch.float64) for o in outs])
-
-        m.after_micro_step(outs[0], gather)
-    return m
 
 
 def test_gaussian_skip_is_the_regression_of_eps_on_z_and_its_moments_are_gathered_over_ranks():

@@ -17,7 +17,7 @@ from pipeline.eval.grf import ExactGRFDenoiser
 from pipeline.objectives.vdm import VDM, VDMConfig
 from pipeline.objectives.vdm.denoiser import SpectralSkip
 from pipeline.physics.grf import GRF, PowerLaw
-from tests.unit.test_vdm_gaussian import train_skip_over_ranks
+from tests.unit.skips import train_skip_over_ranks
 
 FIELD = GRF(ndim=2, size=8, channels=2, zero_mode_power=None, spectrum=PowerLaw(spectral_index=-2.0, amplitude=1.8))
 

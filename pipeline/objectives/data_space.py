@@ -56,6 +56,10 @@ class LogLabelFraction:
         # y > 1 would be a value above its label (a voxel holding more than the incident energy).
         return (torch.expm1((y.clamp(max=1.0) + 1.0) * self.half_log_range) * (e * self.floor)).clamp_min(0.0)
 
+    def empty_value(self) -> float:
+        """The model-space image of a stored 0 (an empty voxel), whatever the label: -1."""
+        return math.log1p(0.0) / self.half_log_range - 1.0
+
     def log_abs_det(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Per sample, sum over values of log |dy/dx| = -log((x + E floor) half_log_range)."""
         e = self._per_sample(labels, x)
@@ -103,6 +107,12 @@ class DataSpace:
                 raise ValueError(f"data_kind 'levels' needs integer values 0..{k - 1} in batch['x']")
             return 2 * x / (k - 1) - 1
         return self.transform.forward(x, labels, check) if self.transform is not None else x
+
+    def empty_value(self) -> float:
+        """Continuous data: the model-space image of a stored 0 (an empty voxel of sparse data)."""
+        if self.kind != "continuous":
+            raise ValueError(f"data_kind {self.kind!r} has no empty value: its values are discrete levels")
+        return self.transform.empty_value() if self.transform is not None else 0.0
 
     def log_abs_det(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Per sample [B], log |det d(model space)/d(data space)| at stored values ``x``: what turns

@@ -56,7 +56,10 @@ class VDMConfig:
     # far from unit scale (phi^4 in the broken phase, docs/model_zoo.md). "spectral": the same
     # for a stationary field on a periodic grid, with the data's mean and power spectrum per
     # channel (the Wiener filter, denoiser.SpectralSkip; data with boundary periodic only).
-    skip: Literal["none", "gaussian", "spectral"] = "none"
+    # "sparse": the exact denoiser of independent values that are each empty (a stored 0) with
+    # the data's running probability, else Gaussian with the non-empty values' moments
+    # (denoiser.SparseSkip; continuous data, e.g. calorimeter voxels).
+    skip: Literal["none", "gaussian", "spectral", "sparse"] = "none"
     periodic: bool = True  # circular padding (periodic lattices)
     sample_steps: int | None = None  # default ancestral steps for continuous time (discrete: T - 1)
     # Default grid of noise levels for sampling (``--grid`` overrides it): see SamplerConfig.
@@ -164,6 +167,10 @@ class VDMConfig:
                 f"vdm.skip=spectral is the denoiser of a stationary field on a periodic grid: it needs samples "
                 f"[C, L], [C, H, W] or [C, D, H, W] with boundary periodic, but the data's manifest says sample "
                 f"shape {tuple(meta.sample_shape)}, boundary {meta.boundary}; use vdm.skip=gaussian (or none)")
+        if self.skip == "sparse" and meta.data_kind != "continuous":
+            raise ConfigError(f"vdm.skip=sparse is the denoiser of continuous values with a point mass at 0 (empty "
+                              f"voxels); the data's manifest says data_kind {meta.data_kind!r}: use vdm.skip=gaussian "
+                              f"(or none)")
         if self.sample_grid == "spin-variance" and meta.data_kind != "spins":
             raise ConfigError(f"vdm.sample_grid=spin-variance places the noise levels by the posterior variance of "
                               f"a +-1 spin; the data's manifest says data_kind {meta.data_kind!r}: use time or logsnr")

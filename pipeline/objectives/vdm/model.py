@@ -21,7 +21,7 @@ from pipeline.objectives.data_space import DataSpace
 from pipeline.objectives.draws import AnyDraws, Draws, GeneratorDraws, SampleDraws, as_draws
 from pipeline.objectives.vdm import samplers, terms
 from pipeline.objectives.vdm.config import SamplerConfig, VDMConfig
-from pipeline.objectives.vdm.denoiser import SKIPS, Denoiser, build_network
+from pipeline.objectives.vdm.denoiser import Denoiser, build_network, build_skip
 from pipeline.objectives.vdm.schedules import LearnedSchedule, build_schedule
 from pipeline.objectives.vdm.timesteps import ImportanceSampler, build_timestep_sampler
 
@@ -83,7 +83,7 @@ class VDM(SampledObjective):
         )
         if denoiser is None:
             # vdm.skip: the data's moments, which after_micro_step keeps up to date.
-            skip = SKIPS[cfg.skip](self.sample_shape) if cfg.skip != "none" else None
+            skip = build_skip(cfg.skip, self.sample_shape, self.space)
             denoiser = Denoiser(build_network(cfg, meta), cfg.emb_dim, meta, skip=skip)
         elif cfg.skip != "none":
             raise ValueError(f"vdm.skip={cfg.skip} belongs to the VDM's own Denoiser; a given denoiser brings its own")

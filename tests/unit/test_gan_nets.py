@@ -399,3 +399,44 @@ def test_conv_sizes_are_checked_with_the_config_and_name_the_stages_that_fit():
         GANConfig(channels=[8, 16, 32]).check_data(meta)
     assert GANConfig(channels=[8]).check_data(meta)[0] == "conv"
     assert GANConfig(channels=[8, 16, 32], arch="mlp").check_data(meta)[0] == "mlp"
+
+
+@pytest.mark.parametrize("arch,shape", [("mlp", (1, 8, 8)), ("conv", (1, 8, 8)), ("conv", (2, 16))])
+def test_sign_symmetric_generator_flips_on_the_first_latent_entry_only(arch, shape):
+    """gan.g_sign_symmetric: G'(h) = sign(h_0) G(|h_0|, h_1, ...). So flipping h_0 flips the
+    sample exactly (the output distribution is symmetric under x -> -x for a latent prior
+    symmetric in h_0), and with h_0 > 0 G' is the wrapped G (which may draw one mode only)."""
+    from pipeline.models.gan_nets import SignSymmetricGenerator
+
+    torch.manual_seed(0)
+    plain, _ = build_gan_nets(sample_shape=shape, latent_dim=6, widths=[8], arch=arch, bounded=False,
+                              padding_mode="circular" if arch == "conv" else "zeros")
+    torch.manual_seed(0)
+    sym, _ = build_gan_nets(sample_shape=shape, latent_dim=6, widths=[8], arch=arch, bounded=False,
+                            padding_mode="circular" if arch == "conv" else "zeros", g_sign_symmetric=True)
+    assert isinstance(sym, SignSymmetricGenerator) and sym.latent_dim == plain.latent_dim
+    h = torch.randn(7, sym.latent_dim)
+    h[:3, 0] = h[:3, 0].abs()  # both signs present
+    h[3:, 0] = -h[3:, 0].abs()
+    flipped = h.clone()
+    flipped[:, 0] = -flipped[:, 0]
+    with torch.no_grad():
+        out, out_flipped, out_plain = sym(h), sym(flipped), plain(h)
+    torch.testing.assert_close(out_flipped, -out)
+    torch.testing.assert_close(out[:3], out_plain[:3])  # h_0 > 0: G itself
+    torch.testing.assert_close(out[3:], -plain(flipped[3:]))  # h_0 < 0: minus G at |h_0|
+    assert float((out[3:] + out_plain[3:]).abs().max()) > 1e-3  # ... which is not minus G at h_0
+    sym(h).sum().backward()
+    assert all(p.grad is not None for p in sym.parameters())
+
+
+def test_sign_symmetric_generator_is_refused_for_levels_data():
+    from pipeline.config import ConfigError
+    from pipeline.data.meta import DataMeta
+    from pipeline.objectives.gan.config import GANConfig
+
+    levels = DataMeta(sample_shape=(1, 8, 8), data_kind="levels", num_levels=17)
+    with pytest.raises(ConfigError, match=r"g_sign_symmetric=true .* 'levels' data .*spins and continuous"):
+        GANConfig(channels=[8], g_sign_symmetric=True).check_data(levels)
+    spins = DataMeta(sample_shape=(1, 8, 8), data_kind="spins")
+    assert GANConfig(channels=[8], g_sign_symmetric=True).check_data(spins)[0] == "conv"

@@ -59,6 +59,12 @@ class GANConfig:
     # Conv G: a per-channel constant, linear in the vector latent (and label), added to G's
     # output: the k = 0 mode (a field's mean) on its own path (pipeline.models.gan_nets).
     g_zero_mode: bool = False
+    # G's samples exactly symmetric under x -> -x: the sign of the latent's first entry flips
+    # the output of G at that entry's absolute value (pipeline.models.gan_nets.
+    # SignSymmetricGenerator). For data with that symmetry (Ising at zero field, phi^4): in a
+    # broken phase G then draws one mode and the flip the other, instead of a continuous G
+    # passing between them (fields with |M| near 0 that the data never has).
+    g_sign_symmetric: bool = False
     # Spin lattices only: how G's tanh output y in (-1, 1) becomes spins. sign: D sees y
     # itself and samples are sign(y); real lattices are exactly +-1, so D can tell fakes by
     # their non-saturated sites and G is pushed to saturate (hard, too ordered lattices).
@@ -215,6 +221,10 @@ class GANConfig:
             raise ConfigError(f"gan.d_spectral_features=true needs the conv networks on periodic data (circular "
                               f"padding: spins, or a manifest with boundary=periodic); got gan.arch={arch!r}, "
                               f"padding {padding!r}")
+        if self.g_sign_symmetric and meta.data_kind == "levels":
+            raise ConfigError("gan.g_sign_symmetric=true makes G's samples symmetric under x -> -x in model space; "
+                              "for 'levels' data that would map level i onto level k-1-i, not a symmetry of the data "
+                              "(spins and continuous fields only)")
         if self.g_zero_mode and arch != "conv":
             raise ConfigError(f"gan.g_zero_mode=true needs the conv networks (gan.arch={arch!r})")
         if self.g_convs_per_stage != 1 and arch != "conv":

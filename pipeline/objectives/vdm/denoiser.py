@@ -8,8 +8,8 @@ import torch.nn as nn
 
 from pipeline.data.meta import DataMeta
 from pipeline.models import MLP, UNet
-from pipeline.objectives.data_space import DataSpace
 from pipeline.models.embedding import LabelEmbedding, fourier_features, label_standardisation
+from pipeline.objectives.data_space import DataSpace
 from pipeline.objectives.vdm.config import VDMConfig
 
 
@@ -171,7 +171,7 @@ class SparseSkip(nn.Module):
 
     (the posterior mean of x is the responsibility-weighted mean of the two components' posterior
     means; the second term is :class:`GaussianSkip`'s with the non-empty values' moments). Why:
-    calorimeter voxels are empty 81 % of the time (a point mass at ``atom``, the model-space image
+    calorimeter voxels are empty 80 % of the time (a point mass at ``atom``, the model-space image
     of 0) and otherwise log-normal-like. :class:`GaussianSkip` fits one Gaussian across both modes,
     so its denoiser pulls every value towards a mean between them, where the data has none; the
     vdm_calo UNet trained beside it drew non-empty values too spread (std of log10 0.60-0.65 vs

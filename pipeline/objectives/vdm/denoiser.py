@@ -198,9 +198,7 @@ class SparseSkip(nn.Module):
         full = torch.where(empty, 0.0, x64)
         return torch.stack([empty.double().sum(0), full.sum(0), (full * full).sum(0)])
 
-    def add(self, sums: torch.Tensor, count: torch.Tensor) -> None:
-        self.sums += sums.to(self.sums)
-        self.count += count.to(self.count)
+    add = GaussianSkip.add  # the same update of the float64 sums and the count
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(pi, mu, v) per value: the fraction of empty values and the non-empty values' mean and

@@ -153,6 +153,11 @@ class Config:
             self.vdm.validate()
         else:
             self.gan.validate()
+            if self.gan.d_minibatch_std and self.data.batch_per_rank % self.gan.d_minibatch_std:
+                raise ConfigError(
+                    f"gan.d_minibatch_std={self.gan.d_minibatch_std} groups each rank's batch into groups of that "
+                    f"many samples; data.batch_per_rank={self.data.batch_per_rank} is not a multiple of it"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

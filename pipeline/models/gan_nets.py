@@ -11,7 +11,9 @@ the objective. Discriminators map a sample (plus an optional label) to ``num_out
 logits or critic scores. No batch norm anywhere in D: the objectives put real, fake and
 (for WGAN-GP) interpolated samples through D in one concatenated forward, and the gradient
 penalty needs per-sample gradients, both of which batch statistics would couple
-(Gulrajani et al. 2017, Sec. 4: "no critic batch normalization").
+(Gulrajani et al. 2017, Sec. 4: "no critic batch normalization"). The one cross-sample
+part, the opt-in minibatch standard deviation (:class:`MinibatchStd`), reads groups of
+consecutive samples that stay inside one of those parts.
 
 Conditioning: G concatenates a label embedding (:mod:`pipeline.models.embedding`, shared with
 the VDM) to h; D is a projection discriminator
@@ -89,6 +91,34 @@ def _maybe_sn(m: nn.Module, use: bool) -> nn.Module:
     return _sn(m) if use else m
 
 
+class MinibatchStd(nn.Module):
+    """Appends one feature: the standard deviation of each input feature over a group of
+    ``group_size`` consecutive samples, averaged over the features, the same value for every
+    sample of the group (Karras et al. 2018, ProGAN Sec. 3; StyleGAN2's MinibatchStdLayer
+    with one channel). A per-sample critic sees the spread of a lattice-wide quantity such as
+    the magnetisation only through each sample's value; with this feature D compares the
+    spread of its features within a batch of fakes with that within a batch of reals.
+
+    Groups are consecutive (StyleGAN's are strided), so that in D's one forward on [real,
+    fake, interpolates] a group never mixes parts when ``group_size`` divides the batch
+    (Config.validate checks that against data.batch_per_rank)."""
+
+    def __init__(self, group_size: int):
+        super().__init__()
+        assert group_size >= 2, group_size  # GANConfig.validate
+        self.group_size = group_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, f = x.shape
+        g = min(self.group_size, n)
+        if n % g:
+            raise ValueError(f"the minibatch standard deviation needs the batch ({n} samples) to be a multiple "
+                             f"of its group size {g} (gan.d_minibatch_std)")
+        y = x.float().reshape(n // g, g, f)
+        std = (y.var(dim=1, unbiased=False) + 1e-8).sqrt()  # [n // g, f]
+        return torch.cat([x, std.mean(dim=1).repeat_interleave(g)[:, None].to(x.dtype)], dim=1)
+
+
 class _Discriminator(nn.Module):
     """Shared head: features phi(x) -> num_outputs, plus the projection term if conditional."""
 
@@ -115,14 +145,22 @@ class _Discriminator(nn.Module):
 
 
 class MLPDiscriminator(_Discriminator):
+    """Fully connected D. ``minibatch_std`` > 0: a :class:`MinibatchStd` of that group size
+    before the last hidden layer, as StyleGAN puts it before its last block (with one hidden
+    layer: on the flattened input)."""
+
     def __init__(self, sample_shape: tuple[int, ...], hidden: list[int], num_outputs: int = 1,
-                 label_embedding: LabelEmbedding | None = None, spectral_norm: bool = False):
+                 label_embedding: LabelEmbedding | None = None, spectral_norm: bool = False,
+                 minibatch_std: int = 0):
         super().__init__()
         if not hidden:
             raise ValueError("MLPDiscriminator needs at least one hidden width")
         layers: list[nn.Module] = []
         d = math.prod(sample_shape)
-        for w in hidden:
+        for i, w in enumerate(hidden):
+            if minibatch_std and i == len(hidden) - 1:
+                layers.append(MinibatchStd(minibatch_std))
+                d += 1
             layers += [_maybe_sn(nn.Linear(d, w), spectral_norm), nn.LeakyReLU(0.2)]
             d = w
         self.net = nn.Sequential(nn.Flatten(), *layers)
@@ -398,6 +436,7 @@ def build_gan_nets(
     d_spectral_features: bool = False,
     g_zero_mode: bool = False,
     g_sign_symmetric: bool = False,
+    d_minibatch_std: int = 0,
 ) -> tuple[nn.Module, nn.Module]:
     """(G, D). ``label_kind != "none"`` builds the conditional variants; ``g_sign_symmetric``
     wraps G in :class:`SignSymmetricGenerator`."""
@@ -420,13 +459,16 @@ def build_gan_nets(
         d_feat = d_head_hidden if d_head_hidden > 0 else d_feat
         d = ConvDiscriminator(sample_shape, widths, d_outputs, embedding(d_feat), spectral_norm, padding_mode,
                               lattice_observables, d_head_hidden, d_spectral_features)
+        if d_minibatch_std:
+            raise ValueError("the minibatch standard deviation is built into the MLP discriminator only (arch='mlp')")
     elif arch == "mlp":
         if lattice_observables or g_film or g_noise_inputs or g_convs_per_stage != 1 or d_head_hidden or \
                 d_spectral_features or g_zero_mode:
             raise ValueError("lattice observables, FiLM, noise inputs, g_convs_per_stage > 1, d_head_hidden, "
                              "spectral features and G's zero-mode path need the conv networks (arch='conv')")
         g = MLPGenerator(latent_dim, sample_shape, widths, bounded, embedding(label_dim), label_dim)
-        d = MLPDiscriminator(sample_shape, list(reversed(widths)), d_outputs, embedding(widths[0]), spectral_norm)
+        d = MLPDiscriminator(sample_shape, list(reversed(widths)), d_outputs, embedding(widths[0]), spectral_norm,
+                             d_minibatch_std)
     else:
         raise ValueError(f"arch must be 'conv' or 'mlp', got {arch!r}")
     return (SignSymmetricGenerator(g) if g_sign_symmetric else g), d

@@ -63,3 +63,23 @@ def test_both_phases_train_on_fields_with_continuous_labels(shape):
     gen = torch.Generator().manual_seed(1)
     b = g_phase.module.sample(2, torch.tensor([1.5, 1.5]), generator=gen)
     assert not torch.allclose(a, b)
+
+
+def test_wgan_gp_phases_with_the_minibatch_std():
+    """gan.d_minibatch_std through both phases: the D phase's one forward on [real, fake,
+    interpolates] scores the reals as D does alone, the penalty and every gradient exist."""
+    torch.manual_seed(0)
+    meta = _meta((1, 4, 4), "periodic")
+    cfg = GANConfig(loss="wgan-gp", arch="mlp", channels=[16, 16], latent_dim=6, d_minibatch_std=4)
+    d_phase, g_phase = build_phases(cfg, meta, (0.0, 0.9))
+    D, G = d_phase.module.D, g_phase.module.G
+    batch = {"x": torch.randn(8, 1, 4, 4)}
+    out = d_phase.module(batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.gradient_penalty > 0
+    assert all(p.grad is not None for p in D.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(out.d_real, D(batch["x"]).mean())
+    out = g_phase.module(batch)
+    out.loss.backward()
+    assert all(p.grad is not None for p in G.parameters())

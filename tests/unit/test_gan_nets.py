@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -440,3 +441,65 @@ def test_sign_symmetric_generator_is_refused_for_levels_data():
         GANConfig(channels=[8], g_sign_symmetric=True).check_data(levels)
     spins = DataMeta(sample_shape=(1, 8, 8), data_kind="spins")
     assert GANConfig(channels=[8], g_sign_symmetric=True).check_data(spins)[0] == "conv"
+
+
+def test_minibatch_std_is_the_mean_over_features_of_each_groups_std():
+    """gan.d_minibatch_std's feature against numpy: per group of consecutive samples, the
+    population std of each feature, averaged over features, the same for every member."""
+    from pipeline.models.gan_nets import MinibatchStd
+
+    x = torch.randn(12, 5, dtype=torch.float64) * torch.arange(1, 6)
+    out = MinibatchStd(4)(x)
+    assert out.shape == (12, 6)
+    torch.testing.assert_close(out[:, :5], x)
+    groups = x.numpy().reshape(3, 4, 5)
+    expected = np.sqrt(groups.var(axis=1) + 1e-8).mean(axis=1)  # [3]
+    np.testing.assert_allclose(out[:, 5].numpy(), np.repeat(expected, 4), rtol=1e-6)
+    assert len(set(np.round(expected, 6))) == 3  # the groups differ, so a mix-up would show
+    with pytest.raises(ValueError, match=r"batch \(10 samples\) to be a multiple of its group size 4"):
+        MinibatchStd(4)(x[:10])
+    assert MinibatchStd(4)(x[:3]).shape == (3, 6)  # fewer samples than a group: one group (StyleGAN)
+
+
+@pytest.mark.parametrize("hidden", [[16], [16, 8]])
+def test_mlp_d_with_minibatch_std_couples_a_group_and_nothing_else(hidden):
+    """The D phase puts [real, fake, interpolates] through D in one forward: with the minibatch
+    std, each part's scores must be what D gives that part alone (groups never cross parts),
+    a sample's score must depend on its group's other members, and not on other groups."""
+    torch.manual_seed(0)
+    D = MLPDiscriminator((1, 4, 4), hidden, minibatch_std=4)
+    plain = MLPDiscriminator((1, 4, 4), hidden)
+    real, fake = torch.randn(8, 1, 4, 4), 3 * torch.randn(8, 1, 4, 4)
+    with torch.no_grad():
+        both = D(torch.cat([real, fake]))
+        torch.testing.assert_close(both[:8], D(real))
+        torch.testing.assert_close(both[8:], D(fake))
+        other_member, other_group = real.clone(), real.clone()
+        other_member[1] += 1.0
+        other_group[5] += 1.0
+        assert float((D(other_member)[0] - D(real)[0]).abs()) > 1e-4
+        torch.testing.assert_close(D(other_group)[:4], D(real)[:4])
+        # without it, D is per sample
+        torch.testing.assert_close(plain(other_member)[0], plain(real)[0])
+    assert sum(p.numel() for p in D.parameters()) == sum(p.numel() for p in plain.parameters()) + hidden[-1]
+
+
+def test_minibatch_std_config_errors():
+    from pipeline.config import ConfigError, load_config
+    from pipeline.data.meta import DataMeta
+    from pipeline.objectives.gan.config import GANConfig
+
+    for bad in (-1, 1):
+        with pytest.raises(ConfigError, match=r"gan.d_minibatch_std is a group size: 0 \(off\) or >= 2"):
+            GANConfig(d_minibatch_std=bad).validate()
+    with pytest.raises(ConfigError, match=r"d_minibatch_std needs gan.semi_supervised=off"):
+        GANConfig(d_minibatch_std=4, semi_supervised="labelled").validate()
+    field = DataMeta(sample_shape=(1, 8, 8), data_kind="continuous", boundary="periodic")
+    with pytest.raises(ConfigError, match=r"d_minibatch_std > 0 needs the MLP networks .* gan.arch='conv'"):
+        GANConfig(channels=[8], d_minibatch_std=4).check_data(field)
+    assert GANConfig(channels=[8], arch="mlp", d_minibatch_std=4).check_data(field)[0] == "mlp"
+    base = ["run.dir=/tmp/r", "data.train_urls=/tmp/d", "train.num_steps=10", "objective=gan",
+            "gan.d_minibatch_std=4"]
+    with pytest.raises(ConfigError, match=r"data.batch_per_rank=62 is not a multiple of it"):
+        load_config(None, base + ["data.batch_per_rank=62"])
+    assert load_config(None, base + ["data.batch_per_rank=64"]).gan.d_minibatch_std == 4

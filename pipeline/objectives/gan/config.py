@@ -65,6 +65,12 @@ class GANConfig:
     # broken phase G then draws one mode and the flip the other, instead of a continuous G
     # passing between them (fields with |M| near 0 that the data never has).
     g_sign_symmetric: bool = False
+    # MLP D: the minibatch standard deviation (Karras et al. 2018, ProGAN Sec. 3) over groups of
+    # this many consecutive samples, one more feature before D's last hidden layer
+    # (pipeline.models.gan_nets.MinibatchStd): D then compares the spread of its features
+    # within a batch of fakes with that within a batch of reals, not only each sample's
+    # features. 0 = off; StyleGAN uses 4. data.batch_per_rank must be a multiple of it.
+    d_minibatch_std: int = 0
     # Spin lattices only: how G's tanh output y in (-1, 1) becomes spins. sign: D sees y
     # itself and samples are sign(y); real lattices are exactly +-1, so D can tell fakes by
     # their non-saturated sites and G is pushed to saturate (hard, too ordered lattices).
@@ -120,6 +126,11 @@ class GANConfig:
             raise ConfigError(f"gan.gp_weight must be >= 0, got {self.gp_weight}")
         if self.g_convs_per_stage < 1:
             raise ConfigError(f"gan.g_convs_per_stage must be >= 1, got {self.g_convs_per_stage}")
+        if self.d_minibatch_std < 0 or self.d_minibatch_std == 1:
+            raise ConfigError(f"gan.d_minibatch_std is a group size: 0 (off) or >= 2, got {self.d_minibatch_std}")
+        if self.d_minibatch_std and self.semi_supervised != "off":
+            raise ConfigError("gan.d_minibatch_std needs gan.semi_supervised=off: the semi-supervised D also "
+                              "classifies single samples, which a feature of the whole group would change")
         if self.d_head_hidden < 0:
             raise ConfigError(f"gan.d_head_hidden must be >= 0 (0: no hidden layer), got {self.d_head_hidden}")
         if self.g_observable_matching < 0:
@@ -225,6 +236,8 @@ class GANConfig:
             raise ConfigError("gan.g_sign_symmetric=true makes G's samples symmetric under x -> -x in model space; "
                               "for 'levels' data that would map level i onto level k-1-i, not a symmetry of the data "
                               "(spins and continuous fields only)")
+        if self.d_minibatch_std and arch != "mlp":
+            raise ConfigError(f"gan.d_minibatch_std > 0 needs the MLP networks (gan.arch=mlp); got gan.arch={arch!r}")
         if self.g_zero_mode and arch != "conv":
             raise ConfigError(f"gan.g_zero_mode=true needs the conv networks (gan.arch={arch!r})")
         if self.g_convs_per_stage != 1 and arch != "conv":

@@ -178,7 +178,11 @@ class DStep(_GANStep):
             parts.append(self._interpolates(real, fake, noise))
         # ONE forward of D for real, fake and interpolates: DDP and DeepSpeed expect one
         # forward per backward, and each extra call would also re-run spectral-norm power
-        # iterations. D acts per sample (no batch norm), so concatenation changes nothing.
+        # iterations. D acts per sample (no batch norm), so concatenation changes nothing;
+        # gan.d_minibatch_std's groups are consecutive samples and its group size divides n
+        # (Config.validate), so no group mixes real, fake and interpolates. With it, the
+        # gradient penalty's per-sample gradient also carries the group's other members'
+        # scores' dependence on that sample, as in ProGAN (Karras et al. 2018), which used both.
         d_labels = None if labels is None else torch.cat([labels] * len(parts))
         out = self.D(torch.cat(parts), d_labels)
         real_out, fake_out = out[:n], out[n:2 * n]

@@ -9,10 +9,15 @@ import math
 from pipeline.config import TrainConfig
 
 
-def lr_lambda(train: TrainConfig):
-    """Linear warm-up over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio``."""
+def lr_lambda(train: TrainConfig, repeats: int = 1):
+    """Linear warm-up over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio``, as a
+    function of the phase's optimizer step count. A phase that steps ``repeats`` times per loop
+    step (a GAN's D: n_critic) follows the same curve over the loop's steps as the others:
+    ``train.num_steps`` and ``train.warmup_steps`` count loop steps, not a phase's own."""
+    assert repeats >= 1, repeats
 
-    def f(step: int) -> float:
+    def f(optimizer_step: int) -> float:
+        step = optimizer_step // repeats
         if train.warmup_steps > 0 and step < train.warmup_steps:
             return (step + 1) / train.warmup_steps
         if train.min_lr_ratio >= 1.0:

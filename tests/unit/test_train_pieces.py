@@ -32,6 +32,21 @@ def test_lr_constant_without_decay():
     assert {f(s) for s in range(20)} == {1.0}
 
 
+def test_lr_schedule_counts_loop_steps_for_a_phase_that_repeats():
+    """A GAN's D steps n_critic times per loop step; its warm-up and decay run over the
+    loop's steps like G's, not n_critic times faster (before 2026-12-07 D's lr reached its
+    floor after num_steps / n_critic loop steps)."""
+    train = TrainConfig(num_steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    per_loop_step, d = lr_lambda(train), lr_lambda(train, repeats=5)
+    assert [d(5 * s + j) for s in (0, 3, 60, 110) for j in range(5)] == \
+        [per_loop_step(s) for s in (0, 3, 60, 110) for _ in range(5)]
+    engine = build_engine(EngineConfig())
+    ph = engine.prepare(Phase("d", nn.Linear(2, 1), lr=1e-2, repeats=5), train)
+    for _ in range(5 * 60):
+        ph.scheduler.step()
+    assert ph.torch_optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * per_loop_step(60), rel=1e-12)
+
+
 def test_ema_matches_hand_computed_average():
     torch.manual_seed(0)
     net = nn.Linear(2, 1)

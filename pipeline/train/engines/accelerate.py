@@ -61,7 +61,7 @@ class _AcceleratePhase(PreparedPhase):
         # Not passed through accelerator.prepare: Accelerate's scheduler wrapper advances the
         # schedule num_processes times per call (it assumes a sharded epoch-based loader), so
         # the LR would depend on the world size. Ours advances once per optimizer step.
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(base, lr_lambda(train))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(base, lr_lambda(train, phase.repeats))
 
     def _wrap(self, phase: Phase, train: TrainConfig):
         """(module to call, optimizer to step, the torch optimizer the LR schedule drives)."""

@@ -182,7 +182,7 @@ class _DeepSpeedPhase(PreparedPhase):
         # Our own scheduler on the base optimizer: ZeRO keeps the base optimizer's param-group
         # dicts, so LR changes reach it; and we step it on skipped steps too (DeepSpeed's
         # scheduler hook only runs on applied steps).
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train, phase.repeats))
         self.ds_engine, self.optimizer, _, _ = ds.initialize(
             model=phase.module,
             model_parameters=params,

@@ -462,7 +462,7 @@ def test_noise_input_generator_trains_and_samples_with_its_longer_latent():
 def test_matched_observables_of_spin_means_are_the_exact_expectation_over_the_draw():
     from itertools import product
 
-    from pipeline.models.gan_nets import lattice_observables
+    from pipeline.models.gan_features import lattice_observables
     from pipeline.objectives.gan.matching import matched_observables
 
     g = torch.Generator().manual_seed(0)

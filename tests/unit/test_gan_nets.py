@@ -118,7 +118,7 @@ def test_shape_errors():
 def test_lattice_observables_match_the_numpy_observables_and_brute_force_correlations():
     import numpy as np
 
-    from pipeline.models.gan_nets import lattice_observables
+    from pipeline.models.gan_features import lattice_observables
     from pipeline.physics.observables import abs_magnetisation, energy_per_spin
 
     rng = np.random.default_rng(0)
@@ -325,7 +325,7 @@ def test_spectral_amplitudes_against_plane_waves_and_the_magnetisation():
     modes +-m, so shell 5 holds A sqrt(V) / 2 * 2 / (modes in shell 5) and every other shell
     ~0; shell 0 is |mean| sqrt(V); any translation leaves every feature unchanged, and each
     is 1-Lipschitz in the field (the bound a WGAN-GP critic's inputs must keep)."""
-    from pipeline.models.gan_nets import shell_matrix, spectral_amplitudes
+    from pipeline.models.gan_features import shell_matrix, spectral_amplitudes
 
     H, W = 16, 12
     shells = shell_matrix((H, W))
@@ -446,7 +446,7 @@ def test_sign_symmetric_generator_is_refused_for_levels_data():
 def test_minibatch_std_is_the_mean_over_features_of_each_groups_std():
     """gan.d_minibatch_std's feature against numpy: per group of consecutive samples, the
     population std of each feature, averaged over features, the same for every member."""
-    from pipeline.models.gan_nets import MinibatchStd
+    from pipeline.models.gan_features import MinibatchStd
 
     x = torch.randn(12, 5, dtype=torch.float64) * torch.arange(1, 6)
     out = MinibatchStd(4)(x)

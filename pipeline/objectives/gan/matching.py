@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.models.gan_nets import lattice_observables
+from pipeline.models.gan_features import lattice_observables
 
 # Which lattice_observables are matched: the correlations c1, c_diag, c2 and m^2 - all sums of
 # products of spins, so their expectations over gan.spin_output=bernoulli's independent draws

@@ -384,6 +384,8 @@ def build_gan_nets(
         mean, std = label_standardisation(label_values, label_range) if label_kind == "continuous" else (0.0, 1.0)
         return LabelEmbedding(label_kind, dim, num_classes, mean, std)
 
+    if arch == "conv" and d_minibatch_std:
+        raise ValueError("the minibatch standard deviation is built into the MLP discriminator only (arch='mlp')")
     if arch == "conv":
         g = ConvGenerator(latent_dim, sample_shape, widths, bounded, embedding(label_dim), label_dim, padding_mode,
                           film=g_film, noise_inputs=g_noise_inputs, convs_per_stage=g_convs_per_stage,
@@ -396,8 +398,6 @@ def build_gan_nets(
         d_feat = d_head_hidden if d_head_hidden > 0 else d_feat
         d = ConvDiscriminator(sample_shape, widths, d_outputs, embedding(d_feat), spectral_norm, padding_mode,
                               lattice_observables, d_head_hidden, d_spectral_features)
-        if d_minibatch_std:
-            raise ValueError("the minibatch standard deviation is built into the MLP discriminator only (arch='mlp')")
     elif arch == "mlp":
         if lattice_observables or g_film or g_noise_inputs or g_convs_per_stage != 1 or d_head_hidden or \
                 d_spectral_features or g_zero_mode:

@@ -44,7 +44,7 @@ class GANConfig:
     padding: Literal["auto", "zeros", "circular"] = "auto"
     spectral_norm: bool = False  # on D's layers (Miyato et al. 2018)
     # Spin lattices only: D's features also carry each lattice's nearest-neighbour, diagonal
-    # and distance-2 correlations and |m| (pipeline.models.gan_nets.lattice_observables),
+    # and distance-2 correlations and |m| (pipeline.models.gan_features.lattice_observables),
     # so D measures the energy per spin and its spread at every temperature directly.
     d_lattice_observables: bool = False
     # Conv D: width of a hidden layer (LeakyReLU) between D's pooled features and its output;
@@ -53,7 +53,7 @@ class GANConfig:
     # that of lattice-wide sums such as the magnetisation: pipeline.models.gan_nets).
     d_head_hidden: int = 0
     # Conv D on periodic data: D's features also carry each channel's mean Fourier amplitude
-    # per |k| shell (pipeline.models.gan_nets.spectral_amplitudes; 1-Lipschitz, so safe for
+    # per |k| shell (pipeline.models.gan_features.spectral_amplitudes; 1-Lipschitz, so safe for
     # WGAN-GP), so D compares the power spectrum directly, k = 0 (|M|) included.
     d_spectral_features: bool = False
     # Conv G: a per-channel constant, linear in the vector latent (and label), added to G's
@@ -67,7 +67,7 @@ class GANConfig:
     g_sign_symmetric: bool = False
     # MLP D: the minibatch standard deviation (Karras et al. 2018, ProGAN Sec. 3) over groups of
     # this many consecutive samples, one more feature before D's last hidden layer
-    # (pipeline.models.gan_nets.MinibatchStd): D then compares the spread of its features
+    # (pipeline.models.gan_features.MinibatchStd): D then compares the spread of its features
     # within a batch of fakes with that within a batch of reals, not only each sample's
     # features. 0 = off; StyleGAN uses 4. data.batch_per_rank must be a multiple of it.
     d_minibatch_std: int = 0
@@ -89,7 +89,7 @@ class GANConfig:
     # FiLM and noise map; > 1 deepens G at every resolution, the finest included.
     g_convs_per_stage: int = 1
     # Spin lattices: weight of a feature-matching term in G's loss (Salimans et al. 2016,
-    # Sec. 3.1) on the lattice observables (pipeline.models.gan_nets.lattice_observables):
+    # Sec. 3.1) on the lattice observables (pipeline.models.gan_features.lattice_observables):
     # per label in the batch, an unbiased estimate of the squared distance between the fakes'
     # and the reals' mean bond correlations (so the energy) and m^2 (see observable_matching).
     # With spin_output=bernoulli the fakes' observables are their exact expectations over the

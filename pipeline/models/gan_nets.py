@@ -144,7 +144,6 @@ class ConvDiscriminator(_Discriminator):
         self.net = nn.Sequential(*layers)
         self.pool = padding_mode == "circular"
         self.observables = lattice_observables
-        feat_dim = (c if self.pool else c * math.prod(spatial)) + (NUM_LATTICE_OBSERVABLES if lattice_observables else 0)
         # spectral_features: the mean Fourier amplitude per |k| shell of each channel
         # (spectral_amplitudes): a strided conv net sees the modes at its own sampling
         # frequencies (k = 0, the Nyquist modes) only through its aliasing.
@@ -152,9 +151,9 @@ class ConvDiscriminator(_Discriminator):
         if spectral_features:
             if padding_mode != "circular":
                 raise ValueError("spectral features need periodic fields (circular padding)")
-            shells = shell_matrix(tuple(sample_shape[1:]))
-            self.register_buffer("shells", shells, persistent=False)  # a function of the shape, not state
-            feat_dim += sample_shape[0] * shells.shape[1]
+            # A function of the shape, not state: not saved in checkpoints.
+            self.register_buffer("shells", shell_matrix(tuple(sample_shape[1:])), persistent=False)
+        feat_dim = self.feature_dim(sample_shape, channels, padding_mode, lattice_observables, 0, spectral_features)
         # head_hidden > 0: a hidden layer between the pooled features and the output. Without
         # it, D(x) = mean over positions of a function of one receptive field, so the critic's
         # expectation depends only on the distribution of single patches: it cannot see how a
@@ -165,6 +164,17 @@ class ConvDiscriminator(_Discriminator):
             self.post = nn.Sequential(_maybe_sn(nn.Linear(feat_dim, head_hidden), spectral_norm), nn.LeakyReLU(0.2))
             feat_dim = head_hidden
         self._init_head(feat_dim, num_outputs, label_embedding, spectral_norm)
+
+    @staticmethod
+    def feature_dim(sample_shape: tuple[int, ...], channels: list[int], padding_mode: PaddingMode,
+                    lattice_observables: bool, head_hidden: int, spectral_features: bool) -> int:
+        """Width of phi(x), the features the head (and a projection's label embedding) reads."""
+        if head_hidden > 0:
+            return head_hidden
+        spatial = [s // 2 ** len(channels) for s in sample_shape[1:]]
+        width = channels[-1] if padding_mode == "circular" else channels[-1] * math.prod(spatial)
+        width += NUM_LATTICE_OBSERVABLES if lattice_observables else 0
+        return width + (sample_shape[0] * shell_matrix(tuple(sample_shape[1:])).shape[1] if spectral_features else 0)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         f = self.net(x)
@@ -390,12 +400,8 @@ def build_gan_nets(
         g = ConvGenerator(latent_dim, sample_shape, widths, bounded, embedding(label_dim), label_dim, padding_mode,
                           film=g_film, noise_inputs=g_noise_inputs, convs_per_stage=g_convs_per_stage,
                           zero_mode=g_zero_mode)
-        d_feat = widths[-1]
-        if padding_mode != "circular":
-            d_feat = widths[-1] * math.prod(s // 2 ** len(widths) for s in sample_shape[1:])
-        d_feat += NUM_LATTICE_OBSERVABLES if lattice_observables else 0
-        d_feat += sample_shape[0] * shell_matrix(tuple(sample_shape[1:])).shape[1] if d_spectral_features else 0
-        d_feat = d_head_hidden if d_head_hidden > 0 else d_feat
+        d_feat = ConvDiscriminator.feature_dim(sample_shape, widths, padding_mode, lattice_observables, d_head_hidden,
+                                               d_spectral_features)
         d = ConvDiscriminator(sample_shape, widths, d_outputs, embedding(d_feat), spectral_norm, padding_mode,
                               lattice_observables, d_head_hidden, d_spectral_features)
     elif arch == "mlp":

@@ -503,3 +503,22 @@ def test_minibatch_std_config_errors():
     with pytest.raises(ConfigError, match=r"data.batch_per_rank=62 is not a multiple of it"):
         load_config(None, base + ["data.batch_per_rank=62"])
     assert load_config(None, base + ["data.batch_per_rank=64"]).gan.d_minibatch_std == 4
+
+
+@pytest.mark.parametrize("shape, padding, observables, head_hidden, spectral", [
+    ((1, 16, 16), "circular", True, 0, False),
+    ((1, 16, 16), "zeros", False, 0, False),
+    ((2, 8, 16), "zeros", False, 0, False),
+    ((1, 8, 8, 8), "circular", False, 0, True),
+    ((3, 32), "circular", False, 0, True),
+    ((1, 16, 16), "circular", True, 12, True),
+])
+def test_conv_discriminator_feature_dim_is_the_width_of_its_features(shape, padding, observables, head_hidden,
+                                                                      spectral):
+    """The projection's label embedding is built from feature_dim before D: it must be the
+    width D's features come out with for every combination of the options."""
+    d = ConvDiscriminator(shape, [4, 6], padding_mode=padding, lattice_observables=observables,
+                          head_hidden=head_hidden, spectral_features=spectral)
+    width = d.features(torch.randn(2, *shape)).shape[1]
+    assert width == ConvDiscriminator.feature_dim(shape, [4, 6], padding, observables, head_hidden, spectral)
+    assert d.head.in_features == width

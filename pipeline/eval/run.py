@@ -315,8 +315,9 @@ def evaluate_run(run_dir: str | Path, data_urls: str | None, opts: EvalOptions) 
         "data": str(data_urls), "reference_split": "all", "num_samples": opts.num_samples, "seed": opts.seed,
         "num_reference_total": len(reference),
     }
-    if _is_vdm(module):  # the resolved sampler: a model's default grid and steps come from its config
-        header["sampling"] = module.sampling_settings(opts.num_steps, opts.sampler)
+    sampling = module.sampling_settings(opts.num_steps, opts.sampler)
+    if sampling:  # the resolved sampler: a model's default grid and steps come from its config
+        header["sampling"] = sampling
     out = {**header, **result}
     _likelihood_aliases(out)
     out.setdefault("timings_s", {})["total_s"] = time.perf_counter() - t_start

@@ -92,3 +92,9 @@ class SampledObjective(Objective):
         """ValueError naming what is wrong when ``sample`` would refuse these options; called
         before anything is sampled or written (an objective that samples in one forward pass,
         a GAN's generator, accepts only None for both)."""
+
+    def sampling_settings(self, num_steps: int | None, sampler: Any) -> dict[str, Any]:
+        """What ``sample`` will use for these options with the model's defaults resolved (the
+        sampler, its grid, the number of steps), for what an evaluation or a sample set records;
+        empty for an objective that samples in one forward pass."""
+        return {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -133,8 +132,6 @@ def _sample(args) -> int:
         raise ConfigError(f"--out must be a .npy file or a directory (for WebDataset shards), got {str(out)!r}")
     module, meta, info = load_export(Path(args.run))
     sampler = sampler_config(args)
-    if sampler is not None and sampler.spacing is None:  # the run's own default grid, named in what is recorded
-        sampler = dataclasses.replace(sampler, spacing=info["config_obj"].vdm.sample_grid)
     if args.png and not is_image_shape(tuple(meta.sample_shape)):
         # Checked before the .npy is written: a failed command leaves nothing half-done.
         raise ConfigError(f"--png draws samples of shape [H, W], [1, H, W] or [1, D, H, W] (middle slices); this "
@@ -193,7 +190,7 @@ def _sample_dir(args, module, meta, labels, sampler, info) -> int:
     plan.validate()
     out = Path(args.out)
     weights = RunDir(Path(args.run)).export / EXPORT_WEIGHTS
-    how = sampler.as_dict() if sampler is not None else None
+    how = module.sampling_settings(args.num_steps, sampler) or None  # the model's default grid and steps resolved
     params = {"source": ss.SOURCE, "weights_sha256": sha256_file(weights), "export_step": info["step"],
               "num_samples": plan.num_samples, "seed": args.seed, "num_steps": args.num_steps, "sampler": how,
               "labels": args.label, "samples_per_shard": plan.samples_per_shard, "batch_size": plan.batch_size}

@@ -70,7 +70,7 @@ def test_one_and_two_processes_write_the_same_samples(vdm_run, tmp_path):
     np.testing.assert_array_equal(x1, x2)  # spins: equal to the last bit (the tars are byte-identical too)
     assert [s["sha256"] for s in m1["shards"]] == [s["sha256"] for s in m2["shards"]]
     assert set(np.unique(x1)) <= {-1, 1} and x1.dtype == np.int8 and x1.shape == (45, 1, 8, 8)
-    assert m1["params"]["sampler"] == {"sampler": "ddim", "eta": 0.5, "grid": "time"}
+    assert m1["params"]["sampler"] == {"sampler": "ddim", "eta": 0.5, "grid": "time", "num_steps": 6}
     # A shard set like any other: verified, and trained on.
     run_pipeline("shards", "verify", str(two), "--sha256", "--schema-members", "4")
     run_pipeline("train", "--config", "configs/quickstart.yaml", f"run.dir={tmp_path / 'retrain'}",

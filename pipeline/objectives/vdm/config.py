@@ -219,9 +219,6 @@ class SamplerConfig:
         if self.spacing is not None and self.spacing not in GRID_SPACINGS:
             raise ConfigError(f"unknown grid spacing {self.spacing!r}; allowed: {', '.join(GRID_SPACINGS)}")
 
-    def as_dict(self) -> dict:
-        return {"sampler": self.name, "eta": self.eta, "grid": self.spacing}
-
 
 def sampler_from_options(name: str | None, eta: float | None, grid: str | None) -> SamplerConfig | None:
     """The CLI's --sampler/--eta/--grid as a SamplerConfig; None when none is given (the model's

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from pipeline.bench.variance_batches import EvalBatch, data_variance, exact_batches, load_pool, noise_floor
-from pipeline.bench.variance_batches import keyed_generator as _gen
+from pipeline.bench.variance_batches import keyed_generator
 from pipeline.bench.variance_summary import summarise
 from pipeline.errors import ConfigError
 from pipeline.objectives.base import StepContext
@@ -123,7 +123,7 @@ def with_sampler(module: VDM, sampler: str, form: str | None = None) -> VDM | No
 
 def fixed_noise_generator(seed: int, batch_index: int) -> torch.Generator:
     """The generator of the noise held fixed for every t-only estimate of one batch."""
-    return _gen(seed, 8, batch_index)
+    return keyed_generator(seed, 8, batch_index)
 
 
 def _ctx(step: int) -> StepContext:
@@ -156,7 +156,8 @@ def warm_up(module: VDM, x: torch.Tensor, labels: torch.Tensor | None, *, batch_
             raise RuntimeError(f"importance history not full after {max_batches} warm-up batches")
         idx = torch.from_numpy(rng.choice(x.shape[0], batch_size, replace=x.shape[0] < batch_size))
         batch = _batch_dict(x[idx], labels[idx] if labels is not None else None, device)
-        out = module(batch, _ctx(n), noise_generator=_gen(seed, 4, n), time_generator=_gen(seed, 5, n))
+        out = module(batch, _ctx(n), noise_generator=keyed_generator(seed, 4, n),
+                     time_generator=keyed_generator(seed, 5, n))
         module.after_micro_step(out, _identity_gather)
         module.after_optimizer_step(_identity_gather)
         n += 1
@@ -182,7 +183,8 @@ def _estimate_batch(module: VDM, b: EvalBatch, m: int, step: int, *, num_repeats
     g_sum, g_sq = None, 0.0
     for r in range(num_repeats):
         with torch.set_grad_enabled(grads):
-            out = module(batch, _ctx(step + r), noise_generator=_gen(seed, 6, m, r), time_generator=_gen(seed, 7, m, r))
+            out = module(batch, _ctx(step + r), noise_generator=keyed_generator(seed, 6, m, r),
+                         time_generator=keyed_generator(seed, 7, m, r))
         est.append(float(out.bits_per_dim))
         if grads:
             g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(out.loss, params)]).double()
@@ -193,7 +195,7 @@ def _estimate_batch(module: VDM, b: EvalBatch, m: int, step: int, *, num_repeats
         module.after_optimizer_step(_identity_gather)
         with torch.no_grad():  # the same eps for every r of this batch: only t changes
             out_t = module(batch, _ctx(step + r), noise_generator=fixed_noise_generator(seed, m),
-                           time_generator=_gen(seed, 9, m, r))
+                           time_generator=keyed_generator(seed, 9, m, r))
         est_t.append(float(out_t.bits_per_dim))
     R = num_repeats
     gvar = (g_sq - float(g_sum @ g_sum) / R) / (R - 1) if grads else float("nan")

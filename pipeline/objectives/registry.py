@@ -57,6 +57,12 @@ def inert_settings(cfg: "Config", meta: "DataMeta") -> dict[str, str]:
     return getattr(cfg, cfg.objective).inert_keys(meta)
 
 
+def data_warnings(cfg: "Config", meta: "DataMeta") -> list[str]:
+    """Named warnings for settings that train on data described by ``meta`` but are known to
+    go wrong (e.g. a VDM's MLP narrower than the samples without a skip). Torch-free."""
+    return getattr(cfg, cfg.objective).data_warnings(meta)
+
+
 def set_inert_settings(cfg: "Config", meta: "DataMeta") -> list[str]:
     """A named warning for each key of :func:`inert_settings` set to other than its default
     (a preset or an override that sets it expects it to act; non-negotiable: a key that does

@@ -64,9 +64,9 @@ def _train(args) -> int:
 
     # Before anything is written: an incompatible config leaves the run directory as it is.
     warnings = check_resume(cfg, meta)
-    from pipeline.objectives.registry import set_inert_settings
+    from pipeline.objectives.registry import data_warnings, set_inert_settings
 
-    warnings += set_inert_settings(cfg, meta)
+    warnings += set_inert_settings(cfg, meta) + data_warnings(cfg, meta)
     from pipeline.config import redacted_keys
 
     if redacted_keys(cfg):

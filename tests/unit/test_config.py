@@ -188,3 +188,22 @@ def test_a_config_error_on_a_rank_other_than_0_is_said_by_that_rank_when_rank_0_
     monkeypatch.setenv("RANK", "0")
     assert cli.main(["train", "--config", "configs/quickstart.yaml", "train.nope=1"]) == 2
     assert capsys.readouterr().err.startswith("pipeline train: error: unknown config key 'train.nope'")
+
+
+def test_a_vdm_mlp_narrower_than_its_samples_without_a_skip_is_named():
+    """The calorimeter MLP (512 wide, 6480 values, no skip) trained and then sampled NaNs; such a
+    config now gets a named warning with its fix, and only such a config."""
+    from pipeline.data.meta import DataMeta
+    from pipeline.objectives.registry import data_warnings
+
+    vectors = DataMeta(sample_shape=(300,), data_kind="continuous")
+    (w,) = data_warnings(load_config(None, BASE), vectors)  # default vdm.mlp_hidden 128 < 300
+    assert "vdm.mlp_hidden=128 is narrower than the samples' 300 values" in w and "vdm.skip=gaussian" in w
+    assert data_warnings(load_config(None, BASE + ["vdm.skip=gaussian"]), vectors) == []
+    assert data_warnings(load_config(None, BASE + ["vdm.mlp_hidden=300"]), vectors) == []
+    assert data_warnings(load_config(None, BASE), DataMeta(sample_shape=(2,), data_kind="continuous")) == []
+    fields = DataMeta(sample_shape=(1, 16, 16), data_kind="continuous")  # auto: the UNet
+    assert data_warnings(load_config(None, BASE), fields) == []
+    (w,) = data_warnings(load_config(None, BASE + ["vdm.architecture=mlp"]), fields)
+    assert "256 values (shape (1, 16, 16))" in w
+    assert data_warnings(load_config(None, BASE + ["objective=gan"]), vectors) == []

@@ -172,6 +172,11 @@ class GANConfig:
         GAN cannot use on the data is an error in check_data)."""
         return {}
 
+    def data_warnings(self, meta: "DataMeta") -> list[str]:
+        """Settings that train on this data but are known to go wrong: none for the GAN (what
+        cannot work is an error in check_data)."""
+        return []
+
     def check_data(self, meta: "DataMeta") -> tuple[str, str, int]:
         """(arch, padding, number of D outputs) for data described by ``meta``, with the
         ``auto`` choices resolved; ConfigError when the config does not fit the data."""

@@ -8,6 +8,7 @@ process group starts or anything is written to the run directory (issue 15 item 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -52,7 +53,8 @@ class VDMConfig:
     mlp_layers: int = 3
     # "gaussian": eps_hat = the exact denoiser of independent Gaussian values with the data's
     # running per-value mean and variance + the network's correction (denoiser.GaussianSkip).
-    # Needed by an MLP narrower than the sample (mlp_hidden < its number of values); helps data
+    # Needed by an MLP narrower than the sample (mlp_hidden < its number of values; `pipeline
+    # train` warns when such an MLP has no skip); helps data
     # far from unit scale (phi^4 in the broken phase, docs/model_zoo.md). "spectral": the same
     # for a stationary field on a periodic grid, with the data's mean and power spectrum per
     # channel (the Wiener filter, denoiser.SpectralSkip; data with boundary periodic only).
@@ -146,6 +148,21 @@ class VDMConfig:
         keys = _UNET_ONLY_KEYS if arch == "mlp" else _MLP_ONLY_KEYS
         why = f"samples of shape {tuple(meta.sample_shape)} get the {arch} (vdm.architecture={self.architecture})"
         return {f"vdm.{k}": why for k in keys}
+
+    def data_warnings(self, meta: "DataMeta") -> list[str]:
+        """Settings that train on data described by ``meta`` but are known to go wrong, each
+        named with its fix (`pipeline train` prints them before it starts)."""
+        shape = tuple(meta.sample_shape)
+        num_values = math.prod(shape)
+        if self.resolve_architecture(shape) == "mlp" and self.skip == "none" and self.mlp_hidden < num_values:
+            # At high noise the exact eps_hat is ~ z itself, which a network narrower than the
+            # sample cannot pass through, and each ancestral step divides its error by alpha:
+            # the calorimeter MLP's samples diverged so (docs/model_zoo.md, vdm_calo).
+            return [f"vdm.mlp_hidden={self.mlp_hidden} is narrower than the samples' {num_values} values "
+                    f"(shape {shape}) with vdm.skip=none: at high noise the denoiser must pass z through, which "
+                    f"this MLP cannot, and sampling may diverge; set vdm.skip=gaussian (or vdm.mlp_hidden >= "
+                    f"{num_values})"]
+        return []
 
     def reads_labels(self, meta: "DataMeta") -> bool:
         """Whether training reads each sample's label: a VDM conditions on the data's labels

@@ -54,8 +54,8 @@ class VDMConfig:
     # "gaussian": eps_hat = the exact denoiser of independent Gaussian values with the data's
     # running per-value mean and variance + the network's correction (denoiser.GaussianSkip).
     # Needed by an MLP narrower than the sample (mlp_hidden < its number of values; `pipeline
-    # train` warns when such an MLP has no skip); helps data
-    # far from unit scale (phi^4 in the broken phase, docs/model_zoo.md). "spectral": the same
+    # train` warns when such an MLP has no skip); helps data far from unit scale (phi^4 in the
+    # broken phase, docs/model_zoo.md). "spectral": the same
     # for a stationary field on a periodic grid, with the data's mean and power spectrum per
     # channel (the Wiener filter, denoiser.SpectralSkip; data with boundary periodic only).
     # "sparse": the exact denoiser of independent values that are each empty (a stored 0) with

@@ -360,6 +360,22 @@ class SignSymmetricGenerator(nn.Module):
         return y * sign.reshape((-1,) + (1,) * (y.dim() - 1))
 
 
+class SignSymmetricDiscriminator(nn.Module):
+    """D'(x) = (D(x) + D(-x)) / 2: a critic exactly invariant under x -> -x, to go with
+    :class:`SignSymmetricGenerator` (alone it could not tell a G that draws one sign only).
+    When G and the data share the symmetry, the best critic has it too; this one need not learn
+    each of a broken phase's two modes separately. One forward of D on [x, -x] (the objectives
+    keep to one forward per backward; a minibatch std's groups stay inside each half)."""
+
+    def __init__(self, d: nn.Module):
+        super().__init__()
+        self.d = d
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.d(torch.cat([x, -x]), None if labels is None else torch.cat([labels, labels]))
+        return 0.5 * (out[: x.shape[0]] + out[x.shape[0]:])
+
+
 def build_gan_nets(
     *,
     sample_shape: tuple[int, ...],
@@ -384,9 +400,11 @@ def build_gan_nets(
     g_zero_mode: bool = False,
     g_sign_symmetric: bool = False,
     d_minibatch_std: int = 0,
+    d_sign_symmetric: bool = False,
 ) -> tuple[nn.Module, nn.Module]:
     """(G, D). ``label_kind != "none"`` builds the conditional variants; ``g_sign_symmetric``
-    wraps G in :class:`SignSymmetricGenerator`."""
+    wraps G in :class:`SignSymmetricGenerator`, ``d_sign_symmetric`` D in
+    :class:`SignSymmetricDiscriminator`."""
 
     def embedding(dim: int) -> LabelEmbedding | None:
         if label_kind == "none":
@@ -414,4 +432,7 @@ def build_gan_nets(
                              d_minibatch_std)
     else:
         raise ValueError(f"arch must be 'conv' or 'mlp', got {arch!r}")
-    return (SignSymmetricGenerator(g) if g_sign_symmetric else g), d
+    if d_sign_symmetric and not g_sign_symmetric:
+        raise ValueError("a sign-symmetric D cannot tell a G that draws one sign only: it needs g_sign_symmetric")
+    return (SignSymmetricGenerator(g) if g_sign_symmetric else g), (SignSymmetricDiscriminator(d) if d_sign_symmetric
+                                                                    else d)

@@ -524,3 +524,47 @@ def test_observable_matching_is_an_unbiased_label_weighted_squared_gap_of_mean_o
     assert o.loss.item() == pytest.approx(o.loss_g.item() + 2.0 * o.observable_matching.item(), rel=1e-6)
     with pytest.raises(ValueError, match="g_observable_matching"):
         _phases(meta=DataMeta(sample_shape=(1, 8, 8), data_kind="levels", num_levels=4), g_observable_matching=1.0)
+
+
+class _Quadratic(nn.Module):
+    """D(x) = 0.5 x^2 + x (not symmetric: the symmetric wrapper's D' is 0.5 x^2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x, labels=None):
+        return (0.5 * x**2 + self.w * x).flatten(1).sum(1, keepdim=True)
+
+
+def test_sign_symmetric_critic_interpolates_each_real_with_its_fake_on_the_same_side():
+    """gan.d_sign_symmetric: WGAN-GP's interpolates lie between each real sample and its fake
+    flipped to the real's sign (for D' with D'(-x) = D'(x) that is the same point), never on
+    the line through 0 between opposite-sign pairs; without the option they do."""
+    from pipeline.models.gan_nets import SignSymmetricDiscriminator
+
+    real = torch.tensor([[2.0], [-1.0], [0.5], [-4.0]])
+    fakes = torch.tensor([[-3.0], [-2.0], [1.5], [5.0]])
+    aligned = torch.tensor([[3.0], [-2.0], [1.5], [-5.0]])
+    D = SignSymmetricDiscriminator(_Quadratic())
+    for _ in range(5):
+        step = DStep(D, FixedG(fakes), GANConfig(loss="wgan-gp", latent_dim=1, g_sign_symmetric=True,
+                                                 d_sign_symmetric=True), VEC)
+        x = step._interpolates(real, fakes, step._noise(None)).detach()
+        assert ((x >= torch.minimum(real, aligned)) & (x <= torch.maximum(real, aligned))).all(), x
+        plain = DStep(D, FixedG(fakes), GANConfig(loss="wgan-gp", latent_dim=1), VEC)
+        y = plain._interpolates(real, fakes, plain._noise(None)).detach()
+        assert (y[[0, 3]].abs() < real[[0, 3]].abs()).any() or (y[[0, 3]].sign() != real[[0, 3]].sign()).any()
+    # D' = (D(x) + D(-x)) / 2 = 0.5 x^2: the critic's scores and the loss see only |x|
+    out = step({"x": real})
+    w_est = (0.5 * real**2).mean() - (0.5 * fakes**2).mean()
+    assert out.metrics()["wasserstein_estimate"] == pytest.approx(w_est.item(), rel=1e-6)
+    out.loss.backward()  # the linear part cancels in D': no gradient reaches it
+    assert D.d.w.grad is not None and float(D.d.w.grad.abs()) < 1e-6
+
+
+def test_sign_symmetric_critic_needs_a_sign_symmetric_generator():
+    meta = DataMeta(sample_shape=(1, 8, 8), data_kind="continuous", boundary="periodic")
+    with pytest.raises(ConfigError, match="d_sign_symmetric=true needs gan.g_sign_symmetric=true"):
+        GANConfig(channels=[8], arch="mlp", d_sign_symmetric=True).check_data(meta)
+    assert GANConfig(channels=[8], arch="mlp", d_sign_symmetric=True, g_sign_symmetric=True).check_data(meta)

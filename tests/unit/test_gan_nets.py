@@ -522,3 +522,25 @@ def test_conv_discriminator_feature_dim_is_the_width_of_its_features(shape, padd
     width = d.features(torch.randn(2, *shape)).shape[1]
     assert width == ConvDiscriminator.feature_dim(shape, [4, 6], padding, observables, head_hidden, spectral)
     assert d.head.in_features == width
+
+
+@pytest.mark.parametrize("arch,shape", [("mlp", (1, 8, 8)), ("conv", (1, 8, 8))])
+def test_sign_symmetric_discriminator_is_the_mean_of_d_at_x_and_minus_x(arch, shape):
+    from pipeline.models.gan_nets import SignSymmetricDiscriminator
+
+    torch.manual_seed(0)
+    _, plain = build_gan_nets(sample_shape=shape, latent_dim=6, widths=[8], arch=arch, bounded=False,
+                              padding_mode="circular" if arch == "conv" else "zeros", label_kind="continuous",
+                              label_range=(1.0, 2.0))
+    torch.manual_seed(0)
+    _, sym = build_gan_nets(sample_shape=shape, latent_dim=6, widths=[8], arch=arch, bounded=False,
+                            padding_mode="circular" if arch == "conv" else "zeros", label_kind="continuous",
+                            label_range=(1.0, 2.0), g_sign_symmetric=True, d_sign_symmetric=True)
+    assert isinstance(sym, SignSymmetricDiscriminator)
+    x, labels = torch.randn(5, *shape), torch.rand(5) + 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(sym(-x, labels), sym(x, labels))
+        torch.testing.assert_close(sym(x, labels), 0.5 * (plain(x, labels) + plain(-x, labels)))
+        assert float((plain(x, labels) - plain(-x, labels)).abs().max()) > 1e-4  # D itself is not symmetric
+    with pytest.raises(ValueError, match="needs g_sign_symmetric"):
+        build_gan_nets(sample_shape=shape, latent_dim=6, widths=[8], arch=arch, bounded=False, d_sign_symmetric=True)

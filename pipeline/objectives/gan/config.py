@@ -65,6 +65,12 @@ class GANConfig:
     # broken phase G then draws one mode and the flip the other, instead of a continuous G
     # passing between them (fields with |M| near 0 that the data never has).
     g_sign_symmetric: bool = False
+    # D exactly invariant under x -> -x too (with g_sign_symmetric only: a symmetric D alone
+    # cannot see a G that draws one sign): D'(x) = (D(x) + D(-x)) / 2
+    # (pipeline.models.gan_nets.SignSymmetricDiscriminator), and WGAN-GP's interpolates join
+    # each real sample to its fake flipped to the same sign, so the gradient penalty acts near
+    # the modes, not on lines through the M ~ 0 region between them that neither side draws.
+    d_sign_symmetric: bool = False
     # MLP D: the minibatch standard deviation (Karras et al. 2018, ProGAN Sec. 3) over groups of
     # this many consecutive samples, one more feature before D's last hidden layer
     # (pipeline.models.gan_features.MinibatchStd): D then compares the spread of its features
@@ -241,6 +247,9 @@ class GANConfig:
             raise ConfigError("gan.g_sign_symmetric=true makes G's samples symmetric under x -> -x in model space; "
                               "for 'levels' data that would map level i onto level k-1-i, not a symmetry of the data "
                               "(spins and continuous fields only)")
+        if self.d_sign_symmetric and not self.g_sign_symmetric:
+            raise ConfigError("gan.d_sign_symmetric=true needs gan.g_sign_symmetric=true: a critic invariant under "
+                              "x -> -x cannot tell a G that draws one sign only")
         if self.d_minibatch_std and arch != "mlp":
             raise ConfigError(f"gan.d_minibatch_std > 0 needs the MLP networks (gan.arch=mlp); got gan.arch={arch!r}")
         if self.g_zero_mode and arch != "conv":

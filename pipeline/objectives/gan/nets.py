@@ -39,5 +39,6 @@ def build_nets(cfg: GANConfig, meta: DataMeta) -> tuple[nn.Module, nn.Module]:
         d_spectral_features=cfg.d_spectral_features,
         g_zero_mode=cfg.g_zero_mode,
         g_sign_symmetric=cfg.g_sign_symmetric,
+        d_sign_symmetric=cfg.d_sign_symmetric,
         d_minibatch_std=cfg.d_minibatch_std,
     )

@@ -208,6 +208,11 @@ class DStep(_GANStep):
         """Random points on straight lines between paired real and fake samples (Gulrajani et
         al. 2017, eq. 3), with requires_grad for the gradient penalty."""
         eps = noise.uniform((real.shape[0], *([1] * (real.dim() - 1))), real.device, real.dtype)
+        if self.cfg.d_sign_symmetric:
+            # D(-x) = D(x): each fake flipped to its real's side is the same point for D, and the
+            # straight line to it stays near the mode both lie in (gan.d_sign_symmetric).
+            agree = (real * fake).flatten(1).sum(1) >= 0
+            fake = torch.where(agree.reshape(eps.shape), fake, -fake)
         return (eps * real + (1.0 - eps) * fake).requires_grad_(True)
 
     def _critic_loss(self, r: torch.Tensor, f: torch.Tensor, gp_at: tuple[torch.Tensor, torch.Tensor] | None,

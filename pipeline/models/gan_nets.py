@@ -46,6 +46,7 @@ from pipeline.models.gan_features import (
     shell_matrix,
     spectral_amplitudes,
 )
+from pipeline.models.gan_symmetry import with_sign_symmetry
 
 LabelKind = Literal["none", "class", "continuous"]
 PaddingMode = Literal["zeros", "circular"]
@@ -84,16 +85,26 @@ class _Discriminator(nn.Module):
 class MLPDiscriminator(_Discriminator):
     """Fully connected D. ``minibatch_std`` > 0: a :class:`MinibatchStd` of that group size
     before the last hidden layer, as StyleGAN puts it before its last block (with one hidden
-    layer: on the flattened input)."""
+    layer: on the flattened input). ``spectral_features`` (periodic fields [C, *spatial]): the
+    input also carries each channel's mean Fourier amplitude per |k| shell
+    (:func:`spectral_amplitudes`, k = 0 being sqrt(V) |M|), so D reads the power spectrum and
+    the zero mode's size directly instead of finding them among its first layer's directions."""
 
     def __init__(self, sample_shape: tuple[int, ...], hidden: list[int], num_outputs: int = 1,
                  label_embedding: LabelEmbedding | None = None, spectral_norm: bool = False,
-                 minibatch_std: int = 0):
+                 minibatch_std: int = 0, spectral_features: bool = False):
         super().__init__()
         if not hidden:
             raise ValueError("MLPDiscriminator needs at least one hidden width")
         layers: list[nn.Module] = []
         d = math.prod(sample_shape)
+        self.spectral = spectral_features
+        if spectral_features:
+            if len(sample_shape) < 2:
+                raise ValueError(f"spectral features need fields [C, *spatial]; got sample shape {sample_shape}")
+            # A function of the shape, not state: not saved in checkpoints.
+            self.register_buffer("shells", shell_matrix(tuple(sample_shape[1:])), persistent=False)
+            d += sample_shape[0] * self.shells.shape[1]
         for i, w in enumerate(hidden):
             if minibatch_std and i == len(hidden) - 1:
                 layers.append(MinibatchStd(minibatch_std))
@@ -104,6 +115,8 @@ class MLPDiscriminator(_Discriminator):
         self._init_head(d, num_outputs, label_embedding, spectral_norm)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spectral:
+            x = torch.cat([x.flatten(1), spectral_amplitudes(x, self.shells).to(x.dtype)], dim=1)
         return self.net(x)
 
 
@@ -339,43 +352,6 @@ class ConvGenerator(_Generator):
         return self._output(y)
 
 
-class SignSymmetricGenerator(nn.Module):
-    """G'(h) = s G(h with h_0 -> |h_0|), s = the sign of the latent's first entry h_0: an output
-    distribution exactly symmetric under x -> -x (for a latent prior symmetric in h_0), for data
-    with that Z2 symmetry (Ising spins at zero field, phi^4). G itself may then draw one sign's
-    configurations only. Why: in a broken phase the data has two separated modes (phi^4 at kappa
-    0.35: M near +3.2 or -3.2, never near 0); a continuous map from a connected latent space onto
-    both must pass between them, and a plain G drew 1 % of its fields with |M| < 0.25
-    (docs/model_zoo.md). The flip is the discontinuity G cannot make itself (Z2-equivariant
-    models of lattice fields: Albergo, Kanwar, Shanahan 2019, sec. IV)."""
-
-    def __init__(self, g: nn.Module):
-        super().__init__()
-        self.g = g
-        self.latent_dim = g.latent_dim
-
-    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        sign = torch.where(h[:, :1] < 0, -1.0, 1.0).to(h.dtype)
-        y = self.g(torch.cat([h[:, :1].abs(), h[:, 1:]], dim=1), labels)
-        return y * sign.reshape((-1,) + (1,) * (y.dim() - 1))
-
-
-class SignSymmetricDiscriminator(nn.Module):
-    """D'(x) = (D(x) + D(-x)) / 2: a critic exactly invariant under x -> -x, to go with
-    :class:`SignSymmetricGenerator` (alone it could not tell a G that draws one sign only).
-    When G and the data share the symmetry, the best critic has it too; this one need not learn
-    each of a broken phase's two modes separately. One forward of D on [x, -x] (the objectives
-    keep to one forward per backward; a minibatch std's groups stay inside each half)."""
-
-    def __init__(self, d: nn.Module):
-        super().__init__()
-        self.d = d
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.d(torch.cat([x, -x]), None if labels is None else torch.cat([labels, labels]))
-        return 0.5 * (out[: x.shape[0]] + out[x.shape[0]:])
-
-
 def build_gan_nets(
     *,
     sample_shape: tuple[int, ...],
@@ -402,9 +378,8 @@ def build_gan_nets(
     d_minibatch_std: int = 0,
     d_sign_symmetric: bool = False,
 ) -> tuple[nn.Module, nn.Module]:
-    """(G, D). ``label_kind != "none"`` builds the conditional variants; ``g_sign_symmetric``
-    wraps G in :class:`SignSymmetricGenerator`, ``d_sign_symmetric`` D in
-    :class:`SignSymmetricDiscriminator`."""
+    """(G, D). ``label_kind != "none"`` builds the conditional variants; ``g_sign_symmetric`` /
+    ``d_sign_symmetric`` wrap them (:mod:`pipeline.models.gan_symmetry`)."""
 
     def embedding(dim: int) -> LabelEmbedding | None:
         if label_kind == "none":
@@ -423,16 +398,14 @@ def build_gan_nets(
         d = ConvDiscriminator(sample_shape, widths, d_outputs, embedding(d_feat), spectral_norm, padding_mode,
                               lattice_observables, d_head_hidden, d_spectral_features)
     elif arch == "mlp":
-        if lattice_observables or g_film or g_noise_inputs or g_convs_per_stage != 1 or d_head_hidden or \
-                d_spectral_features or g_zero_mode:
-            raise ValueError("lattice observables, FiLM, noise inputs, g_convs_per_stage > 1, d_head_hidden, "
-                             "spectral features and G's zero-mode path need the conv networks (arch='conv')")
+        if lattice_observables or g_film or g_noise_inputs or g_convs_per_stage != 1 or d_head_hidden or g_zero_mode:
+            raise ValueError("lattice observables, FiLM, noise inputs, g_convs_per_stage > 1, d_head_hidden "
+                             "and G's zero-mode path need the conv networks (arch='conv')")
+        if d_spectral_features and padding_mode != "circular":
+            raise ValueError("spectral features need periodic fields (circular padding)")
         g = MLPGenerator(latent_dim, sample_shape, widths, bounded, embedding(label_dim), label_dim)
         d = MLPDiscriminator(sample_shape, list(reversed(widths)), d_outputs, embedding(widths[0]), spectral_norm,
-                             d_minibatch_std)
+                             d_minibatch_std, d_spectral_features)
     else:
         raise ValueError(f"arch must be 'conv' or 'mlp', got {arch!r}")
-    if d_sign_symmetric and not g_sign_symmetric:
-        raise ValueError("a sign-symmetric D cannot tell a G that draws one sign only: it needs g_sign_symmetric")
-    return (SignSymmetricGenerator(g) if g_sign_symmetric else g), (SignSymmetricDiscriminator(d) if d_sign_symmetric
-                                                                    else d)
+    return with_sign_symmetry(g, d, g_sign_symmetric, d_sign_symmetric)

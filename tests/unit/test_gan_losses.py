@@ -541,7 +541,7 @@ def test_sign_symmetric_critic_interpolates_each_real_with_its_fake_on_the_same_
     """gan.d_sign_symmetric: WGAN-GP's interpolates lie between each real sample and its fake
     flipped to the real's sign (for D' with D'(-x) = D'(x) that is the same point), never on
     the line through 0 between opposite-sign pairs; without the option they do."""
-    from pipeline.models.gan_nets import SignSymmetricDiscriminator
+    from pipeline.models.gan_symmetry import SignSymmetricDiscriminator
 
     real = torch.tensor([[2.0], [-1.0], [0.5], [-4.0]])
     fakes = torch.tensor([[-3.0], [-2.0], [1.5], [5.0]])

@@ -347,7 +347,7 @@ def test_spectral_amplitudes_against_plane_waves_and_the_magnetisation():
     assert ((ax - ay).abs().max(dim=1).values <= (x - y).flatten(1).norm(dim=1) + 1e-5).all()
 
 
-def test_d_spectral_features_need_periodic_conv_nets():
+def test_d_spectral_features_need_periodic_fields():
     from pipeline.config import ConfigError
     from pipeline.data.meta import DataMeta
     from pipeline.objectives.gan.config import GANConfig
@@ -360,8 +360,32 @@ def test_d_spectral_features_need_periodic_conv_nets():
     x = torch.randn(3, 1, 16, 16)
     torch.testing.assert_close(d(torch.roll(x, (4, 8), (2, 3))), d(x), rtol=1e-5, atol=1e-5)
     open_ = DataMeta(sample_shape=(1, 16, 16), data_kind="continuous", boundary="open")
-    with pytest.raises(ConfigError, match="d_spectral_features=true needs the conv networks on periodic data"):
+    with pytest.raises(ConfigError, match=r"d_spectral_features=true needs periodic fields .* padding 'zeros'"):
         build_nets(GANConfig(channels=[8, 16], d_spectral_features=True), open_)
+    with pytest.raises(ConfigError, match=r"d_spectral_features=true needs periodic fields"):
+        build_nets(GANConfig(channels=[8], arch="mlp", d_spectral_features=True),
+                   DataMeta(sample_shape=(6,), data_kind="continuous"))
+
+
+def test_mlp_discriminator_reads_the_shell_amplitudes_beside_the_field():
+    """The MLP D with gan.d_spectral_features: its first layer reads [the flattened field, the
+    mean Fourier amplitude per shell], the latter computed by hand here (k = 0: sqrt(V) |M|)."""
+    from pipeline.data.meta import DataMeta
+    from pipeline.objectives.gan.config import GANConfig
+    from pipeline.objectives.gan.nets import build_nets
+
+    periodic = DataMeta(sample_shape=(1, 16, 16), data_kind="continuous", boundary="periodic")
+    _, d = build_nets(GANConfig(channels=[8], arch="mlp", d_spectral_features=True), periodic)
+    first = d.net[1]
+    assert first.in_features == 256 + 12 and "shells" not in d.state_dict()
+    x = torch.randn(3, 1, 16, 16)
+    amp = torch.fft.fft2(x[:, 0]).abs() / 16
+    k = torch.fft.fftfreq(16, 1 / 16)
+    shell = (k[:, None] ** 2 + k[None, :] ** 2).sqrt().round().long()
+    by_hand = torch.stack([amp[:, shell == s].mean(1) for s in range(12)], dim=1)
+    torch.testing.assert_close(by_hand[:, 0], x.flatten(1).sum(1).abs() / 16)
+    expected = d.net[2:](first(torch.cat([x.flatten(1), by_hand], dim=1)))
+    torch.testing.assert_close(d.features(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_zero_mode_path_shifts_each_field_by_a_latent_constant():
@@ -407,7 +431,7 @@ def test_sign_symmetric_generator_flips_on_the_first_latent_entry_only(arch, sha
     """gan.g_sign_symmetric: G'(h) = sign(h_0) G(|h_0|, h_1, ...). So flipping h_0 flips the
     sample exactly (the output distribution is symmetric under x -> -x for a latent prior
     symmetric in h_0), and with h_0 > 0 G' is the wrapped G (which may draw one mode only)."""
-    from pipeline.models.gan_nets import SignSymmetricGenerator
+    from pipeline.models.gan_symmetry import SignSymmetricGenerator
 
     torch.manual_seed(0)
     plain, _ = build_gan_nets(sample_shape=shape, latent_dim=6, widths=[8], arch=arch, bounded=False,
@@ -526,7 +550,7 @@ def test_conv_discriminator_feature_dim_is_the_width_of_its_features(shape, padd
 
 @pytest.mark.parametrize("arch,shape", [("mlp", (1, 8, 8)), ("conv", (1, 8, 8))])
 def test_sign_symmetric_discriminator_is_the_mean_of_d_at_x_and_minus_x(arch, shape):
-    from pipeline.models.gan_nets import SignSymmetricDiscriminator
+    from pipeline.models.gan_symmetry import SignSymmetricDiscriminator
 
     torch.manual_seed(0)
     _, plain = build_gan_nets(sample_shape=shape, latent_dim=6, widths=[8], arch=arch, bounded=False,

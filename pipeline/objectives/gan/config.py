@@ -52,22 +52,23 @@ class GANConfig:
     # compares only the distribution of single receptive fields between real and fake, not
     # that of lattice-wide sums such as the magnetisation: pipeline.models.gan_nets).
     d_head_hidden: int = 0
-    # Conv D on periodic data: D's features also carry each channel's mean Fourier amplitude
-    # per |k| shell (pipeline.models.gan_features.spectral_amplitudes; 1-Lipschitz, so safe for
-    # WGAN-GP), so D compares the power spectrum directly, k = 0 (|M|) included.
+    # Periodic fields: D also reads each channel's mean Fourier amplitude per |k| shell
+    # (pipeline.models.gan_features.spectral_amplitudes; 1-Lipschitz, so safe for WGAN-GP), so
+    # it compares the power spectrum directly, k = 0 (|M|) included: the conv D beside its
+    # pooled features, the MLP D beside the field at its input.
     d_spectral_features: bool = False
     # Conv G: a per-channel constant, linear in the vector latent (and label), added to G's
     # output: the k = 0 mode (a field's mean) on its own path (pipeline.models.gan_nets).
     g_zero_mode: bool = False
     # G's samples exactly symmetric under x -> -x: the sign of the latent's first entry flips
-    # the output of G at that entry's absolute value (pipeline.models.gan_nets.
+    # the output of G at that entry's absolute value (pipeline.models.gan_symmetry.
     # SignSymmetricGenerator). For data with that symmetry (Ising at zero field, phi^4): in a
     # broken phase G then draws one mode and the flip the other, instead of a continuous G
     # passing between them (fields with |M| near 0 that the data never has).
     g_sign_symmetric: bool = False
     # D exactly invariant under x -> -x too (with g_sign_symmetric only: a symmetric D alone
     # cannot see a G that draws one sign): D'(x) = (D(x) + D(-x)) / 2
-    # (pipeline.models.gan_nets.SignSymmetricDiscriminator), and WGAN-GP's interpolates join
+    # (pipeline.models.gan_symmetry.SignSymmetricDiscriminator), and WGAN-GP's interpolates join
     # each real sample to its fake flipped to the same sign, so the gradient penalty acts near
     # the modes, not on lines through the M ~ 0 region between them that neither side draws.
     d_sign_symmetric: bool = False
@@ -239,10 +240,9 @@ class GANConfig:
         if self.d_head_hidden and arch != "conv":
             raise ConfigError(f"gan.d_head_hidden > 0 needs the conv networks (gan.arch={arch!r}); the MLP "
                               f"discriminator's hidden widths are gan.channels")
-        if self.d_spectral_features and (arch != "conv" or padding != "circular"):
-            raise ConfigError(f"gan.d_spectral_features=true needs the conv networks on periodic data (circular "
-                              f"padding: spins, or a manifest with boundary=periodic); got gan.arch={arch!r}, "
-                              f"padding {padding!r}")
+        if self.d_spectral_features and (len(shape) < 2 or padding != "circular"):
+            raise ConfigError(f"gan.d_spectral_features=true needs periodic fields [C, *spatial] (circular padding: "
+                              f"spins, or a manifest with boundary=periodic); got samples {shape}, padding {padding!r}")
         if self.g_sign_symmetric and meta.data_kind == "levels":
             raise ConfigError("gan.g_sign_symmetric=true makes G's samples symmetric under x -> -x in model space; "
                               "for 'levels' data that would map level i onto level k-1-i, not a symmetry of the data "

@@ -566,5 +566,5 @@ def test_sign_symmetric_critic_interpolates_each_real_with_its_fake_on_the_same_
 def test_sign_symmetric_critic_needs_a_sign_symmetric_generator():
     meta = DataMeta(sample_shape=(1, 8, 8), data_kind="continuous", boundary="periodic")
     with pytest.raises(ConfigError, match="d_sign_symmetric=true needs gan.g_sign_symmetric=true"):
-        GANConfig(channels=[8], arch="mlp", d_sign_symmetric=True).check_data(meta)
+        GANConfig(channels=[8], arch="mlp", d_sign_symmetric=True).validate()
     assert GANConfig(channels=[8], arch="mlp", d_sign_symmetric=True, g_sign_symmetric=True).check_data(meta)

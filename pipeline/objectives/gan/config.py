@@ -138,6 +138,9 @@ class GANConfig:
         if self.d_minibatch_std and self.semi_supervised != "off":
             raise ConfigError("gan.d_minibatch_std needs gan.semi_supervised=off: the semi-supervised D also "
                               "classifies single samples, which a feature of the whole group would change")
+        if self.d_sign_symmetric and not self.g_sign_symmetric:
+            raise ConfigError("gan.d_sign_symmetric=true needs gan.g_sign_symmetric=true: a critic invariant under "
+                              "x -> -x cannot tell a G that draws one sign only")
         if self.d_head_hidden < 0:
             raise ConfigError(f"gan.d_head_hidden must be >= 0 (0: no hidden layer), got {self.d_head_hidden}")
         if self.g_observable_matching < 0:
@@ -247,9 +250,6 @@ class GANConfig:
             raise ConfigError("gan.g_sign_symmetric=true makes G's samples symmetric under x -> -x in model space; "
                               "for 'levels' data that would map level i onto level k-1-i, not a symmetry of the data "
                               "(spins and continuous fields only)")
-        if self.d_sign_symmetric and not self.g_sign_symmetric:
-            raise ConfigError("gan.d_sign_symmetric=true needs gan.g_sign_symmetric=true: a critic invariant under "
-                              "x -> -x cannot tell a G that draws one sign only")
         if self.d_minibatch_std and arch != "mlp":
             raise ConfigError(f"gan.d_minibatch_std > 0 needs the MLP networks (gan.arch=mlp); got gan.arch={arch!r}")
         if self.g_zero_mode and arch != "conv":

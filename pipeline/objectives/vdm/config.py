@@ -60,8 +60,11 @@ class VDMConfig:
     # channel (the Wiener filter, denoiser.SpectralSkip; data with boundary periodic only).
     # "sparse": the exact denoiser of independent values that are each empty (a stored 0) with
     # the data's running probability, else Gaussian with the non-empty values' moments
-    # (denoiser.SparseSkip; continuous data, e.g. calorimeter voxels).
-    skip: Literal["none", "gaussian", "spectral", "sparse"] = "none"
+    # (denoiser.SparseSkip; continuous data, e.g. calorimeter voxels). "discrete": the exact
+    # denoiser of independent values on the data's levels with their running probabilities per
+    # value (denoiser.DiscreteSkip; spins and levels): exact at low noise, so a low gamma_min
+    # costs nothing.
+    skip: Literal["none", "gaussian", "spectral", "sparse", "discrete"] = "none"
     periodic: bool = True  # circular padding (periodic lattices)
     sample_steps: int | None = None  # default ancestral steps for continuous time (discrete: T - 1)
     # Default grid of noise levels for sampling (``--grid`` overrides it): see SamplerConfig.
@@ -186,8 +189,12 @@ class VDMConfig:
                 f"shape {tuple(meta.sample_shape)}, boundary {meta.boundary}; use vdm.skip=gaussian (or none)")
         if self.skip == "sparse" and meta.data_kind != "continuous":
             raise ConfigError(f"vdm.skip=sparse is the denoiser of continuous values with a point mass at 0 (empty "
-                              f"voxels); the data's manifest says data_kind {meta.data_kind!r}: use vdm.skip=gaussian "
-                              f"(or none)")
+                              f"voxels); the data's manifest says data_kind {meta.data_kind!r}: use vdm.skip=discrete (the "
+                              f"denoiser of discrete levels), vdm.skip=gaussian or none")
+        if self.skip == "discrete" and meta.data_kind == "continuous":
+            raise ConfigError("vdm.skip=discrete is the denoiser of values on a finite set of levels (data_kind "
+                              "spins or levels); the data's manifest says data_kind 'continuous': use vdm.skip="
+                              "gaussian, sparse (empty voxels) or spectral (periodic fields)")
         if self.sample_grid == "spin-variance" and meta.data_kind != "spins":
             raise ConfigError(f"vdm.sample_grid=spin-variance places the noise levels by the posterior variance of "
                               f"a +-1 spin; the data's manifest says data_kind {meta.data_kind!r}: use time or logsnr")

@@ -21,7 +21,8 @@ class Denoiser(nn.Module):
     shared :class:`~pipeline.models.embedding.LabelEmbedding` (continuous ones as Fourier
     features of the standardised value), added to the noise-level embedding.
 
-    ``skip``: a :class:`GaussianSkip`, :class:`SpectralSkip` or :class:`SparseSkip`, eps_hat =
+    ``skip``: a :class:`GaussianSkip`, :class:`SpectralSkip`, :class:`SparseSkip` or
+    :class:`DiscreteSkip`, eps_hat =
     skip(z, gamma) + net(...): the network learns the correction to the skip's exact answer for
     a simpler distribution.
     """
@@ -230,15 +231,72 @@ class SparseSkip(nn.Module):
         return eps.to(z.dtype)
 
 
+class DiscreteSkip(nn.Module):
+    """E[eps | z] for independent values that each take one of the data's K model-space values
+    g_k (+-1 spins; k levels spread over [-1, 1]) with probability pi_k per value, from the data:
+
+        w_k = softmax_k(log pi_k - (z - alpha g_k)^2 / (2 sigma^2)),  E[x | z] = sum_k w_k g_k,
+        E[eps | z] = (z - alpha E[x | z]) / sigma
+
+    (for spins with pi_+ = pi_- this is x_hat = tanh(alpha z / sigma^2), the mean-field posterior).
+    Why: discrete values are recovered exactly from z well before the noise vanishes (+-1 spins
+    are 2 apart), so the exact eps_hat at low noise is (z - alpha x) / sigma, which an
+    eps-predicting network must reproduce with a gain 1 / sigma that grows without bound as
+    gamma falls: Kingma et al.'s gamma_min = -13.3 cost the Ising VDM a 6x higher loss
+    (docs/model_zoo.md). This skip is that answer, so the low-noise terms cost nothing to learn
+    and the network models only the values' correlations.
+
+    pi comes from every sample trained on (float64 counts per value and level, gathered over ranks
+    as for :class:`GaussianSkip`); before any data every level is equally likely."""
+
+    def __init__(self, sample_shape: tuple[int, ...], values: torch.Tensor):
+        super().__init__()
+        assert values.dim() == 1 and values.numel() >= 2, values
+        self.register_buffer("values", values.to(torch.float64).clone())
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        # [K, *sample_shape]: how often each value took each level.
+        self.register_buffer("sums", torch.zeros((values.numel(),) + tuple(sample_shape), dtype=torch.float64))
+
+    def batch_sums(self, x0: torch.Tensor) -> torch.Tensor:
+        x64 = x0.detach().double()
+        grid = self.values.reshape((-1,) + (1,) * x64.dim())
+        level = (x64.unsqueeze(0) - grid).abs().argmin(0)  # model-space values sit on the grid
+        return torch.nn.functional.one_hot(level, self.values.numel()).double().sum(0).movedim(-1, 0)
+
+    add = GaussianSkip.add  # the same update of the float64 counts and the sample count
+
+    def probabilities(self) -> torch.Tensor:
+        """pi [K, *sample_shape]; 1 / K before any data."""
+        k = self.values.numel()
+        return torch.where(self.count > 0, self.sums / self.count.clamp_min(1.0), torch.full_like(self.sums, 1.0 / k))
+
+    def forward(self, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        # float32 at least: the weights are ratios of Gaussians many standard deviations out.
+        dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+        pi = self.probabilities().to(dtype).unsqueeze(1)  # [K, 1 (batch), *sample_shape]
+        grid = self.values.to(dtype).reshape((-1,) + (1,) * z.dim())
+        zf = z.to(dtype)
+        g = gamma.to(dtype).reshape((-1,) + (1,) * (z.dim() - 1))
+        a2, s2 = torch.sigmoid(-g), torch.sigmoid(g)
+        alpha = a2.sqrt()
+        # -(z - alpha g_k)^2 / (2 sigma^2) without the z^2 common to every k (a level never seen: -inf).
+        logits = torch.log(pi) + (alpha * zf * grid - 0.5 * a2 * grid**2) / s2
+        x_hat = (torch.softmax(logits, dim=0) * grid).sum(0)
+        return ((zf - alpha * x_hat) / s2.sqrt()).to(z.dtype)
+
+
 def build_skip(kind: str, sample_shape: tuple[int, ...], space: DataSpace) -> nn.Module | None:
     """The skip named by ``vdm.skip`` (None for "none"); :class:`SparseSkip`'s point mass is
-    the model-space image of a stored 0 (``space``)."""
+    the model-space image of a stored 0 and :class:`DiscreteSkip`'s levels the discrete data's
+    model-space values (``space``)."""
     if kind == "gaussian":
         return GaussianSkip(sample_shape)
     if kind == "spectral":
         return SpectralSkip(sample_shape)
     if kind == "sparse":
         return SparseSkip(sample_shape, space.empty_value())
+    if kind == "discrete":
+        return DiscreteSkip(sample_shape, space.values())
     assert kind == "none", kind  # VDMConfig's Literal names the choices
     return None
 

@@ -26,7 +26,8 @@ from pipeline.data.stream import read_meta
 from pipeline.objectives.registry import build_phases
 from pipeline.objectives.vdm.timesteps import ImportanceSampler
 from pipeline.objectives.vdm import VDM, VDMConfig
-from pipeline.train.export import write_export
+from pipeline.objectives.vdm.denoiser import DiscreteSkip
+from pipeline.train.export import load_export, write_export
 from tests.conftest import run_pipeline
 
 D = 4  # dimensions of the tiny vector data
@@ -234,3 +235,22 @@ def test_uniform_linear_baseline_of_a_learned_schedule_is_unbiased_at_the_learne
                             num_quadrature_points=32)
     st = measure(lin, batches, num_repeats=48, seed=1, grads=False)
     assert abs(st.bias_sigma) < 3, st
+
+
+def test_the_t1000_preset_with_its_discrete_skip_trains_and_benches_through_the_cli(tmp_path, ising_shards):
+    """configs/vdm_ising_t1000.yaml (T = 1000, the discrete skip) through `pipeline train` (3 steps,
+    a small UNet) and `pipeline bench variance` on its export: the skip's counts travel in the
+    export, so the bench's model denoises the low-noise terms exactly, as the trained one does."""
+    run_dir = tmp_path / "run"
+    run_pipeline("train", "--config", "configs/vdm_ising_t1000.yaml", f"run.dir={run_dir}",
+                 f"data.train_urls={ising_shards}", "vdm.channels=4", "vdm.emb_dim=8", "data.batch_per_rank=16",
+                 "data.num_workers=0", "train.num_steps=3", "train.checkpoint_every_steps=3", "train.warmup_steps=0",
+                 "track.wandb=off", "track.progress_bar=false", timeout=300)
+    skip = load_export(run_dir)[0].denoiser.skip
+    assert isinstance(skip, DiscreteSkip) and float(skip.count) == 3 * 16  # 3 steps x 16 lattices
+    assert skip.sums.shape == (2, 1, 8, 8) and float(skip.sums.sum()) == 3 * 16 * 64  # a level for every spin
+    r = run_pipeline("bench", "variance", "--run", str(run_dir), "--num-batches", "1", "--num-repeats", "2",
+                     "--exact-noise-samples", "2", "--batch-size", "8", "--no-grads", "--samplers", "uniform,stratified",
+                     timeout=300)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["num_timesteps"] == 1000 and math.isfinite(out["exact_bpd"]) and out["exact_bpd"] > 0

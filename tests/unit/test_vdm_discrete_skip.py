@@ -32,7 +32,7 @@ def _posterior_eps(z: float, gamma: float, pi: list[float], levels: list[float])
     """(z - alpha E[x | z]) / sigma with E[x | z] summed over the levels, p(z | x) written out."""
     a2, s2 = 1 / (1 + math.exp(gamma)), 1 / (1 + math.exp(-gamma))
     alpha, sigma = math.sqrt(a2), math.sqrt(s2)
-    logw = [math.log(p) - 0.5 * (z - alpha * v) ** 2 / s2 if p > 0 else -math.inf for p, v in zip(pi, levels)]
+    logw = [math.log(max(p, DiscreteSkip.MIN_PROB)) - 0.5 * (z - alpha * v) ** 2 / s2 for p, v in zip(pi, levels)]
     top = max(logw)
     w = [math.exp(lw - top) for lw in logw]
     x_mean = sum(wi * v for wi, v in zip(w, levels)) / sum(w)
@@ -56,7 +56,7 @@ def test_discrete_skip_probabilities_are_the_levels_frequencies_gathered_over_ra
 @pytest.mark.parametrize("gamma", [-9.0, -3.0, 0.0, 4.0])
 def test_discrete_skip_is_the_posterior_mean_of_eps_summed_over_the_levels(gamma):
     """The untrained denoiser (the skip alone) against E[eps | z] by hand, at z near each level,
-    between levels and far out; a level the data never took gets no weight."""
+    between levels and far out; a level the data never took at a value keeps MIN_PROB."""
     meta = DataMeta(sample_shape=(3,), data_kind="levels", num_levels=4)
     m = train_skip_over_ranks(VDM(_cfg(), meta), [[b] for b in _level_batches(4, 4, seed=1)])
     pi = m.denoiser.skip.probabilities().T.tolist()  # [value][level]
@@ -96,3 +96,19 @@ def test_discrete_skip_refuses_continuous_data_and_the_sparse_one_points_to_it()
         VDM(VDMConfig(num_timesteps=0, skip="discrete"), DataMeta(sample_shape=(1, 4, 4), data_kind="continuous"))
     with pytest.raises(ConfigError, match=r"vdm.skip=sparse .* data_kind 'spins'.*vdm.skip=discrete"):
         VDM(VDMConfig(num_timesteps=0, skip="sparse"), DataMeta(sample_shape=(1, 4, 4), data_kind="spins"))
+
+
+def test_a_level_never_seen_at_a_value_is_still_recovered_at_low_noise():
+    """Value 2 of the data never takes the top level; a held-out sample that does is denoised
+    exactly once the noise is low (the probability floor), and not at moderate noise, where
+    the data's zero frequency rightly wins."""
+    meta = DataMeta(sample_shape=(3,), data_kind="levels", num_levels=4)
+    m = train_skip_over_ranks(VDM(_cfg(), meta), [[b] for b in _level_batches(4, 4, seed=1)])
+    assert float(m.denoiser.skip.probabilities()[3, 2]) == 0.0
+    eps = torch.tensor([[0.3, -0.2, 0.5]], dtype=torch.float64)
+    for gamma, recovered in ((-12.0, True), (-2.0, False)):
+        g = torch.tensor(gamma, dtype=torch.float64)
+        alpha, sigma = torch.sigmoid(-g).sqrt(), torch.sigmoid(g).sqrt()
+        z = alpha * torch.ones(1, 3, dtype=torch.float64) + sigma * eps  # x = the top level at every value
+        got = m.denoiser.skip(z, g)
+        assert bool(torch.allclose(got[0, 2], eps[0, 2], atol=1e-3)) == recovered, (gamma, got)

@@ -247,7 +247,12 @@ class DiscreteSkip(nn.Module):
     and the network models only the values' correlations.
 
     pi comes from every sample trained on (float64 counts per value and level, gathered over ranks
-    as for :class:`GaussianSkip`); before any data every level is equally likely."""
+    as for :class:`GaussianSkip`); before any data every level is equally likely. A level never
+    seen at a value keeps ``MIN_PROB``: a held-out sample that has it there (a digit's stroke in a
+    corner no training digit touched) is then recovered once the noise is low enough, instead
+    of costing a loss that grows as 1 / sigma^2 down to gamma_min."""
+
+    MIN_PROB = 1e-6
 
     def __init__(self, sample_shape: tuple[int, ...], values: torch.Tensor):
         super().__init__()
@@ -279,8 +284,8 @@ class DiscreteSkip(nn.Module):
         g = gamma.to(dtype).reshape((-1,) + (1,) * (z.dim() - 1))
         a2, s2 = torch.sigmoid(-g), torch.sigmoid(g)
         alpha = a2.sqrt()
-        # -(z - alpha g_k)^2 / (2 sigma^2) without the z^2 common to every k (a level never seen: -inf).
-        logits = torch.log(pi) + (alpha * zf * grid - 0.5 * a2 * grid**2) / s2
+        # -(z - alpha g_k)^2 / (2 sigma^2) without the z^2 common to every k.
+        logits = torch.log(pi.clamp_min(self.MIN_PROB)) + (alpha * zf * grid - 0.5 * a2 * grid**2) / s2
         x_hat = (torch.softmax(logits, dim=0) * grid).sum(0)
         return ((zf - alpha * x_hat) / s2.sqrt()).to(z.dtype)
 

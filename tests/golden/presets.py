@@ -18,6 +18,7 @@ kind at a known-good commit, never to make a failing refactor pass.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import platform
@@ -82,11 +83,17 @@ def deterministic(row: dict) -> dict:
 
 
 def machine() -> str:
-    """What float bitwise equality of a training run depends on: the CPU model and the torch build."""
+    """What float bitwise equality of a training run depends on: the CPU (model name, family and
+    model numbers, a digest of its instruction-set flags, which pick the kernels) and the torch
+    build. A virtual CPU's model name alone ("Intel(R) Xeon(R) Processor") can cover several kinds."""
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
+        fields = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        flags = hashlib.sha256(fields["flags"].encode()).hexdigest()[:12]
+        cpu = f"{fields['model name']} (family {fields['cpu family']}, model {fields['model']}, flags {flags})"
+    except (OSError, KeyError):
         cpu = platform.processor() or platform.machine()
     return f"{cpu}; torch {torch.__version__}"
 

@@ -30,7 +30,12 @@ with a fresh ``ctx.step`` (a fresh stratified permutation), and:
 * ``variance`` = data_variance + variance_given_x: the variance of one per-batch estimate
   with fresh data, noise and time steps (law of total variance), what training sees.
 
-Ratios are uniform's variance over the sampler's. The bias is the mean of all estimates
+Ratios are uniform's variance over the sampler's. Uniform's measured variance is heavy-tailed
+(a few terms carry most of its second moment), so the bench also computes it from the exact
+evaluator's per-term means and noise variances (``exact_baseline_variance``; in continuous
+time uniform gamma between the endpoints, ``exact_baseline`` names which sampler that is) and
+reports the best sampler's ratio over it (``ratio_vs_exact_baseline``), the ceiling over it,
+and the measured baseline over the computed one (``exact_baseline_measured_over_exact``, ~1). The bias is the mean of all estimates
 minus the exact value on the same batches, in units of the standard error of that
 difference (estimates' SE given the batches, combined with the exact evaluator's SE).
 Gradients (w.r.t. the denoiser's parameters) of every t-and-eps estimate give
@@ -57,7 +62,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.bench.variance_batches import EvalBatch, data_variance, exact_batches, load_pool, noise_floor
+from pipeline.bench.variance_batches import (EvalBatch, data_variance, exact_batches, load_pool, noise_floor,
+                                             uniform_variance)
 from pipeline.bench.variance_batches import keyed_generator
 from pipeline.bench.variance_summary import summarise
 from pipeline.errors import ConfigError
@@ -317,11 +323,18 @@ def run(
         "network_evals_per_estimate": B,
         "exact_bpd": float(np.mean([b.exact_bpd for b in batches])),
         "exact_stderr_bpd": math.sqrt(sum(b.exact_stderr_bpd**2 for b in batches)) / len(batches),
-        **summarise(stats, head, d_var, grads, floor),
+        **summarise(stats, head, d_var, grads, floor, (_exact_baseline_name(module), uniform_variance(batches))),
         "importance_warmup_batches": warmup,
         "skipped": skipped,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _exact_baseline_name(module: VDM) -> str:
+    """Which measured sampler :func:`~pipeline.bench.variance_batches.uniform_variance` computes:
+    uniform t, or in continuous time on a schedule that is not linear uniform gamma, i.e.
+    uniform t on the linear schedule between the endpoints."""
+    return "uniform" if not module.continuous or module.cfg.schedule == "linear" else "uniform-linear"
 
 
 def register(bench_subparsers) -> None:

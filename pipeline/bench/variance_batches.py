@@ -32,6 +32,9 @@ class EvalBatch:
     exact_per_sample_bpd: torch.Tensor  # [B]
     term_noise_var: torch.Tensor  # [B, num_terms] variance of one noise draw of each term, (bits/dim)^2
     recon_noise_var: torch.Tensor  # [B] the same for the reconstruction term
+    term_mean: torch.Tensor  # [B, num_terms] each term's mean over the exact evaluator's draws, bits/dim
+    term_uniform_prob: torch.Tensor  # [num_terms] the probability uniform t gives each term
+    num_noise_samples: int  # draws behind each term_mean
 
 
 def exact_batches(
@@ -60,7 +63,8 @@ def exact_batches(
         ex = exact_elbo(module, xb, lb, num_noise_samples=num_noise_samples,
                         num_quadrature_points=num_quadrature_points, generator=g)
         out.append(EvalBatch(xb, lb, ex["bits_per_dim"], ex["stderr_bpd"], ex["per_sample_bpd"].double(),
-                             ex["term_noise_var_bpd"].double(), ex["recon_noise_var_bpd"].double()))
+                             ex["term_noise_var_bpd"].double(), ex["recon_noise_var_bpd"].double(),
+                             ex["term_mean_bpd"].double(), ex["term_uniform_prob"].double(), num_noise_samples))
     return out
 
 
@@ -80,6 +84,29 @@ def noise_floor(batches: list[EvalBatch]) -> float:
     v = torch.cat([b.term_noise_var for b in batches]).mean(0)
     recon = float(torch.cat([b.recon_noise_var for b in batches]).mean())
     return (float(v.clamp(min=0).sqrt().sum()) ** 2 + recon) / B
+
+
+def uniform_variance(batches: list[EvalBatch]) -> float:
+    """E_x Var(estimate | batch) of the uniform sampler, computed from the exact evaluator's
+    per-term figures instead of measured by drawing t: its draws are heavy-tailed (a few terms
+    carry most of the second moment), so a measured variance, and every ratio over it, moves
+    by ~20 % between runs of the bench's size.
+
+    Sample i's estimate picks term j with probability p_j and returns L_j / p_j, plus the
+    reconstruction term's one draw, so Var_i = Var_eps(recon) + sum_j (m_ij^2 + v_ij) / p_j -
+    (sum_j m_ij)^2 with m_ij the term's mean and v_ij one draw's variance; the batch mean of B
+    independent samples has (1 / B^2) sum_i Var_i. m_ij is known as an average over S draws,
+    whose square is m^2 + v / S in expectation: that excess is taken off both squares. In
+    continuous time the terms are the quadrature nodes and p_j their weights: this is uniform
+    gamma between the endpoints (``uniform`` of a linear schedule, ``uniform-linear`` of any
+    other), as the quadrature resolves it."""
+    per_batch = []
+    for b in batches:
+        m, v, p, S = b.term_mean, b.term_noise_var, b.term_uniform_prob, b.num_noise_samples
+        second = ((m**2 - v / S + v) / p).sum(1)
+        first_sq = m.sum(1) ** 2 - v.sum(1) / S
+        per_batch.append(float((b.recon_noise_var + second - first_sq).sum()) / m.shape[0] ** 2)
+    return float(np.mean(per_batch))
 
 
 def data_variance(batches: list[EvalBatch]) -> float:

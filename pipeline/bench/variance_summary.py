@@ -11,10 +11,12 @@ from typing import Any
 
 
 def summarise(stats: dict[str, dict[str, Any]], head: str, d_var: float, grads: bool,
-              floor: float) -> dict[str, Any]:
+              floor: float, exact_baseline: tuple[str, float]) -> dict[str, Any]:
     """The headline figures of form ``head`` (variances, ratios vs uniform, bias, best sampler),
     the per-form tables, and where the denoising-matching form's variance comes from: ``floor``
-    is :func:`pipeline.bench.variance.noise_floor`."""
+    is :func:`pipeline.bench.variance_batches.noise_floor`; ``exact_baseline`` the name and
+    variance given x of the uniform baseline computed, not measured
+    (:func:`pipeline.bench.variance_batches.uniform_variance`)."""
     hs = stats[head]
 
     def per(f: str, key: str) -> dict[str, float]:
@@ -53,6 +55,22 @@ def summarise(stats: dict[str, dict[str, Any]], head: str, d_var: float, grads: 
         "variance_t_only_by_form": {f: per(f, "variance_t_only") for f in stats},
         "bias_sigma_by_form": {f: per(f, "bias_sigma") for f in stats},
         **_decomposition({s: st.variance_given_x for s, st in stats["denoising_matching"].items()}, d_var, floor),
+        **_exact_baseline(exact_baseline, var, best, d_var, floor),
+    }
+
+
+def _exact_baseline(baseline: tuple[str, float], var: dict[str, float], best: str, d_var: float,
+                    floor: float) -> dict[str, Any]:
+    """The best sampler's ratio and the ceiling over the computed baseline, and the measured
+    baseline over the computed one (~1: a check of both; the measured one is heavy-tailed)."""
+    name, given_x = baseline
+    total = d_var + given_x
+    return {
+        "exact_baseline": name,
+        "exact_baseline_variance": total,
+        "exact_baseline_measured_over_exact": var[name] / total if name in var else None,
+        "ratio_vs_exact_baseline": total / var[best],
+        "ratio_ceiling_vs_exact_baseline": total / (d_var + floor),
     }
 
 

@@ -94,8 +94,11 @@ def exact_elbo(
 
     Returns floats ``recon_bpd``, ``prior_bpd``, ``diffusion_bpd``, ``bits_per_dim``,
     ``stderr_bpd``; tensors ``per_term_bpd`` (batch-mean bits/dim of each diffusion term,
-    or of each quadrature node's weighted contribution), ``per_sample_bpd`` [B], and the noise
-    variance of one draw: ``term_noise_var_bpd`` [B, num_terms], ``recon_noise_var_bpd`` [B].
+    or of each quadrature node's weighted contribution), ``per_sample_bpd`` [B], the same per
+    sample ``term_mean_bpd`` [B, num_terms], the noise variance of one draw:
+    ``term_noise_var_bpd`` [B, num_terms], ``recon_noise_var_bpd`` [B], and
+    ``term_uniform_prob`` [num_terms], the probability with which uniform t picks each term
+    (1 / (T - 1); in continuous time a node's share of a uniform draw of gamma, its weight).
     """
     if num_noise_samples < 2:
         raise ValueError(f"num_noise_samples must be >= 2 (for a standard error), got {num_noise_samples}")
@@ -113,9 +116,14 @@ def exact_elbo(
     prior = module.prior_nats(x0, g1)
     if module.continuous:
         terms = _quadrature_terms(module, rows, g0, g1, num_quadrature_points, noise, chunk_size)
+        # a uniform draw of gamma lands in node j's share of [gamma_min, gamma_max]: its weight
+        uniform_prob = torch.from_numpy(np.polynomial.legendre.leggauss(num_quadrature_points)[1] / 2)
     else:
         terms = _discrete_terms(module, rows, noise, chunk_size)
-    return _in_bits(recon, prior, terms, 1.0 / (module.num_dims * math.log(2)), num_noise_samples)
+        uniform_prob = torch.full((len(terms),), 1.0 / len(terms), dtype=torch.float64)
+    out = _in_bits(recon, prior, terms, 1.0 / (module.num_dims * math.log(2)), num_noise_samples)
+    out["term_uniform_prob"] = uniform_prob
+    return out
 
 
 def _noise_rows(module: VDM, x: torch.Tensor, labels: torch.Tensor | None, num_draws: int,
@@ -150,6 +158,7 @@ def _in_bits(recon: tuple[torch.Tensor, torch.Tensor], prior: torch.Tensor,
         "stderr_bpd": float(var_per_sample.sum().sqrt() / per_sample.shape[0] * to_bpd),
         "per_term_bpd": (tm.mean(0) * to_bpd).cpu(),
         "per_sample_bpd": (per_sample * to_bpd).cpu(),
+        "term_mean_bpd": (tm * to_bpd).cpu(),  # [B, num_terms], each a mean over the draws
         # Variance over the noise of one draw of each term, per sample ((bits/dim)^2): what no
         # choice of time steps can remove (``pipeline bench variance``'s noise floor).
         "term_noise_var_bpd": (tv * num_draws * to_bpd**2).cpu(),

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pipeline.bench.variance import exact_batches, fixed_noise_generator, measure, run, with_sampler
-from pipeline.bench.variance_batches import noise_floor
+from pipeline.bench.variance_batches import noise_floor, uniform_variance
 from pipeline.config import ConfigError, load_config
 from pipeline.data.meta import DataMeta
 from pipeline.data.stream import read_meta
@@ -212,6 +212,58 @@ def test_noise_floor_matches_brute_force_and_no_sampler_goes_below_it():
         assert st.variance_given_x > 0.8 * ref, (s, st.variance_given_x, ref)
 
 
+@torch.no_grad()
+def test_computed_uniform_variance_matches_brute_force_and_the_measured_one():
+    """The uniform sampler's E_x Var(. | batch) computed from the exact evaluator's per-term means
+    and noise variances (8 draws per term: its small-sample corrections matter) against the same
+    formula with every term's mean and variance from 4000 draws here, and against the variance
+    the bench measures by drawing t and eps (400 draws per batch)."""
+    base = tiny_vdm()
+    batches = exact_batches(base, pool(), None, num_batches=4, batch_size=16, seed=0, num_noise_samples=8)
+    to_bpd = 1.0 / (D * math.log(2))
+    g = torch.Generator().manual_seed(12)
+    x = torch.cat([b.x for b in batches])
+    n = 4000
+    rows = x.repeat_interleave(n, 0)
+    second, first = 0.0, 0.0
+    for k in range(K):  # diffusion_nats returns K x term k, the uniform estimate's value, under u in bin k
+        est = (base.diffusion_nats(rows, torch.full((rows.shape[0],), (k + 0.5) / K), None, g)[0] * to_bpd)
+        est = est.double().reshape(-1, n)
+        second = second + (est**2).mean(1) / K  # E_t E_eps (K L_t)^2
+        first = first + est.mean(1) / K
+    g0, _ = base.endpoints("cpu")
+    recon = (base.recon_nats(rows, rows, g0, torch.randn(rows.shape, generator=g)) * to_bpd).double().reshape(-1, n)
+    var_i = recon.var(1) + second - first**2
+    ref = float(var_i.reshape(len(batches), 16).sum(1).mean()) / 16**2
+    assert uniform_variance(batches) == pytest.approx(ref, rel=0.1)
+    measured = measure(with_sampler(base, "uniform"), batches, num_repeats=400, seed=2, grads=False)
+    assert measured.variance_given_x == pytest.approx(ref, rel=0.15)
+    # From 2 draws per term the corrections for the draws behind each mean matter: without
+    # them the formula is far off
+    two = exact_batches(base, pool(), None, num_batches=4, batch_size=16, seed=0, num_noise_samples=2)
+    assert uniform_variance(two) == pytest.approx(ref, rel=0.15)
+    for b in two:
+        b.num_noise_samples = 10**9
+    assert uniform_variance(two) > 1.15 * ref  # 1.20 x (corrected: 1.06 x; 1.01 x from 64 draws)
+
+
+@torch.no_grad()
+def test_computed_uniform_variance_in_continuous_time_is_the_measured_uniform_gamma():
+    """Continuous time, linear schedule: uniform t is uniform gamma, and the quadrature nodes'
+    weights are its probabilities: the computed variance against the measured one."""
+    torch.manual_seed(0)
+    cfg = VDMConfig(num_timesteps=0, architecture="mlp", mlp_hidden=16, mlp_layers=1, emb_dim=8,
+                    timestep_sampler="uniform", gamma_min=-6.0, gamma_max=4.0)
+    m = VDM(cfg, DataMeta(sample_shape=(D,), data_kind="spins"))
+    with torch.no_grad():
+        m.denoiser.net.out.weight.normal_(0, 0.5)
+    m.eval()
+    batches = exact_batches(m, pool(), None, num_batches=4, batch_size=16, seed=0, num_noise_samples=16,
+                            num_quadrature_points=48)
+    measured = measure(m, batches, num_repeats=400, seed=1, grads=False)
+    assert uniform_variance(batches) == pytest.approx(measured.variance_given_x, rel=0.15)
+
+
 def test_uniform_linear_baseline_of_a_learned_schedule_is_unbiased_at_the_learned_endpoints():
     """A continuous-time VDM with a learned schedule whose endpoints moved (-5.5, 3.2 instead of
     the configured -6, 4): the uniform-linear copy uses the linear schedule between the learned
@@ -237,12 +289,17 @@ def test_uniform_linear_baseline_of_a_learned_schedule_is_unbiased_at_the_learne
     assert abs(st.bias_sigma) < 3, st
 
 
-def test_the_t1000_preset_with_its_discrete_skip_trains_and_benches_through_the_cli(tmp_path, ising_shards):
-    """configs/vdm_ising_t1000.yaml (T = 1000, the discrete skip) through `pipeline train` (3 steps,
-    a small UNet) and `pipeline bench variance` on its export: the skip's counts travel in the
-    export, so the bench's model denoises the low-noise terms exactly, as the trained one does."""
+@pytest.mark.parametrize("preset, num_timesteps, baseline", [("vdm_ising_t1000", 1000, "uniform"),
+                                                             ("vdm_ising_learned", 0, "uniform-linear")])
+def test_the_bench_presets_with_their_discrete_skip_train_and_bench_through_the_cli(
+        tmp_path, ising_shards, preset, num_timesteps, baseline):
+    """configs/vdm_ising_t1000.yaml (T = 1000) and configs/vdm_ising_learned.yaml (continuous time,
+    a learned schedule), both with the discrete skip, through `pipeline train` (3 steps, a small
+    UNet) and `pipeline bench variance` on the export: the skip's counts travel in the export,
+    so the bench's model denoises the low-noise terms exactly, as the trained one does; the
+    computed baseline is uniform t, or for the learned schedule uniform t on the linear one."""
     run_dir = tmp_path / "run"
-    run_pipeline("train", "--config", "configs/vdm_ising_t1000.yaml", f"run.dir={run_dir}",
+    run_pipeline("train", "--config", f"configs/{preset}.yaml", f"run.dir={run_dir}",
                  f"data.train_urls={ising_shards}", "vdm.channels=4", "vdm.emb_dim=8", "data.batch_per_rank=16",
                  "data.num_workers=0", "train.num_steps=3", "train.checkpoint_every_steps=3", "train.warmup_steps=0",
                  "track.wandb=off", "track.progress_bar=false", timeout=300)
@@ -253,4 +310,6 @@ def test_the_t1000_preset_with_its_discrete_skip_trains_and_benches_through_the_
                      "--exact-noise-samples", "2", "--batch-size", "8", "--no-grads", "--samplers", "uniform,stratified",
                      timeout=300)
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["num_timesteps"] == 1000 and math.isfinite(out["exact_bpd"]) and out["exact_bpd"] > 0
+    assert out["num_timesteps"] == num_timesteps and math.isfinite(out["exact_bpd"]) and out["exact_bpd"] > 0
+    assert out["exact_baseline"] == baseline and out["exact_baseline_variance"] > 0
+    assert math.isfinite(out["ratio_vs_exact_baseline"]) and out["ratio_vs_exact_baseline"] > 0

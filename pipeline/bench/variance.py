@@ -35,9 +35,10 @@ Ratios are uniform's variance over the sampler's. Uniform's measured variance is
 evaluator's per-term means and noise variances (``exact_baseline_variance``; in continuous
 time uniform gamma between the endpoints, ``exact_baseline`` names which sampler that is) and
 reports the best sampler's ratio over it (``ratio_vs_exact_baseline``), the ceiling over it,
-and the measured baseline over the computed one (``exact_baseline_measured_over_exact``, ~1). The bias is the mean of all estimates
-minus the exact value on the same batches, in units of the standard error of that
-difference (estimates' SE given the batches, combined with the exact evaluator's SE).
+and the measured baseline over the computed one (``exact_baseline_measured_over_exact``, ~1).
+The bias is the mean of all estimates minus the exact value on the same batches, in units of
+the standard error of that difference (estimates' SE given the batches, combined with the
+exact evaluator's SE).
 Gradients (w.r.t. the denoiser's parameters) of every t-and-eps estimate give
 ``grad_variance`` = E_x tr Cov(g | batch) and the variance of the gradient norm.
 

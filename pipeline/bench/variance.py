@@ -3,7 +3,7 @@ per-batch ELBO estimate, at equal cost, and whether they stay unbiased.
 
 For a trained model (a run directory with ``export/``) and held-out data (the run's
 ``data.train_urls``, validation split when there is one), every sampler (uniform,
-stratified, importance; in continuous time learned-schedule for a model that has a learned
+stratified, importance, importance-cv; in continuous time learned-schedule for a model that has a learned
 time map, and uniform-linear, uniform t on the linear schedule between the model's
 endpoints, the baseline of a learned or cosine schedule) and, in discrete time, both
 estimator forms (denoising matching, Luo 2022 eq. 58; consistency, Luo eq. 45) estimate the negative ELBO of the same data batches.
@@ -71,7 +71,7 @@ from pipeline.errors import ConfigError
 from pipeline.objectives.base import StepContext
 from pipeline.objectives.vdm import VDM, VDMConfig
 
-SAMPLERS = ("uniform", "stratified", "importance", "learned-schedule", "uniform-linear")
+SAMPLERS = ("uniform", "stratified", "importance", "importance-cv", "learned-schedule", "uniform-linear")
 CONTINUOUS_ONLY = ("learned-schedule", "uniform-linear")
 SKIP_REASONS = {
     "learned-schedule": "the run has no learned time map (train with vdm.timestep_sampler=learned-schedule)",

@@ -72,7 +72,7 @@ def test_cli_smoke_json_on_an_untrained_export(tmp_path, ising_shards):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     parts = out["variance_decomposition"]
-    assert set(parts) == {"uniform", "stratified", "importance"} and out["noise_floor"] > 0
+    assert set(parts) == {"uniform", "stratified", "importance", "importance-cv"} and out["noise_floor"] > 0
     for s, p in parts.items():  # the denoising-matching form is the preset's: its totals are the headline ones
         assert p["total"] == pytest.approx(out["variance"][s])
         assert p["total"] == pytest.approx(p["data"] + p["noise_floor"] + p["removable"])
@@ -81,7 +81,7 @@ def test_cli_smoke_json_on_an_untrained_export(tmp_path, ising_shards):
     for key in ("variance", "best_sampler", "ratio_vs_uniform", "bias_sigma", "variance_by_form", "variance_t_only",
                 "variance_given_x", "data_variance", "exact_bpd", "grad_variance", "bias_sigma_by_form"):
         assert key in out, key
-    assert set(out["variance"]) == {"uniform", "stratified", "importance"}
+    assert set(out["variance"]) == {"uniform", "stratified", "importance", "importance-cv"}
     assert set(out["variance_by_form"]) == {"denoising_matching", "consistency"}
     assert out["batch_size"] == 16 == out["network_evals_per_estimate"] and out["split"] == "validation"
     for s, v in out["variance"].items():
@@ -99,7 +99,7 @@ def test_continuous_time_includes_the_learned_time_map_only_when_there_is_one(tm
     learned = export_untrained(tmp_path / "a", ising_shards, "vdm.num_timesteps=0",
                                "vdm.timestep_sampler=learned-schedule")
     out = run(learned, num_batches=1, num_repeats=2, num_noise_samples=2, num_quadrature_points=8, grads=False)
-    assert set(out["variance"]) == {"uniform", "stratified", "importance", "learned-schedule"}
+    assert set(out["variance"]) == {"uniform", "stratified", "importance", "importance-cv", "learned-schedule"}
     assert set(out["variance_by_form"]) == {"denoising_matching"} and set(out["skipped"]) == {"uniform-linear"}
     plain = export_untrained(tmp_path / "b", ising_shards, "vdm.num_timesteps=0")
     out = run(plain, num_batches=1, num_repeats=2, num_noise_samples=2, num_quadrature_points=8, grads=False)
@@ -207,9 +207,10 @@ def test_noise_floor_matches_brute_force_and_no_sampler_goes_below_it():
     # Any fixed proposal does worse than the optimum p ~ sqrt(v) (the bound's own claim).
     for p in (torch.full((K,), 1.0 / K), torch.softmax(torch.randn(K, generator=g), 0)):
         assert float((v_t / p.double()).sum() + v_recon) / 16 >= ref * (1 - 1e-9)
-    for s in ("uniform", "stratified", "importance"):
+    for s in ("uniform", "stratified", "importance", "importance-cv"):
         st = measure(with_sampler(base, s), batches, num_repeats=24, seed=2, grads=False)
         assert st.variance_given_x > 0.8 * ref, (s, st.variance_given_x, ref)
+        assert abs(st.bias_sigma) < 3, (s, st.bias_sigma)  # the control variate's baseline included
 
 
 @torch.no_grad()

@@ -238,7 +238,8 @@ class VDM(SampledObjective):
         u, w = self.sampler(B, ctx, x0.device, times)
         diff, tau, gam, holder = self.diffusion_nats(x0, u, labels, noise)
         to_bpd = 1.0 / (self.num_dims * math.log(2))
-        diff_w = w * diff
+        c, c_integral = self.sampler.baseline(u)  # zero but for importance-cv's control variate
+        diff_w = w * (diff - c) + c_integral
         per_sample = recon + prior + diff_w
         loss = per_sample.mean() * to_bpd
         if holder is not None:

@@ -3,9 +3,9 @@ per-batch ELBO estimate, at equal cost, and whether they stay unbiased.
 
 For a trained model (a run directory with ``export/``) and held-out data (the run's
 ``data.train_urls``, validation split when there is one), every sampler (uniform,
-stratified, importance, importance-cv; in continuous time learned-schedule for a model that has a learned
-time map, and uniform-linear, uniform t on the linear schedule between the model's
-endpoints, the baseline of a learned or cosine schedule) and, in discrete time, both
+stratified, importance, importance-cv; in continuous time learned-schedule for a model that
+has a learned time map, and uniform-linear, uniform t on the linear schedule between the
+model's endpoints, the baseline of a learned or cosine schedule) and, in discrete time, both
 estimator forms (denoising matching, Luo 2022 eq. 58; consistency, Luo eq. 45) estimate the negative ELBO of the same data batches.
 Every estimate is one call of the training forward pass: B samples, one network evaluation
 each, so all estimates have the same cost.

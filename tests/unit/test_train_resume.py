@@ -136,9 +136,18 @@ def test_keys_the_network_does_not_read_are_not_compared_but_named(tmp_path):
         check_resume(load_config(None, unet + ["vdm.channels=8"]), META)
     # the MLP (vectors) does not read the UNet's keys, and the UNet not the MLP's
     vectors = DataMeta(sample_shape=(5,), data_kind="continuous")
+    importance = {"vdm.importance_history", "vdm.importance_uniform_mix", "vdm.importance_num_bins"}
     assert set(inert_settings(load_config(None, BASE), vectors)) == {
-        "vdm.channels", "vdm.unet_levels", "vdm.periodic", "vdm.activation_checkpointing"}
-    assert set(inert_settings(load_config(None, BASE), META)) == {"vdm.mlp_hidden", "vdm.mlp_layers"}
+        "vdm.channels", "vdm.unet_levels", "vdm.periodic", "vdm.activation_checkpointing"} | importance
+    assert set(inert_settings(load_config(None, BASE), META)) == {"vdm.mlp_hidden", "vdm.mlp_layers"} | importance
+    # the importance samplers read their settings, but in discrete time not the number of bins
+    imp = BASE + ["vdm.timestep_sampler=importance-cv"]
+    assert set(inert_settings(load_config(None, imp), META)) == {"vdm.mlp_hidden", "vdm.mlp_layers",
+                                                                 "vdm.importance_num_bins"}
+    assert set(inert_settings(load_config(None, imp + ["vdm.num_timesteps=0"]), META)) == {
+        "vdm.mlp_hidden", "vdm.mlp_layers"}
+    (w,) = set_inert_settings(load_config(None, BASE + ["vdm.importance_history=20"]), META)
+    assert w.startswith("vdm.importance_history=20 does not apply") and "keeps no loss history" in w
     (w,) = set_inert_settings(load_config(None, unet + ["vdm.mlp_hidden=512"]), META)
     assert w.startswith("vdm.mlp_hidden=512 does not apply") and "get the unet" in w
     assert set_inert_settings(load_config(None, unet), META) == []

@@ -148,12 +148,20 @@ class VDMConfig:
 
     def inert_keys(self, meta: "DataMeta") -> dict[str, str]:
         """The keys of this section that do not act on the model built for data described by
-        ``meta`` (the other architecture's settings), each with why: a resume does not compare
-        them, and `pipeline train` names those set to other than their defaults."""
+        ``meta`` (the other architecture's settings; the importance sampler's when t is not
+        importance-sampled, and its number of bins in discrete time), each with why: a resume
+        does not compare them, and `pipeline train` names those set to other than their defaults."""
         arch = self.resolve_architecture(tuple(meta.sample_shape))
         keys = _UNET_ONLY_KEYS if arch == "mlp" else _MLP_ONLY_KEYS
         why = f"samples of shape {tuple(meta.sample_shape)} get the {arch} (vdm.architecture={self.architecture})"
-        return {f"vdm.{k}": why for k in keys}
+        out = {f"vdm.{k}": why for k in keys}
+        if self.timestep_sampler not in _IMPORTANCE_SAMPLERS:
+            why = f"vdm.timestep_sampler={self.timestep_sampler!r} keeps no loss history (importance samplers do)"
+            out.update({f"vdm.{k}": why for k in _IMPORTANCE_KEYS})
+        elif self.num_timesteps != 0:
+            out["vdm.importance_num_bins"] = ("in discrete time the importance sampler has one bin per diffusion "
+                                              f"term (vdm.num_timesteps - 1 = {self.num_timesteps - 1})")
+        return out
 
     def data_warnings(self, meta: "DataMeta") -> list[str]:
         """Settings that train on data described by ``meta`` but are known to go wrong, each
@@ -217,6 +225,8 @@ class VDMConfig:
 # The keys only one of the two denoiser networks reads (pipeline.objectives.vdm.denoiser).
 _UNET_ONLY_KEYS = ("channels", "unet_levels", "periodic", "activation_checkpointing")
 _MLP_ONLY_KEYS = ("mlp_hidden", "mlp_layers")
+_IMPORTANCE_SAMPLERS = ("importance", "importance-cv")
+_IMPORTANCE_KEYS = ("importance_history", "importance_uniform_mix", "importance_num_bins")
 
 SAMPLER_NAMES = ("ancestral", "ddim", "dpm-solver")
 GRID_SPACINGS = ("time", "logsnr", "spin-variance")

@@ -182,6 +182,21 @@ def test_bias_check_flags_an_estimator_without_importance_weights():
     assert abs(measure(with_sampler(base, "stratified"), batches, num_repeats=24, seed=1, grads=False).bias_sigma) < 3
 
 
+def brute_force_draws(module: VDM, batches, g: torch.Generator, n: int = 4000) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` noise draws of every term for every sample of ``batches``, in bits/dim: the
+    K-scaled diffusion terms (uniform t's value when it picks term k) [K, samples, n] and the
+    reconstruction term [samples, n]."""
+    to_bpd = 1.0 / (D * math.log(2))
+    rows = torch.cat([b.x for b in batches]).repeat_interleave(n, 0)
+    est = []
+    for k in range(K):  # diffusion_nats returns K x term k under uniform u in bin k
+        loss, *_ = module.diffusion_nats(rows, torch.full((rows.shape[0],), (k + 0.5) / K), None, g)
+        est.append((loss * to_bpd).double().reshape(-1, n))
+    g0, _ = module.endpoints("cpu")
+    recon = module.recon_nats(rows, rows, g0, torch.randn(rows.shape, generator=g)) * to_bpd
+    return torch.stack(est), recon.double().reshape(-1, n)
+
+
 @torch.no_grad()
 def test_noise_floor_matches_brute_force_and_no_sampler_goes_below_it():
     """The floor (1/B) (sum_t sqrt(v_t))^2 + recon noise, from the exact evaluator's noise draws,
@@ -189,19 +204,10 @@ def test_noise_floor_matches_brute_force_and_no_sampler_goes_below_it():
     then every sampler's measured variance given x lies above it."""
     base = tiny_vdm()
     batches = exact_batches(base, pool(), None, num_batches=4, batch_size=16, seed=0, num_noise_samples=64)
-    to_bpd = 1.0 / (D * math.log(2))
     g = torch.Generator().manual_seed(11)
-    x = torch.cat([b.x for b in batches])
-    n = 4000
-    rows = x.repeat_interleave(n, 0)
-    v = []
-    for k in range(K):  # diffusion_nats returns K x term k under uniform u in bin k
-        loss, *_ = base.diffusion_nats(rows, torch.full((rows.shape[0],), (k + 0.5) / K), None, g)
-        v.append((loss / K * to_bpd).double().reshape(-1, n).var(1))
-    g0, _ = base.endpoints("cpu")
-    recon = base.recon_nats(rows, rows, g0, torch.randn(rows.shape, generator=g)) * to_bpd
-    v_recon = recon.double().reshape(-1, n).var(1).mean()
-    v_t = torch.stack(v, 1).mean(0)
+    est, recon = brute_force_draws(base, batches, g)  # then g draws the random proposal below
+    v_recon = recon.var(1).mean()
+    v_t = (est / K).var(2).mean(1)
     ref = (float(v_t.sqrt().sum()) ** 2 + float(v_recon)) / 16
     assert noise_floor(batches) == pytest.approx(ref, rel=0.1)
     # Any fixed proposal does worse than the optimum p ~ sqrt(v) (the bound's own claim).
@@ -221,19 +227,9 @@ def test_computed_uniform_variance_matches_brute_force_and_the_measured_one():
     the bench measures by drawing t and eps (400 draws per batch)."""
     base = tiny_vdm()
     batches = exact_batches(base, pool(), None, num_batches=4, batch_size=16, seed=0, num_noise_samples=8)
-    to_bpd = 1.0 / (D * math.log(2))
-    g = torch.Generator().manual_seed(12)
-    x = torch.cat([b.x for b in batches])
-    n = 4000
-    rows = x.repeat_interleave(n, 0)
-    second, first = 0.0, 0.0
-    for k in range(K):  # diffusion_nats returns K x term k, the uniform estimate's value, under u in bin k
-        est = (base.diffusion_nats(rows, torch.full((rows.shape[0],), (k + 0.5) / K), None, g)[0] * to_bpd)
-        est = est.double().reshape(-1, n)
-        second = second + (est**2).mean(1) / K  # E_t E_eps (K L_t)^2
-        first = first + est.mean(1) / K
-    g0, _ = base.endpoints("cpu")
-    recon = (base.recon_nats(rows, rows, g0, torch.randn(rows.shape, generator=g)) * to_bpd).double().reshape(-1, n)
+    est, recon = brute_force_draws(base, batches, torch.Generator().manual_seed(12))
+    second = (est**2).mean(2).mean(0)  # E_t E_eps (K L_t)^2
+    first = est.mean(2).mean(0)
     var_i = recon.var(1) + second - first**2
     ref = float(var_i.reshape(len(batches), 16).sum(1).mean()) / 16**2
     assert uniform_variance(batches) == pytest.approx(ref, rel=0.1)

@@ -144,11 +144,15 @@ class ImportanceSampler(TimestepSampler):
         k = self.num_bins
         if not self.ready():
             return torch.full((k,), 1.0 / k, dtype=torch.float64, device=self.loss_sq.device)
-        p = self.loss_sq.mean(1).sqrt()
+        p = self._scores()
         if not bool(p.sum() > 0):
             return torch.full((k,), 1.0 / k, dtype=torch.float64, device=p.device)
         p = p / p.sum()
         return (1 - self.uniform_mix) * p + self.uniform_mix / k
+
+    def _scores(self) -> torch.Tensor:
+        """Unnormalised p_k from a full history: the root mean square loss."""
+        return self.loss_sq.mean(1).sqrt()
 
     def forward(self, batch_size, ctx, device="cpu", generator=None):
         v = stratified_uniform(batch_size, ctx, device, generator).to(torch.float64)
@@ -268,16 +272,10 @@ class ControlVariateImportanceSampler(ImportanceSampler):
             return torch.zeros(self.num_bins, dtype=torch.float64, device=self.loss.device)
         return self._smooth(self.loss.mean(1))
 
-    def probs(self) -> torch.Tensor:
-        k = self.num_bins
-        if not self.ready():
-            return torch.full((k,), 1.0 / k, dtype=torch.float64, device=self.loss.device)
+    def _scores(self) -> torch.Tensor:
+        """The residual's rms about the baseline, smoothed like it."""
         residual_sq = self._smooth(((self.loss - self.bin_baselines()[:, None]) ** 2).mean(1))
-        p = residual_sq.clamp_min(0.0).sqrt()
-        if not bool(p.sum() > 0):
-            return torch.full((k,), 1.0 / k, dtype=torch.float64, device=p.device)
-        p = p / p.sum()
-        return (1 - self.uniform_mix) * p + self.uniform_mix / k
+        return residual_sq.clamp_min(0.0).sqrt()
 
     def baseline(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = self.bin_baselines().to(u.device)

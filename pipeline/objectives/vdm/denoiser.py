@@ -11,7 +11,7 @@ from pipeline.models import MLP, UNet
 from pipeline.models.embedding import LabelEmbedding, fourier_features, label_standardisation
 from pipeline.objectives.data_space import DataSpace
 from pipeline.objectives.vdm.config import VDMConfig
-from pipeline.objectives.vdm.schedules import alpha_sigma_sq
+from pipeline.objectives.vdm.terms import alpha_sq, sigma_sq
 
 
 class Denoiser(nn.Module):
@@ -91,7 +91,7 @@ class GaussianSkip(nn.Module):
     def forward(self, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         mean, var = (m.to(z.dtype) for m in self.moments())
         g = gamma.to(z.dtype).reshape((-1,) + (1,) * (z.dim() - 1))
-        alpha, sigma = (v.sqrt() for v in alpha_sigma_sq(g))
+        alpha, sigma = alpha_sq(g).sqrt(), sigma_sq(g).sqrt()
         return sigma * (z - alpha * mean) / (alpha**2 * var + sigma**2)
 
 
@@ -157,7 +157,7 @@ class SpectralSkip(nn.Module):
         mean, power = self.moments()
         dtype = torch.float64 if z.dtype == torch.float64 else torch.float32  # no FFT in bf16
         g = gamma.to(dtype).reshape((-1,) + (1,) * (z.dim() - 1))
-        a2, s2 = alpha_sigma_sq(g)
+        a2, s2 = alpha_sq(g), sigma_sq(g)
         zc = z.to(dtype) - a2.sqrt() * mean.to(dtype).reshape((-1,) + (1,) * len(self.spatial))
         z_hat = torch.fft.rfftn(zc, dim=self.axes)
         eps = torch.fft.irfftn(z_hat * (s2.sqrt() / (a2 * power.to(dtype) + s2)), s=self.spatial, dim=self.axes)
@@ -220,7 +220,7 @@ class SparseSkip(nn.Module):
         pi, mean, var = (m.to(dtype) for m in self.moments())
         zf = z.to(dtype)
         g = gamma.to(dtype).reshape((-1,) + (1,) * (z.dim() - 1))
-        a2, s2 = alpha_sigma_sq(g)
+        a2, s2 = alpha_sq(g), sigma_sq(g)
         alpha, sigma = a2.sqrt(), s2.sqrt()
         v_full = a2 * var + s2
         d_empty, d_full = zf - alpha * self.atom, zf - alpha * mean
@@ -283,7 +283,7 @@ class DiscreteSkip(nn.Module):
         grid = self.values.to(dtype).reshape((-1,) + (1,) * z.dim())
         zf = z.to(dtype)
         g = gamma.to(dtype).reshape((-1,) + (1,) * (z.dim() - 1))
-        a2, s2 = alpha_sigma_sq(g)
+        a2, s2 = alpha_sq(g), sigma_sq(g)
         alpha = a2.sqrt()
         # -(z - alpha g_k)^2 / (2 sigma^2) without the z^2 common to every k.
         logits = torch.log(pi.clamp_min(self.MIN_PROB)) + (alpha * zf * grid - 0.5 * a2 * grid**2) / s2

@@ -19,11 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def alpha_sigma_sq(gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(alpha^2, sigma^2) of a variance-preserving process at log-SNR -gamma."""
-    return torch.sigmoid(-gamma), torch.sigmoid(gamma)
-
-
 class LinearSchedule(nn.Module):
     """gamma(t) = gamma_min + (gamma_max - gamma_min) t  (Kingma et al. 2021, fixed linear)."""
 

@@ -259,11 +259,12 @@ def _samplers_to_run(module: VDM, samplers: tuple[str, ...] | None) -> tuple[str
 
 def _measure_all(module: VDM, x: torch.Tensor, labels: torch.Tensor | None, batches: list[EvalBatch], *,
                  forms: tuple[str, ...], samplers: tuple[str, ...], batch_size: int, num_repeats: int, seed: int,
-                 grads: bool) -> tuple[dict[str, dict[str, SamplerStats]], dict[str, int], dict[str, str]]:
-    """Every (form, sampler) on the same batches: (stats by form and sampler, importance warm-up
-    batches by form, samplers skipped with the reason)."""
+                 grads: bool) -> tuple[dict[str, dict[str, SamplerStats]], dict[str, dict[str, int]], dict[str, str]]:
+    """Every (form, sampler) on the same batches: (stats by form and sampler, warm-up batches
+    by form and sampler for the samplers that keep a loss history, samplers skipped with the
+    reason)."""
     stats: dict[str, dict[str, SamplerStats]] = {f: {} for f in forms}
-    warmup: dict[str, int] = {}
+    warmup: dict[str, dict[str, int]] = {f: {} for f in forms}
     skipped: dict[str, str] = {}
     for form in forms:
         for s in samplers:
@@ -273,7 +274,7 @@ def _measure_all(module: VDM, x: torch.Tensor, labels: torch.Tensor | None, batc
                 continue
             n = warm_up(m, x, labels, batch_size=batch_size, seed=seed + 1)
             if n:
-                warmup[form] = n
+                warmup[form][s] = n
             stats[form][s] = measure(m, batches, num_repeats=num_repeats, seed=seed, grads=grads)
             st = stats[form][s]
             print(f"{form:>18} {s:>16}: var|x {st.variance_given_x:.3e}  var_t {st.variance_t_only:.3e}  "

@@ -101,6 +101,9 @@ def test_continuous_time_includes_the_learned_time_map_only_when_there_is_one(tm
     out = run(learned, num_batches=1, num_repeats=2, num_noise_samples=2, num_quadrature_points=8, grads=False)
     assert set(out["variance"]) == {"uniform", "stratified", "importance", "importance-cv", "learned-schedule"}
     assert set(out["variance_by_form"]) == {"denoising_matching"} and set(out["skipped"]) == {"uniform-linear"}
+    # each sampler that keeps a loss history is warmed up on its own (one did not hide the other)
+    warm = out["importance_warmup_batches"]["denoising_matching"]
+    assert set(warm) == {"importance", "importance-cv"} and min(warm.values()) > 0
     plain = export_untrained(tmp_path / "b", ising_shards, "vdm.num_timesteps=0")
     out = run(plain, num_batches=1, num_repeats=2, num_noise_samples=2, num_quadrature_points=8, grads=False)
     assert "learned-schedule" not in out["variance"] and "learned-schedule" in out["skipped"]

@@ -141,6 +141,9 @@ def _phi4_parser(sub) -> argparse.ArgumentParser:
                    help="trajectories per chain measuring tau_int of |M| (default 400)")
     g.add_argument("--thin-factor", type=float, default=2.0,
                    help="store every ceil(F * tau_int) trajectories (default 2)")
+    g.add_argument("--start", choices=["ordered", "random"], default="ordered",
+                   help="chains start ordered (phi = +-1, the sign per chain) or hot (N(0, 1) per site); a hot start "
+                        "in the broken phase can leave chains in metastable striped states (default ordered)")
     return s
 
 
@@ -256,7 +259,7 @@ def _source(args) -> tuple[dict[str, Any], Callable[[], sources.SourceData]]:
 
         theory = phi4.Phi4(args.size, args.kappa, args.lam)  # validated before anything is written
         hmc = phi4.HMCConfig(step_size=args.step_size, num_leapfrog=args.num_leapfrog, num_chains=args.num_chains,
-                             burn_in=args.burn_in, pilot=args.pilot, thin_factor=args.thin_factor)
+                             burn_in=args.burn_in, pilot=args.pilot, thin_factor=args.thin_factor, start=args.start)
         params = {"theory": asdict(theory), "num_samples": args.num_samples, "hmc": asdict(hmc)}
         return params, lambda: sources.phi4(theory, args.num_samples, hmc, seed=args.seed)
     user = {"add_channel_dim": args.add_channel_dim, "data_kind": args.data_kind,

@@ -101,6 +101,30 @@ def test_hmc_one_site_non_gaussian():
     assert abs(phi.mean()) < 4.5 * _chain_means(phi, r.chain)[1]
 
 
+def test_broken_phase_chains_start_ordered_and_no_chain_is_left_in_a_stripe():
+    """Deep in the broken phase (|M| ~ 3.2) a hot start orders in domains; a chain whose
+    domains close around the periodic lattice keeps a pair of domain walls (a stripe, |M| far
+    below the rest) for far longer than the burn-in. The ordered start (the default) has none.
+    The same check on hot chains sees the stripes, so it can fail."""
+    theory = phi4.Phi4(12, 0.35, 0.02)
+
+    def run(start: str):
+        r = phi4.sample(theory, 512, phi4.HMCConfig(num_chains=128, burn_in=50, pilot=40, thin_factor=0.5, start=start),
+                        np.random.default_rng(0))
+        m = phi4.abs_magnetisation(r.configs)
+        return r, m, int((m < 0.5 * np.median(m)).sum())
+
+    ordered, m, walls = run("ordered")
+    assert walls == 0 and np.median(m) > 3.0
+    assert (np.sign(phi4.magnetisation(ordered.configs)) > 0).mean() == pytest.approx(0.5, abs=0.15)  # both signs
+    hot, _, hot_walls = run("random")
+    assert hot_walls >= 5
+    # the striped chains' slow relaxation is what the pilot's tau_int measured
+    assert hot.tau_int > 2 * ordered.tau_int
+    with pytest.raises(ValueError, match="--start"):
+        phi4.HMCConfig(start="cold")
+
+
 def test_integrated_autocorrelation_time_of_ar1():
     """x_t = rho x_{t-1} + noise has rho(t) = rho^t, so tau_int = (1 + rho) / (2 (1 - rho))."""
     rho, num_t, chains = 0.8, 20000, 8

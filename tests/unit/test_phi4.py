@@ -161,6 +161,7 @@ def test_cli_phi4_shards(tmp_path, capsys):
     assert m["schema"]["npy"] == {"dtype": "float32", "shape": [1, 6, 6]}
     assert m["schema"]["json"]["keys"] == ["chain", "index", "kappa", "lam", "trajectory"]
     assert m["info"]["phi4"] == {"size": 6, "kappa": 0.2, "lam": 0.0} and m["info"]["hmc"]["thin"] >= 1
+    assert m["info"]["hmc"]["start"] == "ordered"  # the default: no chain left in a stripe in a broken phase
     assert m["info"]["free_field"]["susceptibility"] == pytest.approx(2.5)
     for bad, msg in ((["--kappa", "0.25"], "unstable for kappa >= 1/4"), (["--lam", "-1"], "--lam must be"),
                      (["--step-size", "0"], "HMC settings out of range")):

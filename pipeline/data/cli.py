@@ -141,9 +141,10 @@ def _phi4_parser(sub) -> argparse.ArgumentParser:
                    help="trajectories per chain measuring tau_int of |M| (default 400)")
     g.add_argument("--thin-factor", type=float, default=2.0,
                    help="store every ceil(F * tau_int) trajectories (default 2)")
-    g.add_argument("--start", choices=["ordered", "random"], default="ordered",
-                   help="chains start ordered (phi = +-1, the sign per chain) or hot (N(0, 1) per site); a hot start "
-                        "in the broken phase can leave chains in metastable striped states (default ordered)")
+    # allowed values checked by phi4.HMCConfig (HMC_STARTS), like the other HMC settings: one list
+    g.add_argument("--start", default="ordered",
+                   help="ordered: chains start at phi = +-1 (the sign per chain); random: hot, N(0, 1) per site, "
+                        "which in the broken phase can leave chains in metastable striped states (default ordered)")
     return s
 
 

@@ -164,7 +164,8 @@ def test_cli_phi4_shards(tmp_path, capsys):
     assert m["info"]["hmc"]["start"] == "ordered"  # the default: no chain left in a stripe in a broken phase
     assert m["info"]["free_field"]["susceptibility"] == pytest.approx(2.5)
     for bad, msg in ((["--kappa", "0.25"], "unstable for kappa >= 1/4"), (["--lam", "-1"], "--lam must be"),
-                     (["--step-size", "0"], "HMC settings out of range")):
+                     (["--step-size", "0"], "HMC settings out of range"),
+                     (["--start", "cold"], "--start must be one of ordered, random, got 'cold'")):
         args = [*argv[:-1], "9", *bad]
         args[args.index("--out") + 1] = str(tmp_path / "bad")
         assert pipeline_main(args) == 2
